@@ -1,0 +1,234 @@
+/* lutflash._C.lutgemm: argument validation and dispatch to the CPU or CUDA kernel. */
+#include "tensor_arg.h"
+
+#include <string.h>
+
+#include "bcq_args.h"
+#include "lutgemm_cpu.h"
+#include "methods.h"
+#include "runtime.h"
+
+#ifdef LUTFLASH_WITH_CUDA
+#include "lutflash_cuda.h"
+#endif
+
+static lf_scalar scalar_of(lf_dtype dtype) {
+    return dtype == LF_DTYPE_F16 ? LF_SCALAR_F16 : dtype == LF_DTYPE_BF16 ? LF_SCALAR_BF16
+                                                                         : LF_SCALAR_F32;
+}
+
+/* Checks the scalar arguments that describe a BCQ weight (shared with the quantizers). */
+int bcq_parse_shape(PyObject *n_obj, PyObject *k_obj, PyObject *bits_obj, PyObject *group_obj,
+                    PyObject *mode_obj, int64_t *n, int64_t *k, int *bits, int *group_size,
+                    bcq_mode *mode) {
+    int64_t v_bits, v_group, v_mode;
+    if (lf_parse_int(n_obj, "n", 1, INT32_MAX, n) < 0 ||
+        lf_parse_int(k_obj, "k", 1, INT32_MAX, k) < 0 ||
+        lf_parse_int(bits_obj, "bits", 1, BCQ_MAX_BITS, &v_bits) < 0 ||
+        lf_parse_int(group_obj, "group_size", 1, INT32_MAX, &v_group) < 0 ||
+        lf_parse_int(mode_obj, "mode", BCQ_MODE_GENERAL, BCQ_MODE_UNIFORM, &v_mode) < 0)
+        return -1;
+    if (v_group != *k && (v_group % BCQ_WORD_K != 0 || *k % v_group != 0)) {
+        PyErr_Format(PyExc_ValueError,
+                     "group_size: expected a multiple of %d that divides k = %lld, or k itself, "
+                     "got %lld", BCQ_WORD_K, (long long)*k, (long long)v_group);
+        return -1;
+    }
+    *bits = (int)v_bits;
+    *group_size = (int)v_group;
+    *mode = (bcq_mode)v_mode;
+    return 0;
+}
+
+/* Validates the packed planes and metadata of a BCQ weight against (n, k, bits, group, mode). */
+int bcq_check_packed(const lf_tensor *planes, const lf_tensor *meta, int64_t n, int64_t k,
+                     int bits, int group_size, bcq_mode mode) {
+    const int64_t planes_shape[3] = {bcq_words_per_row(k), bits, bcq_padded_rows(n)};
+    const int64_t meta_shape[3] = {k / group_size, bcq_meta_per_group(bits, mode),
+                                   bcq_padded_rows(n)};
+    if (lf_check_supported_device(planes) < 0 || lf_check_dtype(planes, LF_DTYPE_I32) < 0 ||
+        lf_check_shape(planes, 3, planes_shape) < 0 || lf_check_contiguous(planes) < 0 ||
+        lf_check_aligned(planes, 16) < 0)
+        return -1;
+    if (lf_check_same_device(meta, planes) < 0 || lf_check_dtype(meta, LF_DTYPES_FLOAT) < 0 ||
+        lf_check_shape(meta, 3, meta_shape) < 0 || lf_check_contiguous(meta) < 0 ||
+        lf_check_aligned(meta, 16) < 0)
+        return -1;
+    return 0;
+}
+
+static int lutgemm_cuda_launch(const void *arg, void *stream) {
+#ifdef LUTFLASH_WITH_CUDA
+    return lutgemm_cuda((const lutgemm_params *)arg, stream);
+#else
+    (void)arg, (void)stream;
+    return -1;
+#endif
+}
+
+static int64_t workspace_bytes(const lutgemm_params *p, int on_cuda) {
+#ifdef LUTFLASH_WITH_CUDA
+    if (on_cuda) return lutgemm_cuda_workspace_bytes(p);
+#else
+    (void)on_cuda;
+#endif
+    return lutgemm_cpu_workspace_bytes(p);
+}
+
+static PyObject *py_lutgemm_workspace_bytes(PyObject *self, PyObject *const *args,
+                                            Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError,
+                        "lutgemm_workspace_bytes(on_cuda, m, n, k, bits, group_size, mode)");
+        return NULL;
+    }
+    lutgemm_params p = {0};
+    int64_t m;
+    if (lf_parse_int(args[1], "m", 0, INT32_MAX, &m) < 0 ||
+        bcq_parse_shape(args[2], args[3], args[4], args[5], args[6], &p.n, &p.k, &p.bits,
+                        &p.group_size, &p.mode) < 0)
+        return NULL;
+    p.m = m;
+    int on_cuda = PyObject_IsTrue(args[0]);
+    if (on_cuda < 0) return NULL;
+    if (on_cuda && lf_require_cuda("lutgemm") < 0) return NULL;
+    return PyLong_FromLongLong(workspace_bytes(&p, on_cuda));
+}
+
+/* Which CPU inner loop lutgemm uses: 0 = the best this CPU supports; tests force the others. */
+static int cpu_variant = 0;
+
+static PyObject *py_lutgemm_cpu_variant(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    static const char *const names[] = {"best", "portable", "avx2", "avx512"};
+    const int count = (int)(sizeof(names) / sizeof(names[0]));
+    const int best = lutgemm_cpu_best_variant();
+    if (nargs > 1) {
+        PyErr_SetString(PyExc_TypeError, "lutgemm_cpu_variant(name=None)");
+        return NULL;
+    }
+    PyObject *previous = PyUnicode_FromString(names[cpu_variant ? cpu_variant : best]);
+    if (nargs == 1 && args[0] != Py_None) {
+        const char *name = PyUnicode_Check(args[0]) ? PyUnicode_AsUTF8(args[0]) : NULL;
+        int chosen = -1;
+        for (int i = 0; name && i < count; ++i) {
+            if (strcmp(name, names[i]) == 0) chosen = i;
+        }
+        if (chosen < 0 || chosen > best) {
+            Py_XDECREF(previous);
+            PyErr_Format(PyExc_ValueError,
+                         "name: expected 'best', 'portable' or a variant this CPU supports (up "
+                         "to '%s'), got %R", names[best], args[0]);
+            return NULL;
+        }
+        cpu_variant = chosen;
+    }
+    return previous;
+}
+
+enum { ARG_X, ARG_PLANES, ARG_META, ARG_BIAS, ARG_OUT, ARG_WORKSPACE, ARG_COUNT };
+
+static PyObject *py_lutgemm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 12) {
+        PyErr_Format(PyExc_TypeError,
+                     "lutgemm(x, planes, meta, bias, out, workspace, n, k, bits, group_size, "
+                     "mode, stream) takes 12 arguments, got %zd", nargs);
+        return NULL;
+    }
+    static const char *const names[ARG_COUNT] = {"x", "planes", "meta", "bias", "out",
+                                                 "workspace"};
+    lf_tensor t[ARG_COUNT];
+    for (int i = 0; i < ARG_COUNT; ++i) lf_tensor_borrow_optional(NULL, names[i], &t[i]);
+    PyObject *result = NULL;
+    lutgemm_params p = {0};
+    void *stream = NULL;
+
+    if (bcq_parse_shape(args[6], args[7], args[8], args[9], args[10], &p.n, &p.k, &p.bits,
+                        &p.group_size, &p.mode) < 0 ||
+        lf_parse_stream(args[11], &stream) < 0)
+        goto done;
+    for (int i = 0; i < ARG_COUNT; ++i) {
+        int rc = i == ARG_BIAS ? lf_tensor_borrow_optional(args[i], names[i], &t[i])
+                               : lf_tensor_borrow(args[i], names[i], &t[i]);
+        if (rc < 0) goto done;
+    }
+    lf_tensor *x = &t[ARG_X], *out = &t[ARG_OUT], *bias = &t[ARG_BIAS], *ws = &t[ARG_WORKSPACE];
+    if (lf_check_supported_device(x) < 0 || lf_check_dtype(x, LF_DTYPES_FLOAT) < 0 ||
+        lf_check_ndim(x, 2) < 0)
+        goto done;
+    const int64_t m = x->shape[0];
+    const int64_t x_shape[2] = {m, p.k};
+    if (lf_check_shape(x, 2, x_shape) < 0 || lf_check_rows_dense(x, 1) < 0 ||
+        lf_check_aligned(x, (uintptr_t)x->element_size) < 0)
+        goto done;
+    if (lf_check_same_device(&t[ARG_PLANES], x) < 0 ||
+        bcq_check_packed(&t[ARG_PLANES], &t[ARG_META], p.n, p.k, p.bits, p.group_size, p.mode) < 0)
+        goto done;
+    if (lf_tensor_present(bias)) {
+        const int64_t bias_shape[1] = {p.n};
+        if (lf_check_same_device(bias, x) < 0 || lf_check_same_dtype(bias, x) < 0 ||
+            lf_check_shape(bias, 1, bias_shape) < 0 || lf_check_contiguous(bias) < 0)
+            goto done;
+    }
+    const int64_t out_shape[2] = {m, p.n};
+    if (lf_check_same_device(out, x) < 0 || lf_check_same_dtype(out, x) < 0 ||
+        lf_check_shape(out, 2, out_shape) < 0 || lf_check_rows_dense(out, 1) < 0 ||
+        lf_check_writable(out) < 0)
+        goto done;
+    for (int i = 0; i < ARG_COUNT; ++i) {
+        if (i != ARG_OUT && lf_check_no_overlap(out, &t[i]) < 0) goto done;
+    }
+    p.m = m;
+    p.x = x->data;
+    p.ldx = m > 1 ? x->strides[0] : p.k;
+    p.planes = (const uint32_t *)t[ARG_PLANES].data;
+    p.meta = t[ARG_META].data;
+    p.bias = bias->data;
+    p.out = out->data;
+    p.ldo = m > 1 ? out->strides[0] : p.n;
+    p.x_type = scalar_of(x->dtype);
+    p.meta_type = scalar_of(t[ARG_META].dtype);
+    const int on_cuda = x->device_type == LF_DEVICE_CUDA;
+    if (on_cuda && lf_require_cuda("lutgemm") < 0) goto done;
+    const int64_t need = workspace_bytes(&p, on_cuda);
+    if (lf_check_same_device(ws, x) < 0 || lf_check_dtype(ws, LF_DTYPE_U8) < 0 ||
+        lf_check_ndim(ws, 1) < 0 || lf_check_contiguous(ws) < 0 || lf_check_aligned(ws, 64) < 0 ||
+        lf_check_writable(ws) < 0 || lf_check_no_overlap(ws, x) < 0 ||
+        lf_check_no_overlap(ws, out) < 0)
+        goto done;
+    if (ws->shape[0] < need) {
+        PyErr_Format(PyExc_ValueError, "workspace: expected at least %lld bytes, got %lld",
+                     (long long)need, (long long)ws->shape[0]);
+        goto done;
+    }
+    p.workspace = ws->data;
+    p.workspace_bytes = ws->shape[0];
+    if (m > 0) {
+        if (on_cuda) {
+            if (lf_cuda_call("lutgemm", x->device_id, lutgemm_cuda_launch, &p, stream) < 0)
+                goto done;
+        } else {
+            Py_BEGIN_ALLOW_THREADS
+            lutgemm_cpu(&p, cpu_variant);
+            Py_END_ALLOW_THREADS
+        }
+    }
+    result = Py_NewRef(Py_None);
+done:
+    for (int i = 0; i < ARG_COUNT; ++i) lf_tensor_release(&t[i]);
+    return result;
+}
+
+PyMethodDef lutgemm_methods[] = {
+    {"lutgemm", (PyCFunction)(void (*)(void))py_lutgemm, METH_FASTCALL,
+     "lutgemm(x, planes, meta, bias, out, workspace, n, k, bits, group_size, mode, stream): "
+     "out = x @ W^T (+ bias) for a packed BCQ weight W."},
+    {"lutgemm_workspace_bytes", (PyCFunction)(void (*)(void))py_lutgemm_workspace_bytes,
+     METH_FASTCALL, "lutgemm_workspace_bytes(on_cuda, m, n, k, bits, group_size, mode)"},
+    {"lutgemm_cpu_variant", (PyCFunction)(void (*)(void))py_lutgemm_cpu_variant, METH_FASTCALL,
+     "lutgemm_cpu_variant(name=None): the CPU inner loop in use ('portable', 'avx2', "
+     "'avx512'); with a name, selects it ('best' restores the default) and returns the old one."},
+    {NULL, NULL, 0, NULL},
+};

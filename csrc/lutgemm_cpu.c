@@ -1,0 +1,235 @@
+/* LUT-GEMM on the CPU: out = x · Ŵᵀ (+ bias) for a packed BCQ weight Ŵ.
+ *
+ * For every activation row, a table holds, for each run of 4 consecutive activations
+ * x[4c..4c+3], the 16 signed sums Σ_t ±x[4c+t] (bit t of the index set means +). A 4-bit
+ * nibble of a packed bit-plane word is then the index of the partial sum it contributes, so
+ * each table lookup replaces 4 multiply-adds of a dequantized weight; the weight itself is
+ * never expanded. Per (row, group, plane) the looked-up sums are accumulated and scaled by
+ * alpha once; the offset z contributes z · Σ x over the group.
+ *
+ * Work is split over tiles of LF_ROW_TILE output rows with OpenMP; the inner loop comes in a
+ * portable C version and AVX2 / AVX-512 versions chosen at run time. */
+#include "lutgemm_cpu.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "scalar_convert.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define LF_X86 1
+#endif
+
+#define LF_ROW_TILE 512  /* output rows per work item */
+#define LF_X_PASS 4      /* activation rows sharing one pass over a tile's weights */
+#define LF_X_BLOCK 64    /* activation rows whose tables are built at once */
+#define LF_CHUNK_K 4     /* activations per table */
+#define LF_TABLE 16      /* entries per table */
+#define LF_CHUNKS_PER_WORD (BCQ_WORD_K / LF_CHUNK_K)
+
+enum { VARIANT_BEST = 0, VARIANT_PORTABLE = 1, VARIANT_AVX2 = 2, VARIANT_AVX512 = 3 };
+
+static int64_t table_floats(const lutgemm_params *p) {
+    return bcq_words_per_row(p->k) * LF_CHUNKS_PER_WORD * LF_TABLE;
+}
+
+/* Floats of tables + group sums per activation row, a multiple of 16 so that every row's
+ * tables stay 64-byte aligned. */
+static int64_t floats_per_x_row(const lutgemm_params *p) {
+    return table_floats(p) + (p->k / p->group_size + 15) / 16 * 16;
+}
+
+int64_t lutgemm_cpu_workspace_bytes(const lutgemm_params *p) {
+    const int64_t rows = p->m < LF_X_BLOCK ? (p->m > 0 ? p->m : 1) : LF_X_BLOCK;
+    return rows * floats_per_x_row(p) * (int64_t)sizeof(float);
+}
+
+int lutgemm_cpu_best_variant(void) {
+#ifdef LF_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return VARIANT_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return VARIANT_AVX2;
+#endif
+    return VARIANT_PORTABLE;
+}
+
+/* Tables and per-group sums of one activation row; activations past k count as 0. */
+static void build_tables(const lutgemm_params *p, const void *x_row, float *table,
+                         float *group_sum) {
+    const int64_t chunks = bcq_words_per_row(p->k) * LF_CHUNKS_PER_WORD;
+    for (int64_t c = 0; c < chunks; ++c) {
+        float v[LF_CHUNK_K];
+        for (int t = 0; t < LF_CHUNK_K; ++t) {
+            const int64_t col = c * LF_CHUNK_K + t;
+            v[t] = col < p->k ? lf_load(x_row, col, p->x_type) : 0.0f;
+        }
+        float *entry = table + c * LF_TABLE;
+        /* entry[idx] = Σ_t (bit t of idx ? +v[t] : -v[t]), built by doubling. */
+        entry[0] = -v[0] - v[1] - v[2] - v[3];
+        for (int t = 0, size = 1; t < LF_CHUNK_K; ++t, size *= 2) {
+            for (int i = 0; i < size; ++i) entry[size + i] = entry[i] + 2.0f * v[t];
+        }
+    }
+    const int64_t groups = p->k / p->group_size;
+    for (int64_t g = 0; g < groups; ++g) {
+        float sum = 0.0f;
+        for (int64_t col = g * p->group_size; col < (g + 1) * p->group_size; ++col)
+            sum += lf_load(x_row, col, p->x_type);
+        group_sum[g] = sum;
+    }
+}
+
+/* Metadata entry j of group g for rows [r0, r0 + rows), as float32, times `scale`. */
+static void load_meta(const lutgemm_params *p, int64_t g, int j, int64_t r0, int64_t rows,
+                      float scale, float *dst) {
+    const int64_t base = (g * bcq_meta_per_group(p->bits, p->mode) + j) * bcq_padded_rows(p->n) + r0;
+    for (int64_t r = 0; r < rows; ++r) dst[r] = scale * lf_load(p->meta, base + r, p->meta_type);
+}
+
+/* sum[r] += Σ_c table[c][nibble c of words[r]] for r < rows (a multiple of 8): the 8 lookups
+ * of one packed word for a run of contiguous rows. */
+typedef void word_lookup_fn(const uint32_t *restrict words, int64_t rows,
+                            const float *restrict table, float *restrict sum);
+
+static void word_lookup_portable(const uint32_t *restrict words, int64_t rows,
+                                 const float *restrict table, float *restrict sum) {
+    for (int64_t r = 0; r < rows; ++r) {
+        uint32_t bits = words[r];
+        float s = 0.0f;
+        for (int c = 0; c < LF_CHUNKS_PER_WORD; ++c, bits >>= LF_CHUNK_K)
+            s += table[c * LF_TABLE + (bits & (LF_TABLE - 1))];
+        sum[r] += s;
+    }
+}
+
+#ifdef LF_X86
+/* 8 rows at a time: a 16-entry table is two 8-float registers; permutevar8x32 looks up the
+ * low 3 bits of each row's nibble in both and the nibble's top bit, shifted into the sign
+ * bit, blends between them. */
+#define LF_AVX2_LOOKUP(c)                                                                    \
+    _mm256_blendv_ps(                                                                        \
+        _mm256_permutevar8x32_ps(lo[c], _mm256_srli_epi32(w, 4 * (c))),                      \
+        _mm256_permutevar8x32_ps(hi[c], _mm256_srli_epi32(w, 4 * (c))),                      \
+        _mm256_castsi256_ps(_mm256_slli_epi32(w, 28 - 4 * (c))))
+
+__attribute__((target("avx2,fma"))) static void word_lookup_avx2(
+    const uint32_t *restrict words, int64_t rows, const float *restrict table,
+    float *restrict sum) {
+    __m256 lo[LF_CHUNKS_PER_WORD], hi[LF_CHUNKS_PER_WORD];
+    for (int c = 0; c < LF_CHUNKS_PER_WORD; ++c) {
+        lo[c] = _mm256_load_ps(table + c * LF_TABLE);
+        hi[c] = _mm256_load_ps(table + c * LF_TABLE + 8);
+    }
+    for (int64_t r = 0; r < rows; r += 8) {
+        const __m256i w = _mm256_loadu_si256((const __m256i *)(words + r));
+        __m256 s0 = _mm256_add_ps(LF_AVX2_LOOKUP(0), LF_AVX2_LOOKUP(1));
+        __m256 s1 = _mm256_add_ps(LF_AVX2_LOOKUP(2), LF_AVX2_LOOKUP(3));
+        s0 = _mm256_add_ps(s0, _mm256_add_ps(LF_AVX2_LOOKUP(4), LF_AVX2_LOOKUP(5)));
+        s1 = _mm256_add_ps(s1, _mm256_add_ps(LF_AVX2_LOOKUP(6), LF_AVX2_LOOKUP(7)));
+        _mm256_storeu_ps(sum + r, _mm256_add_ps(_mm256_loadu_ps(sum + r), _mm256_add_ps(s0, s1)));
+    }
+}
+
+/* 16 rows at a time: permutexvar looks up a whole 16-entry table (one register) with the
+ * low 4 bits of each lane. */
+#define LF_AVX512_LOOKUP(c) _mm512_permutexvar_ps(_mm512_srli_epi32(w, 4 * (c)), t[c])
+
+__attribute__((target("avx512f"))) static void word_lookup_avx512(
+    const uint32_t *restrict words, int64_t rows, const float *restrict table,
+    float *restrict sum) {
+    __m512 t[LF_CHUNKS_PER_WORD];
+    for (int c = 0; c < LF_CHUNKS_PER_WORD; ++c) t[c] = _mm512_load_ps(table + c * LF_TABLE);
+    for (int64_t r = 0; r < rows; r += 16) {
+        const __mmask16 mask = rows - r >= 16 ? (__mmask16)0xffff : (__mmask16)0x00ff;
+        const __m512i w = _mm512_maskz_loadu_epi32(mask, words + r);
+        __m512 s0 = _mm512_add_ps(LF_AVX512_LOOKUP(0), LF_AVX512_LOOKUP(1));
+        __m512 s1 = _mm512_add_ps(LF_AVX512_LOOKUP(2), LF_AVX512_LOOKUP(3));
+        s0 = _mm512_add_ps(s0, _mm512_add_ps(LF_AVX512_LOOKUP(4), LF_AVX512_LOOKUP(5)));
+        s1 = _mm512_add_ps(s1, _mm512_add_ps(LF_AVX512_LOOKUP(6), LF_AVX512_LOOKUP(7)));
+        const __m512 old = _mm512_maskz_loadu_ps(mask, sum + r);
+        _mm512_mask_storeu_ps(sum + r, mask, _mm512_add_ps(old, _mm512_add_ps(s0, s1)));
+    }
+}
+#endif
+
+static word_lookup_fn *select_word_lookup(int variant) {
+    if (variant == VARIANT_BEST) variant = lutgemm_cpu_best_variant();
+#ifdef LF_X86
+    if (variant == VARIANT_AVX512) return word_lookup_avx512;
+    if (variant == VARIANT_AVX2) return word_lookup_avx2;
+#endif
+    return word_lookup_portable;
+}
+
+/* One tile of LF_ROW_TILE output rows for up to LF_X_PASS activation rows. Rows are the
+ * innermost loop, so each (word, plane) run of the packed weight streams from memory
+ * contiguously while that word's tables stay in registers. */
+static void row_tile(const lutgemm_params *p, word_lookup_fn *word_lookup, int64_t r0,
+                     int64_t x0, int64_t xs, const float *tables, int64_t per_x_row,
+                     int64_t sums_at) {
+    const int64_t padded = bcq_padded_rows(p->n);
+    const int64_t rows = padded - r0 < LF_ROW_TILE ? padded - r0 : LF_ROW_TILE;
+    const int64_t groups = p->k / p->group_size;
+    const int64_t words_per_group = bcq_words_per_row(p->group_size);
+    const int64_t word_floats = LF_CHUNKS_PER_WORD * LF_TABLE;
+    float acc[LF_X_PASS][LF_ROW_TILE], sum[LF_X_PASS][LF_ROW_TILE], meta[LF_ROW_TILE];
+    for (int64_t i = 0; i < xs; ++i) memset(acc[i], 0, sizeof(float) * rows);
+    for (int64_t g = 0; g < groups; ++g) {
+        for (int plane = 0; plane < p->bits; ++plane) {
+            for (int64_t i = 0; i < xs; ++i) memset(sum[i], 0, sizeof(float) * rows);
+            for (int64_t w = g * words_per_group; w < (g + 1) * words_per_group; ++w) {
+                const uint32_t *words = p->planes + (w * p->bits + plane) * padded + r0;
+                for (int64_t i = 0; i < xs; ++i)
+                    word_lookup(words, rows, tables + i * per_x_row + w * word_floats, sum[i]);
+            }
+            if (p->mode == BCQ_MODE_UNIFORM) load_meta(p, g, 0, r0, rows, ldexpf(1.0f, plane - 1), meta);
+            else load_meta(p, g, plane, r0, rows, 1.0f, meta);
+            for (int64_t i = 0; i < xs; ++i)
+                for (int64_t r = 0; r < rows; ++r) acc[i][r] += meta[r] * sum[i][r];
+        }
+        load_meta(p, g, bcq_meta_per_group(p->bits, p->mode) - 1, r0, rows, 1.0f, meta);
+        for (int64_t i = 0; i < xs; ++i) {
+            const float group_sum = tables[i * per_x_row + sums_at + g];
+            for (int64_t r = 0; r < rows; ++r) acc[i][r] += meta[r] * group_sum;
+        }
+    }
+    const int64_t live = p->n - r0 < rows ? p->n - r0 : rows;
+    for (int64_t i = 0; i < xs; ++i) {
+        for (int64_t r = 0; r < live; ++r) {
+            const float bias = p->bias ? lf_load(p->bias, r0 + r, p->x_type) : 0.0f;
+            lf_store(p->out, (x0 + i) * p->ldo + r0 + r, p->x_type, acc[i][r] + bias);
+        }
+    }
+}
+
+void lutgemm_cpu(const lutgemm_params *p, int variant) {
+    word_lookup_fn *word_lookup = select_word_lookup(variant);
+    const int64_t per_x_row = floats_per_x_row(p);
+    const int64_t sums_at = table_floats(p);
+    const int64_t tiles = (bcq_padded_rows(p->n) + LF_ROW_TILE - 1) / LF_ROW_TILE;
+    const int x_elem = p->x_type == LF_SCALAR_F32 ? 4 : 2;
+    float *workspace = (float *)p->workspace;
+    for (int64_t x0 = 0; x0 < p->m; x0 += LF_X_BLOCK) {
+        const int64_t xs = p->m - x0 < LF_X_BLOCK ? p->m - x0 : LF_X_BLOCK;
+#pragma omp parallel
+        {
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < xs; ++i) {
+                const char *x_row = (const char *)p->x + (x0 + i) * p->ldx * x_elem;
+                float *table = workspace + i * per_x_row;
+                build_tables(p, x_row, table, table + sums_at);
+            }
+            const int64_t passes = (xs + LF_X_PASS - 1) / LF_X_PASS;
+#pragma omp for schedule(static) collapse(2)
+            for (int64_t t = 0; t < tiles; ++t) {
+                for (int64_t pass = 0; pass < passes; ++pass) {
+                    const int64_t first = pass * LF_X_PASS;
+                    const int64_t count = xs - first < LF_X_PASS ? xs - first : LF_X_PASS;
+                    row_tile(p, word_lookup, t * LF_ROW_TILE, x0 + first, count,
+                             workspace + first * per_x_row, per_x_row, sums_at);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,11 @@
+/* The method tables that make up lutflash._C, one per concept file. */
+#ifndef LUTFLASH_METHODS_H
+#define LUTFLASH_METHODS_H
+
+#include <Python.h>
+
+extern PyMethodDef lutgemm_methods[];      /* lutgemm.c */
+extern PyMethodDef bcq_quantize_methods[]; /* bcq_quantize.c */
+extern PyMethodDef runtime_methods[];      /* runtime.c */
+
+#endif

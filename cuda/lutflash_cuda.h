@@ -1,0 +1,27 @@
+/* The C ABI of lutflash's CUDA code: every GPU entry point the extension calls.
+ * Plain C; each function returns 0 or a cudaError_t value and never allocates. The stream is
+ * the last argument (a cudaStream_t passed as void*). */
+#ifndef LUTFLASH_CUDA_H
+#define LUTFLASH_CUDA_H
+
+#include "bcq_format.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Number of visible devices, or a negative cudaError_t when the runtime cannot start. */
+int lf_cuda_device_count(void);
+const char *lf_cuda_error_string(int error);
+/* Makes `device` current and returns the previous current device in *previous. */
+int lf_cuda_set_device(int device, int *previous);
+
+/* Workspace bytes lutgemm_cuda needs for these parameters (m, n, k, bits, ...). */
+int64_t lutgemm_cuda_workspace_bytes(const lutgemm_params *p);
+int lutgemm_cuda(const lutgemm_params *p, void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

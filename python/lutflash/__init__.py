@@ -1,0 +1,19 @@
+"""lutflash: LUT-GEMM for binary-coding-quantized weights and FlashAttention for PyTorch.
+
+    import lutflash
+    qweight = lutflash.quantize(linear.weight, bits=3, group_size=128, method="alternating")
+    y = lutflash.lutgemm(x, qweight, bias)
+    model = lutflash.quantize_model(model, bits=3)   # nn.Linear -> lutflash.nn.LutLinear
+"""
+
+from . import _C, nn
+from .bcq import FORMAT_VERSION, BCQWeight, quantize
+from .nn import LutLinear, quantize_model
+from .ops import lutgemm
+
+__version__ = "0.1.0"
+
+built_with_cuda = _C.built_with_cuda()
+
+__all__ = ["BCQWeight", "FORMAT_VERSION", "LutLinear", "built_with_cuda", "lutgemm", "nn",
+           "quantize", "quantize_model"]

@@ -1,0 +1,163 @@
+"""nn.Module front end: LutLinear, a drop-in for nn.Linear over a BCQ weight, and
+quantize_model, which swaps a model's nn.Linear layers for it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .bcq import (
+    FORMAT_VERSION,
+    META_DTYPES,
+    MODES,
+    BCQWeight,
+    check_layout,
+    meta_per_group,
+    padded_rows,
+    quantize,
+    words_per_row,
+)
+from .ops import _lutgemm_op, check_lutgemm_args
+
+
+class LutLinear(nn.Module):
+    """y = x · Ŵᵀ + b with Ŵ a frozen BCQ weight, computed by lutgemm.
+
+    The packed weight lives in the buffers ``planes`` (int32) and ``meta`` (float), with its
+    layout in the int64 buffer ``layout`` = [format version, out_features, in_features, bits,
+    group_size, mode]; all three are saved in the state_dict, and loading checks the layout.
+    ``.to(dtype)`` converts ``meta`` and ``bias``; the bias stays trainable.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: int = 3,
+                 group_size: int | None = 128, mode: str = "general", device=None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        group_size = in_features if group_size in (None, -1) else group_size
+        check_layout(out_features, in_features, bits, group_size, mode)
+        dtype = dtype or torch.float32
+        if dtype not in META_DTYPES:
+            raise TypeError(f"dtype: expected one of {META_DTYPES}, got {dtype}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.mode = bits, group_size, mode
+        rows = padded_rows(out_features)
+        self.register_buffer("planes", torch.zeros(
+            (words_per_row(in_features), bits, rows), dtype=torch.int32, device=device))
+        self.register_buffer("meta", torch.zeros(
+            (in_features // group_size, meta_per_group(bits, mode), rows), dtype=dtype,
+            device=device))
+        self.register_buffer("layout", torch.tensor(
+            [FORMAT_VERSION, out_features, in_features, bits, group_size, MODES.index(mode)],
+            dtype=torch.int64))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 3, group_size: int | None = 128,
+                    method: str = "alternating", *, rounds: int = 15, mode: str | None = None,
+                    meta_dtype: torch.dtype | None = None) -> LutLinear:
+        """Quantizes an nn.Linear's weight (see lutflash.quantize) into a new LutLinear on the
+        same device, with the same bias and dtype."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        qweight = quantize(linear.weight, bits, group_size, method, rounds=rounds, mode=mode,
+                           meta_dtype=meta_dtype)
+        return cls.from_bcq(qweight, linear.bias)
+
+    @classmethod
+    def from_bcq(cls, qweight: BCQWeight, bias: torch.Tensor | None = None) -> LutLinear:
+        n, k = qweight.shape
+        module = cls(k, n, bias is not None, bits=qweight.bits, group_size=qweight.group_size,
+                     mode=qweight.mode, device=qweight.device, dtype=qweight.meta.dtype)
+        with torch.no_grad():
+            module.planes.copy_(qweight.planes)
+            module.meta.copy_(qweight.meta)
+            if bias is not None:
+                module.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        return module
+
+    @property
+    def qweight(self) -> BCQWeight:
+        return BCQWeight(self.planes, self.meta, (self.out_features, self.in_features), self.bits,
+                         self.group_size, self.mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_lutgemm_args(x, self.out_features, self.in_features, self.planes.device, self.bias)
+        return _lutgemm_op(x, self.planes, self.meta, self.bias, self.out_features,
+                           self.in_features, self.bits, self.group_size, MODES.index(self.mode))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, bits={self.bits}, group_size={self.group_size}, "
+                f"mode={self.mode}, meta_dtype={self.meta.dtype}")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        layout = state_dict.get(prefix + "layout")
+        if layout is not None:
+            self._check_layout(layout, prefix)
+        for name in ("planes", "meta"):
+            value = state_dict.get(prefix + name)
+            mine = getattr(self, name)
+            if value is not None and tuple(value.shape) != tuple(mine.shape):
+                raise ValueError(f"{prefix}{name}: expected shape {tuple(mine.shape)} for "
+                                 f"{self.extra_repr()}, got {tuple(value.shape)}")
+            if name == "planes" and value is not None and value.dtype != torch.int32:
+                raise TypeError(f"{prefix}planes: expected dtype torch.int32, got {value.dtype}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _check_layout(self, layout: torch.Tensor, prefix: str) -> None:
+        values = [int(v) for v in layout.flatten().tolist()]
+        if len(values) != 6:
+            raise ValueError(f"{prefix}layout: expected 6 entries, got {len(values)}")
+        names = ("format version", "out_features", "in_features", "bits", "group_size", "mode")
+        for name, got, want in zip(names, values, self.layout.tolist(), strict=True):
+            if got != want:
+                if name == "format version":
+                    raise ValueError(f"{prefix}layout: this lutflash reads BCQ format version "
+                                     f"{want}, the state_dict holds version {got}")
+                raise ValueError(f"{prefix}layout: the state_dict's {name} is {got}, this module's "
+                                 f"is {want}")
+
+
+SkipRule = Iterable[str] | Callable[[str, nn.Module], bool]
+
+
+def _skipped(name: str, module: nn.Module, skip: SkipRule) -> bool:
+    if callable(skip):
+        return bool(skip(name, module))
+    return any(pattern in name for pattern in skip)
+
+
+def quantize_model(model: nn.Module, bits: int = 3, group_size: int | None = 128,
+                   method: str = "alternating", *, skip: SkipRule = (), rounds: int = 15,
+                   mode: str | None = None, meta_dtype: torch.dtype | None = None,
+                   progress: bool = True) -> list[str]:
+    """Replaces every nn.Linear of `model` (in place) by a LutLinear quantized with
+    lutflash.quantize, and returns the names of the replaced modules.
+
+    skip: substrings of module names to leave alone (e.g. ("lm_head",)), or a callable
+    (name, module) -> bool. A progress bar (tqdm) shows the layers as they are quantized.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if isinstance(skip, str):
+        skip = (skip,)
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and not _skipped(name, module, skip)]
+    from tqdm.auto import tqdm
+
+    replaced = []
+    for name, linear in tqdm(targets, desc="lutflash: quantizing", unit="layer",
+                             disable=not progress):
+        try:
+            new = LutLinear.from_linear(linear, bits, group_size, method, rounds=rounds,
+                                        mode=mode, meta_dtype=meta_dtype)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"{name}: {error}") from error
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        replaced.append(name)
+    return replaced

@@ -1,0 +1,127 @@
+"""Build lutflash._C from C11 sources (and CUDA sources when nvcc is found).
+
+No torch at build time. Environment:
+  LUTFLASH_CUDA=0          CPU-only build even where nvcc exists.
+  LUTFLASH_CUDA_ARCHS      semicolon list of targets, default "80;90". Files named
+                           *_sm90.cu are built only for 90a (when 90 is listed).
+  CUDA_HOME / PATH         where nvcc is looked for, in that order.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).parent.resolve()
+
+
+def find_nvcc():
+    if os.environ.get("LUTFLASH_CUDA", "1") == "0":
+        return None
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if cuda_home:
+        candidate = Path(cuda_home) / "bin" / "nvcc"
+        if candidate.exists():
+            return str(candidate)
+    return shutil.which("nvcc")
+
+
+def cuda_archs():
+    raw = os.environ.get("LUTFLASH_CUDA_ARCHS", "80;90")
+    archs = [a.strip() for a in raw.replace(",", ";").split(";") if a.strip()]
+    if not archs:
+        raise RuntimeError("LUTFLASH_CUDA_ARCHS is empty")
+    return archs
+
+
+def gencode_flags(archs, hopper_only):
+    flags = []
+    for arch in archs:
+        number = arch.rstrip("a")
+        if hopper_only:
+            if number == "90":
+                flags.append("-gencode=arch=compute_90a,code=sm_90a")
+            continue
+        flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
+    return flags
+
+
+class BuildExtWithCuda(build_ext):
+    """Compiles cuda/*.cu with nvcc into objects linked into the C extension."""
+
+    def build_extension(self, ext):
+        nvcc = find_nvcc()
+        if nvcc is not None:
+            objects = self.compile_cuda(nvcc)
+            if objects:
+                ext.extra_objects = list(ext.extra_objects) + objects
+                ext.define_macros = list(ext.define_macros) + [("LUTFLASH_WITH_CUDA", "1")]
+                cuda_root = Path(nvcc).resolve().parent.parent
+                lib_dirs = [cuda_root / "lib64", cuda_root / "lib", cuda_root / "targets/x86_64-linux/lib"]
+                ext.library_dirs = list(ext.library_dirs) + [str(p) for p in lib_dirs if p.exists()]
+                ext.extra_link_args = list(ext.extra_link_args) + [
+                    "-lcudart_static", "-lrt", "-lpthread", "-ldl", "-lstdc++"]
+        else:
+            print("lutflash: nvcc not found (or LUTFLASH_CUDA=0): building the CPU-only extension")
+        super().build_extension(ext)
+
+    def compile_cuda(self, nvcc):
+        sources = sorted((ROOT / "cuda").glob("*.cu"))
+        if not sources:
+            return []
+        archs = cuda_archs()
+        build_dir = Path(self.build_temp) / "cuda"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        include = sysconfig.get_paths()["include"]
+        common = [
+            "-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-lineinfo", "--use_fast_math",
+            "-Xptxas=--warn-on-spills", "-I", str(ROOT / "cuda"), "-I", str(ROOT / "csrc"),
+            "-I", include, "--expt-relaxed-constexpr",
+        ]
+        jobs, objects = [], []
+        headers = [*(ROOT / "cuda").glob("*.cuh"), *(ROOT / "cuda").glob("*.h")]
+        for src in sources:
+            gencode = gencode_flags(archs, hopper_only=src.stem.endswith("_sm90"))
+            if not gencode:
+                continue
+            obj = build_dir / (src.stem + ".o")
+            objects.append(str(obj))
+            stale = not obj.exists() or any(
+                p.stat().st_mtime > obj.stat().st_mtime for p in [src, *headers])
+            if stale:
+                jobs.append([nvcc, *common, *gencode, "-c", str(src), "-o", str(obj)])
+        parallel = max(1, min(len(jobs), os.cpu_count() or 1))
+        running = []
+        for cmd in jobs:
+            print(" ".join(cmd))
+            running.append(subprocess.Popen(cmd))
+            if len(running) >= parallel:
+                self._wait(running.pop(0))
+        for proc in running:
+            self._wait(proc)
+        return objects
+
+    @staticmethod
+    def _wait(proc):
+        if proc.wait() != 0:
+            sys.exit(f"lutflash: nvcc failed: {' '.join(proc.args)}")
+
+
+extension = Extension(
+    "lutflash._C",
+    sources=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.c")),
+    include_dirs=[str(ROOT / "csrc"), str(ROOT / "cuda")],
+    extra_compile_args=["-std=c11", "-O3", "-fopenmp", "-Wall", "-Wextra", "-Werror",
+                        "-Wno-missing-field-initializers", "-fno-strict-aliasing"],
+    extra_link_args=["-fopenmp"],
+)
+
+setup(
+    ext_modules=[extension],
+    cmdclass={"build_ext": BuildExtWithCuda},
+)
