@@ -19,7 +19,7 @@ from .bcq import (
     quantize,
     words_per_row,
 )
-from .ops import _lutgemm_op, check_lutgemm_args
+from .ops import check_lutgemm_args, lutgemm_call
 
 
 class LutLinear(nn.Module):
@@ -42,6 +42,7 @@ class LutLinear(nn.Module):
             raise TypeError(f"dtype: expected one of {META_DTYPES}, got {dtype}")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.mode = bits, group_size, mode
+        self._mode_index = MODES.index(mode)
         rows = padded_rows(out_features)
         self.register_buffer("planes", torch.zeros(
             (words_per_row(in_features), bits, rows), dtype=torch.int32, device=device))
@@ -84,8 +85,8 @@ class LutLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_lutgemm_args(x, self.out_features, self.in_features, self.planes.device, self.bias)
-        return _lutgemm_op(x, self.planes, self.meta, self.bias, self.out_features,
-                           self.in_features, self.bits, self.group_size, MODES.index(self.mode))
+        return lutgemm_call(x, self.planes, self.meta, self.bias, self.out_features,
+                            self.in_features, self.bits, self.group_size, self._mode_index)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
