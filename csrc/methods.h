@@ -7,5 +7,6 @@
 extern PyMethodDef lutgemm_methods[];      /* lutgemm.c */
 extern PyMethodDef bcq_quantize_methods[]; /* bcq_quantize.c */
 extern PyMethodDef runtime_methods[];      /* runtime.c */
+extern PyMethodDef attention_methods[];    /* attention.c */
 
 #endif

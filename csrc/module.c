@@ -8,6 +8,7 @@ static PyMethodDef *const method_tables[] = {
     lutgemm_methods,
     bcq_quantize_methods,
     runtime_methods,
+    attention_methods,
 };
 
 static struct PyModuleDef lutflash_module = {
