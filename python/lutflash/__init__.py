@@ -6,14 +6,16 @@
     model = lutflash.quantize_model(model, bits=3)   # nn.Linear -> lutflash.nn.LutLinear
 """
 
-from . import _C, nn
+from . import _C, integrations, nn  # integrations registers "lutflash" with transformers, lazily
+from .attention import flash_attention, flash_attention_varlen
 from .bcq import FORMAT_VERSION, BCQWeight, quantize
 from .nn import LutLinear, quantize_model
 from .ops import lutgemm
+from .patch import patch_model
 
 __version__ = "0.1.0"
 
 built_with_cuda = _C.built_with_cuda()
 
-__all__ = ["BCQWeight", "FORMAT_VERSION", "LutLinear", "built_with_cuda", "lutgemm", "nn",
-           "quantize", "quantize_model"]
+__all__ = ["BCQWeight", "FORMAT_VERSION", "LutLinear", "built_with_cuda", "integrations", "lutgemm", "nn",
+           "patch_model", "quantize", "quantize_model"]

@@ -1,0 +1,237 @@
+"""Hugging Face transformers integration: attn_implementation="lutflash".
+
+Importing this module (which lutflash does by itself as soon as transformers is imported) runs
+`register()`, which adds "lutflash" to
+
+- `AttentionInterface`: `lutflash_attention_forward`, which runs lutflash.flash_attention, and
+- `AttentionMaskInterface`: transformers' own mask builder for flash attention, so the attention
+  function receives a 2-D (batch, kv_length) boolean padding mask, or None when nothing is padded.
+
+so that `from_pretrained(..., attn_implementation="lutflash")`, `from_config(...)` and
+`model.set_attn_implementation("lutflash")` work for every model built on `AttentionInterface`.
+
+Padding never reaches the kernel: padded keys are removed (and, for causal or windowed attention,
+padded queries too) and the ragged batch goes through flash_attention_varlen, which keeps every
+sequence to itself. Causal attention is bottom-right aligned, which is what a KV cache needs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import modeling_flash_attention_utils as _hf_flash_utils
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+from transformers.modeling_utils import AttentionInterface
+from transformers.utils import logging
+
+from ..attention import flash_attention, flash_attention_varlen
+
+__all__ = ["NAME", "lutflash_attention_forward", "register"]
+
+NAME = "lutflash"
+
+logger = logging.get_logger(__name__)
+
+
+def lutflash_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    is_causal: bool | None = None,
+    s_aux: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The attention function transformers calls for attn_implementation="lutflash".
+
+    query (B, Hq, Sq, D), key and value (B, Hkv, Sk, D) with Hq a multiple of Hkv (GQA);
+    attention_mask a (B, Sk) padding mask (True or 1 = a real token) or None. Returns the output
+    (B, Sq, Hq, Dv) and None for the attention weights, which are never materialized.
+
+    scaling defaults to 1/sqrt(D); dropout is what the model passes (0 outside training);
+    sliding_window w lets a query see the w keys ending at its own position (w - 1 back);
+    softcap c > 0 caps scores as c·tanh(s/c); is_causal defaults to `module.is_causal`.
+    Packed sequences (batch 1, several sequences side by side) are kept apart either from
+    `cu_seq_lens_q/k` and `max_length_q/k` keyword arguments or, failing those, from position_ids
+    that restart.
+    """
+    if s_aux is not None:
+        raise ValueError('attn_implementation="lutflash" does not support attention sinks (s_aux); '
+                         'use "eager" for this model')
+    if kwargs.get("output_attentions", False):
+        logger.warning_once('attn_implementation="lutflash" does not return attention weights '
+                            '(output_attentions=True); use "eager" to get them')
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            'attn_implementation="lutflash" takes a 2-D (batch, kv_length) padding mask, got a '
+            f"{attention_mask.dim()}-D attention_mask of shape {tuple(attention_mask.shape)}: "
+            'models or inputs with custom 4-D masks need "eager" or "sdpa"')
+
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    options = {
+        "causal": causal,
+        "softmax_scale": float(scaling) if scaling is not None else None,
+        "window": _window(sliding_window, causal),
+        "softcap": float(softcap) if softcap else 0.0,
+        "dropout_p": float(dropout),
+    }
+
+    # (B, H, S, D) -> (B, S, H, D): a view whose last dimension stays contiguous.
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    head_dim, value_dim = q.shape[-1], v.shape[-1]
+    if value_dim < head_dim:  # e.g. MLA: the kernel wants one head dim, so pad v and crop below
+        v = F.pad(v, (0, head_dim - value_dim))
+    elif value_dim > head_dim:
+        raise ValueError(f"value head dim {value_dim} is larger than the query/key head dim "
+                         f"{head_dim}; lutflash needs value_dim <= head_dim")
+
+    if attention_mask is not None:
+        out = _attention_padded(q, k, v, attention_mask, options)
+    else:
+        segments = _packed_segments(q, k, kwargs)
+        if segments is not None:
+            out = _attention_packed(q, k, v, segments, options)
+        else:
+            out = flash_attention(q, k, v, **options)
+    return out[..., :value_dim], None
+
+
+def _window(sliding_window: int | None, causal: bool) -> tuple[int, int]:
+    """transformers' sliding_window w counts the query's own position: a causal query sees keys
+    j with i - j < w, a bidirectional one |i - j| < w. lutflash's window is (left, right)."""
+    if sliding_window is None or sliding_window <= 0:
+        return (-1, -1)
+    return (sliding_window - 1, 0 if causal else sliding_window - 1)
+
+
+def _unpad_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """For a (B, S) mask: the flat indices of its real tokens, cu_seqlens (int32, B + 1) and
+    the longest sequence length."""
+    lengths = mask.sum(dim=1, dtype=torch.int32)
+    indices = torch.nonzero(mask.flatten()).flatten()
+    cu_seqlens = F.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
+    return indices, cu_seqlens, int(lengths.max())
+
+
+def _attention_padded(q, k, v, mask, options):
+    """Padded batch -> ragged varlen batch -> padded output (zeros where a query was padding).
+
+    mask covers the keys (its last Sk columns are used; a static cache can hold more keys than
+    the mask, and those are dropped). Self-attention queries are the last Sq keys, so for causal
+    or windowed attention the queries are unpadded with mask[:, -Sq:]; that keeps the
+    bottom-right alignment exact per sequence. Full bidirectional attention (BERT, cross-attention)
+    keeps every query and only removes padded keys, exactly like the eager additive mask.
+    """
+    batch, q_len, q_heads, head_dim = q.shape
+    mask = mask.to(device=q.device, dtype=torch.bool)
+    if k.shape[1] > mask.shape[1]:
+        k, v = k[:, : mask.shape[1]], v[:, : mask.shape[1]]
+    k_len = k.shape[1]
+    mask = mask[:, -k_len:]
+
+    k_indices, cu_seqlens_k, max_seqlen_k = _unpad_indices(mask)
+    k = k.reshape(batch * k_len, *k.shape[2:]).index_select(0, k_indices)
+    v = v.reshape(batch * k_len, *v.shape[2:]).index_select(0, k_indices)
+
+    if options["causal"] or options["window"] != (-1, -1):
+        q_indices, cu_seqlens_q, max_seqlen_q = _unpad_indices(mask[:, -q_len:])
+        q = q.reshape(batch * q_len, q_heads, head_dim).index_select(0, q_indices)
+        out = flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                     max_seqlen_k, **options)
+        padded = out.new_zeros(batch * q_len, q_heads, out.shape[-1])
+        return padded.index_copy(0, q_indices, out).view(batch, q_len, q_heads, -1)
+
+    cu_seqlens_q = torch.arange(0, (batch + 1) * q_len, q_len, dtype=torch.int32, device=q.device)
+    q = q.reshape(batch * q_len, q_heads, head_dim)
+    out = flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, q_len, max_seqlen_k,
+                                 **options)
+    return out.view(batch, q_len, q_heads, -1)
+
+
+def _packed_segments(q, k, kwargs):
+    """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) when several sequences are packed
+    along the sequence axis, else None. Explicit cu_seq_lens_* / max_length_* keywords win;
+    otherwise a batch of one whose 2-D position_ids restart (a step other than +1) is split where
+    they restart, the same rule transformers uses to build packed masks for the other backends."""
+    explicit = [kwargs.get(name) for name in
+                ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")]
+    if all(value is not None for value in explicit):
+        cu_q, cu_k, max_q, max_k = explicit
+        return (cu_q.to(device=q.device, dtype=torch.int32),
+                cu_k.to(device=q.device, dtype=torch.int32), int(max_q), int(max_k))
+
+    position_ids = kwargs.get("position_ids")
+    seq_len = q.shape[1]
+    if (position_ids is None or position_ids.dim() != 2 or q.shape[0] != 1 or seq_len < 2
+            or k.shape[1] != seq_len or position_ids.shape[-1] != seq_len):
+        return None
+    positions = position_ids[0].to(q.device)
+    starts = torch.nonzero(positions.diff() != 1).flatten() + 1
+    if starts.numel() == 0:
+        return None
+    bounds = torch.tensor([0, seq_len], dtype=torch.int32, device=q.device)
+    cu_seqlens = torch.cat((bounds[:1], starts.to(torch.int32), bounds[1:]))
+    max_seqlen = int(cu_seqlens.diff().max())
+    return cu_seqlens, cu_seqlens, max_seqlen, max_seqlen
+
+
+def _attention_packed(q, k, v, segments, options):
+    batch, q_len = q.shape[:2]
+    q, k, v = (t.reshape(-1, *t.shape[2:]) for t in (q, k, v))
+    out = flash_attention_varlen(q, k, v, *segments, **options)
+    return out.view(batch, q_len, *out.shape[1:])
+
+
+# transformers 5 treats any attn_implementation whose name contains "flash" as a flash-attention
+# flavour and, when it is set, preloads the kernels for that name through
+# modeling_flash_attention_utils._lazy_imports, which only knows flash-attn packages and hub
+# kernels and raises for anything else. We answer that lookup for "lutflash" with flash-attn-style
+# entry points over our kernels, so the preload succeeds and transformers code that calls its
+# generic _flash_attention_forward with our name computes the right thing.
+
+
+def _flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
+                     window_size=(-1, -1), softcap=0.0, deterministic=False):
+    return flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                           window=tuple(window_size), softcap=softcap or 0.0,
+                           dropout_p=dropout_p, deterministic=deterministic)
+
+
+def _flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            dropout_p=0.0, softmax_scale=None, causal=False,
+                            window_size=(-1, -1), softcap=0.0, deterministic=False):
+    return flash_attention_varlen(q, k, v, cu_seqlens_q.to(torch.int32),
+                                  cu_seqlens_k.to(torch.int32), int(max_seqlen_q),
+                                  int(max_seqlen_k), causal=causal, softmax_scale=softmax_scale,
+                                  window=tuple(window_size), softcap=softcap or 0.0,
+                                  dropout_p=dropout_p, deterministic=deterministic)
+
+
+def _hook_flash_lazy_imports() -> None:
+    original = getattr(_hf_flash_utils, "_lazy_imports", None)
+    if original is None or getattr(original, "_lutflash_hook", False):
+        return
+
+    def _lazy_imports(implementation, *args, **kwargs):
+        if implementation == NAME:
+            return (_flash_attn_func, _flash_attn_varlen_func, None,
+                    _hf_flash_utils._pad_input, _hf_flash_utils._unpad_input)
+        return original(implementation, *args, **kwargs)
+
+    _lazy_imports._lutflash_hook = True
+    _hf_flash_utils._lazy_imports = _lazy_imports
+
+
+def register() -> None:
+    """Registers attn_implementation="lutflash" with transformers. Idempotent."""
+    AttentionInterface.register(NAME, lutflash_attention_forward)
+    AttentionMaskInterface.register(NAME, flash_attention_mask)
+    _hook_flash_lazy_imports()
+
+
+register()

@@ -1,0 +1,80 @@
+"""patch_model: convert a loaded model to lutflash in one call."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torch import nn
+
+from .nn import SkipRule, quantize_model
+
+__all__ = ["patch_model"]
+
+
+def patch_model(model: nn.Module, attention: bool = True,
+                linear: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Converts `model` in place: lutflash attention and/or LutLinear layers.
+
+    attention: switch a Hugging Face model to attn_implementation="lutflash" (through
+        `model.set_attn_implementation`). Models without one, or whose attention does not go
+        through transformers' AttentionInterface, keep their attention (a warning says so).
+    linear: None to leave nn.Linear layers alone, or the keyword arguments of
+        lutflash.quantize_model (bits, group_size, method, skip, rounds, mode, meta_dtype,
+        progress). `skip` defaults to the output embedding (`lm_head`), which is usually tied
+        to the input embedding; pass skip=() to quantize it too.
+
+    Returns a summary: {"attention": "lutflash" or None, "linear": [names of the nn.Linear
+    modules replaced by LutLinear], "linear_count": int, "bytes_before": int,
+    "bytes_after": int} where bytes count the model's parameters and buffers.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if linear is not None and not isinstance(linear, dict):
+        raise TypeError(f"linear: expected None or a dict of quantize_model arguments, got "
+                        f"{type(linear).__name__}")
+
+    summary: dict[str, Any] = {"attention": None, "linear": [], "linear_count": 0,
+                               "bytes_before": _model_bytes(model)}
+    if attention:
+        summary["attention"] = _set_lutflash_attention(model)
+    if linear is not None:
+        options = dict(linear)
+        options.setdefault("skip", _output_embedding_rule(model))
+        summary["linear"] = quantize_model(model, **options)
+        summary["linear_count"] = len(summary["linear"])
+    summary["bytes_after"] = _model_bytes(model)
+    return summary
+
+
+def _set_lutflash_attention(model: nn.Module) -> str | None:
+    if not hasattr(model, "set_attn_implementation"):
+        warnings.warn(f"patch_model: {type(model).__name__} has no set_attn_implementation (not a "
+                      "transformers model); its attention is left as it is", stacklevel=3)
+        return None
+    from .integrations import register_transformers
+
+    register_transformers()
+    model.set_attn_implementation("lutflash")
+    # transformers leaves models that bypass AttentionInterface unchanged (it only logs).
+    if getattr(model.config, "_attn_implementation", None) != "lutflash":
+        warnings.warn(f"patch_model: {type(model).__name__} does not support setting its attention "
+                      "implementation; its attention is left as it is", stacklevel=3)
+        return None
+    return "lutflash"
+
+
+def _output_embedding_rule(model: nn.Module) -> SkipRule:
+    """Skips the output embedding (found by identity, whatever its name) and any "lm_head"."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+
+    def skip(name: str, module: nn.Module) -> bool:
+        return module is output or "lm_head" in name
+
+    return skip
+
+
+def _model_bytes(model: nn.Module) -> int:
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())

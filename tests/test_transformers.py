@@ -1,0 +1,304 @@
+"""attn_implementation="lutflash" in Hugging Face transformers, and lutflash.patch_model.
+
+Tiny random models (2 layers, hidden 64, 4 heads, vocab 128, fp32) built from configs, never
+downloaded. Each check runs the same weights under attn_implementation="eager" and "lutflash":
+logits with left and right padding (compared on real tokens only), greedy generation with a KV
+cache, and the gradients of one training step.
+"""
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import lutflash  # noqa: E402
+from lutflash.nn import LutLinear  # noqa: E402
+
+VOCAB = 128
+SEQ = 16
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, max_position_embeddings=64, initializer_range=0.1,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+# Every config zeroes dropout so that training steps are deterministic, and uses an
+# initializer_range large enough that attention patterns (and so masks, windows, softcap) matter.
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**COMMON, num_key_value_heads=2),
+    "mistral": lambda: transformers.MistralConfig(**COMMON, num_key_value_heads=2, sliding_window=4),
+    "qwen2": lambda: transformers.Qwen2Config(**COMMON, num_key_value_heads=2, use_sliding_window=True,
+                                              sliding_window=4, max_window_layers=1),
+    "gemma2": lambda: transformers.Gemma2Config(**COMMON, num_key_value_heads=2, head_dim=16,
+                                                sliding_window=4, attn_logit_softcapping=2.0,
+                                                query_pre_attn_scalar=24),
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
+                                            n_positions=64, initializer_range=0.1, resid_pdrop=0.0,
+                                            embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0,
+                                            bos_token_id=1, eos_token_id=2),
+    "opt": lambda: transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128,
+                                          num_hidden_layers=2, num_attention_heads=4,
+                                          word_embed_proj_dim=64, max_position_embeddings=64,
+                                          init_std=0.1, dropout=0.0, attention_dropout=0.0,
+                                          pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "bert": lambda: transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, intermediate_size=128,
+                                            max_position_embeddings=64, initializer_range=0.1,
+                                            hidden_dropout_prob=0.0,
+                                            attention_probs_dropout_prob=0.0, pad_token_id=0),
+}
+DECODERS = ["llama", "mistral", "qwen2", "gemma2", "gpt2", "opt"]
+
+
+def build(family, attn_implementation="eager"):
+    torch.manual_seed(0)
+    config = CONFIGS[family]()
+    auto = transformers.AutoModelForMaskedLM if family == "bert" else transformers.AutoModelForCausalLM
+    model = auto.from_config(config, attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def padded_batch(padding, batch=3, seq=SEQ):
+    """Random tokens; row r has r * (seq // 3) pads on the `padding` side ("left" or "right"),
+    so row 0 is full and row 2 is two-thirds padding."""
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=generator)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    for row in range(1, batch):
+        pads = row * (seq // 3)
+        if padding == "left":
+            mask[row, :pads] = 0
+        else:
+            mask[row, seq - pads:] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def max_rel_diff(out, ref):
+    """max |out - ref| relative to the scale of ref (at least 1)."""
+    return ((out - ref).abs().max() / ref.abs().max().clamp(min=1.0)).item()
+
+
+def logits_under(model, attn_implementation, **inputs):
+    model.set_attn_implementation(attn_implementation)
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.fixture(autouse=True)
+def quiet_transformers():
+    transformers.logging.set_verbosity_error()
+
+
+CHECK_REGISTERED = (
+    "from transformers import AttentionInterface\n"
+    "from transformers.masking_utils import AttentionMaskInterface\n"
+    "assert 'lutflash' in AttentionInterface._global_mapping\n"
+    "assert 'lutflash' in AttentionMaskInterface._global_mapping\n"
+)
+
+
+@pytest.mark.parametrize("first", [
+    "import sys, lutflash\nassert 'transformers' not in sys.modules\n",
+    # Importing the integration module directly imports transformers while it is itself loading.
+    "from lutflash.integrations.transformers import lutflash_attention_forward\n",
+], ids=["lazy", "direct"])
+def test_import_registers(first):
+    """`import lutflash` does not import transformers; importing transformers afterwards (or
+    the integration module directly) registers "lutflash" in both interfaces."""
+    result = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c",
+                             first + CHECK_REGISTERED], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_from_config_from_pretrained_and_set(tmp_path):
+    model = build("llama", attn_implementation="lutflash")
+    assert model.config._attn_implementation == "lutflash"
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="lutflash")
+    assert loaded.config._attn_implementation == "lutflash"
+    loaded.set_attn_implementation("eager")
+    loaded.set_attn_implementation("lutflash")
+    assert loaded.config._attn_implementation == "lutflash"
+    assert all(layer.self_attn.config._attn_implementation == "lutflash" for layer in loaded.model.layers)
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_logits_match_eager(family, padding):
+    model = build(family)
+    ids, mask = padded_batch(padding)
+    ref = logits_under(model, "eager", input_ids=ids, attention_mask=mask)
+    out = logits_under(model, "lutflash", input_ids=ids, attention_mask=mask)
+    real = mask.bool()
+    assert torch.isfinite(out[real]).all()
+    assert max_rel_diff(out[real], ref[real]) < 1e-4
+    # Without padding transformers passes no mask at all: the dense (non-varlen) path.
+    ref = logits_under(model, "eager", input_ids=ids)
+    out = logits_under(model, "lutflash", input_ids=ids)
+    assert max_rel_diff(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_greedy_generate_matches_eager(family):
+    """Left-padded prompts, then 8 decode steps with a KV cache (Sq = 1 < Sk: bottom-right
+    causal; sliding-window layers keep a cropped cache)."""
+    model = build(family)
+    ids, mask = padded_batch("left", seq=10)
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    tokens = {}
+    for implementation in ("eager", "lutflash"):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            tokens[implementation] = model.generate(ids, attention_mask=mask, **settings)
+    assert tokens["lutflash"].shape == (3, 18)
+    assert torch.equal(tokens["lutflash"], tokens["eager"])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "bert"])
+def test_training_gradients_match_eager(family):
+    """One training step (model.train(), padded batch) has the same loss and parameter
+    gradients as eager: the attention backward pass, through the varlen path."""
+    model = build(family).train()
+    ids, mask = padded_batch("right")
+    labels = ids.masked_fill(mask == 0, -100)
+    grads, losses = {}, {}
+    for implementation in ("eager", "lutflash"):
+        model.set_attn_implementation(implementation)
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        losses[implementation] = loss.detach()
+        grads[implementation] = {name: p.grad.clone() for name, p in model.named_parameters()
+                                 if p.grad is not None}
+    assert abs(losses["lutflash"] - losses["eager"]) < 1e-5 * max(1.0, abs(losses["eager"]))
+    assert grads["lutflash"].keys() == grads["eager"].keys()
+    for name, ref in grads["eager"].items():
+        assert max_rel_diff(grads["lutflash"][name], ref) < 1e-4, name
+
+
+def test_packed_sequences_match_separate_runs():
+    """Three sequences packed in one row: position_ids restarting at 0 keep them apart (as the
+    explicit cu_seq_lens_* / max_length_* keywords do), matching each sequence run alone."""
+    model = build("llama")
+    lengths = [5, 7, 4]
+    ids = torch.randint(3, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(2))
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    separate = []
+    start = 0
+    for n in lengths:
+        separate.append(logits_under(model, "eager", input_ids=ids[:, start:start + n]))
+        start += n
+    ref = torch.cat(separate, dim=1)
+
+    out = logits_under(model, "lutflash", input_ids=ids, position_ids=position_ids)
+    assert max_rel_diff(out, ref) < 1e-4
+
+    cu_seqlens = torch.tensor([0, 5, 12, 16], dtype=torch.int32)
+    out = logits_under(model, "lutflash", input_ids=ids, position_ids=position_ids,
+                       cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
+                       max_length_q=max(lengths), max_length_k=max(lengths))
+    assert max_rel_diff(out, ref) < 1e-4
+
+
+def test_dropout_only_in_training():
+    """attention_dropout reaches the kernel in training (seeded from torch's generator) and is
+    off in eval mode."""
+    torch.manual_seed(0)
+    config = CONFIGS["llama"]()
+    config.attention_dropout = 0.5
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="lutflash")
+    ids, mask = padded_batch("left")
+    inputs = dict(input_ids=ids, attention_mask=mask)
+    with torch.no_grad():
+        model.train()
+        torch.manual_seed(5)
+        first = model(**inputs).logits
+        torch.manual_seed(5)
+        again = model(**inputs).logits
+        other = model(**inputs).logits
+        model.eval()
+        ref = logits_under(model, "eager", **inputs)
+        out = logits_under(model, "lutflash", **inputs)
+    real = mask.bool()
+    assert torch.equal(first, again)
+    assert max_rel_diff(other[real], first[real]) > 1e-3
+    assert max_rel_diff(first[real], ref[real]) > 1e-3
+    assert max_rel_diff(out[real], ref[real]) < 1e-4
+
+
+def test_transformers_flash_wrapper_runs_lutflash():
+    """transformers' generic flash-attention wrapper (used by a few older model classes) loads
+    lutflash's flash-attn-style entry points for the name "lutflash" and gets the same result."""
+    from transformers.integrations.flash_attention import flash_attention_forward
+
+    model = build("llama", attn_implementation="lutflash")
+    attention = model.model.layers[0].self_attn
+    generator = torch.Generator().manual_seed(3)
+    query = torch.randn(3, 4, SEQ, 16, generator=generator)
+    key, value = torch.randn(2, 3, 2, SEQ, 16, generator=generator)
+    _, mask = padded_batch("left")
+    for attention_mask in (None, mask.bool()):
+        ref, _ = lutflash.integrations.transformers.lutflash_attention_forward(
+            attention, query, key, value, attention_mask, scaling=0.3, sliding_window=5)
+        out, _ = flash_attention_forward(attention, query, key, value, attention_mask,
+                                         scaling=0.3, sliding_window=5)
+        rows = slice(None) if attention_mask is None else attention_mask
+        assert max_rel_diff(out[rows], ref[rows]) < 1e-5
+
+
+def test_rejects_4d_masks():
+    model = build("llama", attn_implementation="lutflash")
+    ids, _ = padded_batch("left")
+    mask = torch.zeros(3, 1, SEQ, SEQ)
+    with pytest.raises(ValueError, match="2-D"):
+        model(input_ids=ids, attention_mask=mask)
+
+
+def test_patch_model_attention_and_linear():
+    model = build("llama")
+    ids, mask = padded_batch("left")
+    summary = lutflash.patch_model(model, linear=dict(bits=3, group_size=32, progress=False))
+
+    assert summary["attention"] == "lutflash"
+    assert model.config._attn_implementation == "lutflash"
+    per_layer = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    expected = [f"model.layers.{i}.{name}" for i in range(2) for name in per_layer]
+    assert sorted(summary["linear"]) == sorted(expected)
+    assert summary["linear_count"] == len(expected)
+    assert all(isinstance(model.get_submodule(name), LutLinear) for name in expected)
+    assert isinstance(model.lm_head, torch.nn.Linear)  # the output embedding is skipped by default
+    assert 0 < summary["bytes_after"] < summary["bytes_before"]
+
+    # Attention still matches eager once every projection is a LutLinear.
+    ref = logits_under(model, "eager", input_ids=ids, attention_mask=mask)
+    out = logits_under(model, "lutflash", input_ids=ids, attention_mask=mask)
+    assert max_rel_diff(out[mask.bool()], ref[mask.bool()]) < 1e-4
+
+
+def test_patch_model_options():
+    model = build("gpt2")  # GPT-2 projections are Conv1D, so only lm_head is an nn.Linear
+    summary = lutflash.patch_model(model, attention=False,
+                                   linear=dict(bits=4, group_size=64, method="rtn", skip=(),
+                                               progress=False))
+    assert summary["attention"] is None
+    assert model.config._attn_implementation == "eager"
+    assert summary["linear"] == ["lm_head"]
+
+    model = build("opt")
+    summary = lutflash.patch_model(model)
+    assert summary == {"attention": "lutflash", "linear": [], "linear_count": 0,
+                       "bytes_before": summary["bytes_before"],
+                       "bytes_after": summary["bytes_before"]}
+
+    plain = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = lutflash.patch_model(plain, linear=dict(bits=2, group_size=64, progress=False))
+    assert any("set_attn_implementation" in str(w.message) for w in caught)
+    assert summary["attention"] is None and summary["linear"] == ["0", "2"]
+
+    with pytest.raises(TypeError, match="linear"):
+        lutflash.patch_model(plain, linear=3)
