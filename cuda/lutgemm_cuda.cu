@@ -1,0 +1,189 @@
+/* LUT-GEMM on the GPU: out = x · Ŵᵀ (+ bias) for a packed BCQ weight Ŵ (csrc/bcq_format.h).
+ * The plan and the C entry points; the kernels are in lutgemm_lut.cu (decode: tables of
+ * activation partial sums indexed by the weight bits) and lutgemm_mma.cu (prefill: tensor cores
+ * fed by weight tiles dequantized in registers). lutgemm_cuda picks the path from m.
+ *
+ * Both paths split k over blocks when there are too few tiles to fill the GPU; then partial
+ * sums go to an fp32 workspace with atomics and the last block of a tile (a counter per tile)
+ * writes the output. The workspace is zeroed with cudaMemsetAsync on the stream, so a call is
+ * graph capturable: no allocation, no host synchronization. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "lutgemm_cuda.cuh"
+
+namespace {
+
+/* ---------------------------------------------------------------------------------------- */
+/* Host side: the plan (path, tiles, workspace layout) and the launchers                    */
+/* ---------------------------------------------------------------------------------------- */
+
+enum { PATH_LUT = 0, PATH_MMA = 1 };
+
+/* LUTFLASH_LUTGEMM_PATH=lut|mma forces a path (tests, benchmarks); fp32 x always uses lut. */
+int path_override() {
+    const char *s = getenv("LUTFLASH_LUTGEMM_PATH");
+    if (s && !strcmp(s, "lut")) return PATH_LUT;
+    if (s && !strcmp(s, "mma")) return PATH_MMA;
+    return -1;
+}
+
+constexpr int64_t LUT_MAX_M = 2;    // fp16/bf16: lut up to this m (H100: faster than mma at 2)
+constexpr int64_t SPLIT_MAX_M = 64; // k is split (fp32 workspace) only up to this many rows
+
+struct Plan {
+    int path, m_tile;  // m_tile: M_TILE (lut) or BM (mma)
+    int64_t tiles;     // output tiles = counters
+    int64_t counters_bytes, acc_bytes, xp_bytes;
+    int64_t m_pad, k_pad;
+};
+
+int64_t align256(int64_t v) { return (v + 255) / 256 * 256; }
+
+int choose_path(const lutgemm_params *p) {
+    const int forced = path_override();
+    return p->x_type == LF_SCALAR_F32 ? PATH_LUT
+           : forced >= 0              ? forced
+           : p->m <= LUT_MAX_M        ? PATH_LUT
+                                      : PATH_MMA;
+}
+
+Plan make_plan(const lutgemm_params *p, int path) {
+    Plan plan = {};
+    const int64_t n_pad = bcq_padded_rows(p->n), words = bcq_words_per_row(p->k);
+    plan.path = path;
+    if (plan.path == PATH_LUT) {
+        plan.m_tile = p->m == 1 ? 1 : 4;
+        plan.tiles = (n_pad + LUT_ROWS - 1) / LUT_ROWS * ((p->m + plan.m_tile - 1) / plan.m_tile);
+    } else {
+        plan.m_tile = p->m <= 16 ? 16 : p->m <= 32 ? 32 : p->m <= 64 ? 64 : 128;
+        plan.m_pad = (p->m + plan.m_tile - 1) / plan.m_tile * plan.m_tile;
+        plan.k_pad = words * 32;
+        plan.tiles = (n_pad + MMA_BN - 1) / MMA_BN * (plan.m_pad / plan.m_tile);
+        plan.xp_bytes = plan.m_pad * plan.k_pad * 2;
+    }
+    if (p->m <= SPLIT_MAX_M) {
+        plan.counters_bytes = align256(plan.tiles * 4);
+        plan.acc_bytes = align256(p->m * n_pad * 4);
+    }
+    return plan;
+}
+
+int sm_count() {
+    static int counts[64];
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return 132;
+    if (counts[device] == 0) {
+        int v = 0;
+        cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device);
+        counts[device] = v > 0 ? v : 132;
+    }
+    return counts[device];
+}
+
+/* Splits of k: enough blocks for `waves` blocks per SM, each split ≥ min_words words. */
+int choose_splits(int64_t tiles, int64_t words, int64_t m, int waves, int64_t min_words,
+                  int granule, int *words_per_split) {
+    int64_t splits = 1;
+    if (m <= SPLIT_MAX_M) {
+        const int64_t want = (int64_t)waves * sm_count();
+        splits = (want + tiles - 1) / tiles;
+        const int64_t most = words / min_words > 1 ? words / min_words : 1;
+        splits = splits < 1 ? 1 : splits > most ? most : splits;
+    }
+    int64_t per = (words + splits - 1) / splits;
+    per = (per + granule - 1) / granule * granule;
+    *words_per_split = (int)per;
+    return (int)((words + per - 1) / per);
+}
+
+cudaError_t run_lut(const lutgemm_params *p, const Plan &plan, cudaStream_t stream) {
+    const int64_t n_pad = bcq_padded_rows(p->n), words = bcq_words_per_row(p->k);
+    LutArgs a = {};
+    a.x = p->x, a.ldx = p->ldx, a.planes = p->planes, a.meta = p->meta, a.bias = p->bias;
+    a.out = p->out, a.ldo = p->ldo, a.m = p->m, a.n = p->n, a.n_pad = n_pad, a.k = p->k;
+    a.words = (int)words, a.group_size = p->group_size, a.nm = bcq_meta_per_group(p->bits, p->mode);
+    a.mode = p->mode, a.x_type = p->x_type, a.meta_type = p->meta_type;
+    int chunk = LUT_SMEM_LIMIT / (plan.m_tile * lut_smem_per_row(1));
+    chunk = chunk > LUT_MAX_CHUNK ? LUT_MAX_CHUNK : chunk;
+    // ≈8 blocks of 256 threads per SM: several waves, so the last one's tail is short
+    const int splits = choose_splits(plan.tiles, words, p->m, 8, 1, 1, &a.words_per_split);
+    a.chunk = a.words_per_split < chunk ? a.words_per_split : chunk;
+    const int64_t row_blocks = (n_pad + LUT_ROWS - 1) / LUT_ROWS;
+    const int64_t m_tiles = (p->m + plan.m_tile - 1) / plan.m_tile;
+    if (splits > 1) {
+        a.counters = (unsigned *)p->workspace;
+        a.acc = (float *)((char *)p->workspace + plan.counters_bytes);
+        cudaError_t err = cudaMemsetAsync(p->workspace, 0, plan.counters_bytes + plan.acc_bytes,
+                                          stream);
+        if (err != cudaSuccess) return err;
+    }
+    const int x_size = p->x_type == LF_SCALAR_F32 ? 4 : 2;
+    for (int64_t z0 = 0; z0 < m_tiles; z0 += 65535) {  // grid.z limit
+        const int64_t zs = m_tiles - z0 < 65535 ? m_tiles - z0 : 65535;
+        LutArgs c = a;
+        c.x = (const char *)p->x + z0 * plan.m_tile * p->ldx * x_size;
+        c.out = (char *)p->out + z0 * plan.m_tile * p->ldo * x_size;
+        c.m = p->m - z0 * plan.m_tile;
+        const dim3 grid((unsigned)row_blocks, (unsigned)splits, (unsigned)zs);
+        cudaError_t err = lutgemm_lut_launch(p->bits, plan.m_tile, c, grid, stream);
+        if (err != cudaSuccess) return err;
+    }
+    return cudaSuccess;
+}
+
+cudaError_t run_mma(const lutgemm_params *p, const Plan &plan, cudaStream_t stream) {
+    const int64_t n_pad = bcq_padded_rows(p->n), words = bcq_words_per_row(p->k);
+    uint16_t *xp = (uint16_t *)((char *)p->workspace + plan.counters_bytes + plan.acc_bytes);
+    cudaError_t err = lutgemm_permute_x(p->x, p->ldx, xp, p->m, plan.m_pad, p->k, plan.k_pad, stream);
+    if (err != cudaSuccess) return err;
+    MmaArgs a = {};
+    a.xp = xp, a.planes = p->planes, a.meta = p->meta, a.bias = p->bias, a.out = p->out;
+    a.ldo = p->ldo, a.m = p->m, a.n = p->n, a.n_pad = n_pad, a.k_pad = plan.k_pad;
+    a.words = (int)words, a.bits = p->bits, a.group_size = p->group_size;
+    a.nm = bcq_meta_per_group(p->bits, p->mode), a.mode = p->mode, a.meta_type = p->meta_type;
+    const int bm = plan.m_tile;
+    // small tiles (128 threads, little smem) fit ~4 per SM; ≥ 4 stages of k per split
+    const int splits = choose_splits(plan.tiles, words, p->m, bm <= 32 ? 4 : 2,
+                                     MMA_STAGES * MMA_WORDS, MMA_WORDS, &a.words_per_split);
+    if (splits > 1) {
+        a.counters = (unsigned *)p->workspace;
+        a.acc = (float *)((char *)p->workspace + plan.counters_bytes);
+        err = cudaMemsetAsync(p->workspace, 0, plan.counters_bytes + plan.acc_bytes, stream);
+        if (err != cudaSuccess) return err;
+    }
+    const int64_t n_tiles = (n_pad + MMA_BN - 1) / MMA_BN, m_tiles = plan.m_pad / bm;
+    for (int64_t y0 = 0; y0 < m_tiles; y0 += 65535) {  // grid.y limit
+        const int64_t ys = m_tiles - y0 < 65535 ? m_tiles - y0 : 65535;
+        MmaArgs c = a;
+        c.xp = xp + y0 * bm * plan.k_pad;
+        c.out = (char *)p->out + y0 * bm * p->ldo * 2;
+        c.m = p->m - y0 * bm;
+        const dim3 grid((unsigned)n_tiles, (unsigned)ys, (unsigned)splits);
+        cudaError_t err = lutgemm_mma_launch(p->x_type, bm, c, grid, stream);
+        if (err != cudaSuccess) return err;
+    }
+    return cudaSuccess;
+}
+
+}  // namespace
+
+/* The larger of the two paths' needs: the size must not depend on x's dtype or on the path
+ * knob, since lutflash.ops sizes the workspace from (m, n, k, bits, group_size, mode) alone. */
+extern "C" int64_t lutgemm_cuda_workspace_bytes(const lutgemm_params *p) {
+    int64_t bytes = 256;
+    for (int path = PATH_LUT; path <= PATH_MMA; ++path) {
+        const Plan plan = make_plan(p, path);
+        const int64_t need = plan.counters_bytes + plan.acc_bytes + plan.xp_bytes;
+        bytes = need > bytes ? need : bytes;
+    }
+    return bytes;
+}
+
+extern "C" int lutgemm_cuda(const lutgemm_params *p, void *stream) {
+    if (p->m <= 0) return 0;
+    const Plan plan = make_plan(p, choose_path(p));
+    const cudaError_t err = plan.path == PATH_LUT ? run_lut(p, plan, (cudaStream_t)stream)
+                                                  : run_mma(p, plan, (cudaStream_t)stream);
+    return (int)err;
+}

@@ -1,0 +1,46 @@
+"""A handful of lutgemm calls on the GPU for compute-sanitizer:
+
+    compute-sanitizer --tool memcheck python scripts/sanitize_lutgemm.py
+
+Both kernel paths (lut, mma), split and unsplit k, odd n and k, bits 1..4, both modes. Outputs
+are compared with the float64 reference too, so that a silent wrong answer also fails."""
+
+import os
+
+import lutflash
+import torch
+from lutflash.testing import lutgemm_reference, random_bcq_weight, relative_error
+
+CASES = [  # (path, m, n, k, bits, group_size, mode, dtype)
+    ("lut", 1, 37, 96, 1, 32, "general", torch.float16),
+    ("lut", 1, 1030, 4096, 3, 128, "uniform", torch.bfloat16),  # split k, 2 row blocks
+    ("lut", 3, 9, 31, 2, None, "general", torch.float16),       # k < one word
+    ("lut", 5, 77, 320, 4, 64, "uniform", torch.float32),
+    ("mma", 2, 37, 96, 1, 32, "uniform", torch.float16),
+    ("mma", 16, 201, 1056, 3, 96, "general", torch.bfloat16),   # split k
+    ("mma", 40, 130, 197, 2, None, "general", torch.float16),   # odd k, g = k
+    ("mma", 300, 260, 512, 4, 128, "uniform", torch.float16),   # several m and n tiles
+]
+
+
+def main():
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for path, m, n, k, bits, group_size, mode, dtype in CASES:
+        os.environ["LUTFLASH_LUTGEMM_PATH"] = path
+        meta_dtype = torch.float32 if dtype == torch.float32 else dtype
+        qweight = random_bcq_weight(n, k, bits, group_size, mode, meta_dtype, generator=gen).to("cuda")
+        x = torch.randn(m, k, generator=gen).to("cuda", dtype)
+        bias = torch.randn(n, generator=gen).to("cuda", dtype)
+        out = lutflash.lutgemm(x, qweight, bias)
+        torch.cuda.synchronize()
+        err = relative_error(out, lutgemm_reference(x, qweight, bias))
+        worst = max(worst, err)
+        print(f"{path} m={m} n={n} k={k} bits={bits} g={group_size} {mode} {dtype}: rel err {err:.2e}")
+    os.environ.pop("LUTFLASH_LUTGEMM_PATH")
+    assert worst < 2e-2, f"worst relative error {worst:.3g}"
+    print("ok")
+
+
+if __name__ == "__main__":
+    main()

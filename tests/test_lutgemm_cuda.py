@@ -1,0 +1,226 @@
+"""The CUDA lutgemm kernels (cuda/lutgemm_*.cu) against the float64 reference.
+
+Both GPU paths are checked: "lut" (tables of partial sums, the decode path) and "mma" (tensor
+cores, the prefill path). LUTFLASH_LUTGEMM_PATH forces one; unset, the kernel picks by m.
+"""
+
+import itertools
+
+import lutflash
+import pytest
+import torch
+from lutflash import _C
+from lutflash.bcq import MODES
+from lutflash.testing import assert_close_to_reference, lutgemm_reference, random_bcq_weight, relative_error
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available() or not _C.built_with_cuda(),
+                       reason="needs a CUDA GPU and lutflash built with CUDA"),
+]
+
+DEVICE = "cuda"
+LOWP = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture
+def path(request, monkeypatch):
+    """Forces the kernel path ("lut", "mma") or leaves the choice to the kernel ("auto")."""
+    value = getattr(request, "param", "auto")
+    if value == "auto":
+        monkeypatch.delenv("LUTFLASH_LUTGEMM_PATH", raising=False)
+    else:
+        monkeypatch.setenv("LUTFLASH_LUTGEMM_PATH", value)
+    return value
+
+
+def weight(n, k, bits, group_size, mode, meta_dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return random_bcq_weight(n, k, bits, group_size, mode, meta_dtype, generator=gen).to(DEVICE)
+
+
+def poisoned_call(x2d, qweight, bias=None):
+    """The raw kernel into a NaN-filled output, so that unwritten elements fail."""
+    n, k = qweight.shape
+    out = torch.full((x2d.shape[0], n), float("nan"), dtype=x2d.dtype, device=x2d.device)
+    lutflash.ops.lutgemm_into(x2d, qweight.planes, qweight.meta, bias, out, n, k, qweight.bits,
+                              qweight.group_size, MODES.index(qweight.mode))
+    return out
+
+
+def naive(x, qweight, bias):
+    """The same product done naively in x's precision: the yardstick of the tolerance."""
+    w = qweight.dequantize(torch.float64).to(x.dtype)
+    out = x @ w.t()
+    return out + bias if bias is not None else out
+
+
+def check(x, qweight, bias):
+    ref = lutgemm_reference(x, qweight, bias)
+    out = lutflash.lutgemm(x, qweight, bias)
+    assert out.dtype == x.dtype and out.device == x.device
+    assert_close_to_reference(out, ref, naive(x, qweight, bias))
+    raw = poisoned_call(x.reshape(-1, x.shape[-1]), qweight, bias)
+    assert_close_to_reference(raw.reshape(out.shape), ref, naive(x, qweight, bias))
+
+
+# Every (bits, mode, group) with both dtypes; m cycles so that each value meets each axis value.
+M_VALUES = [1, 2, 3, 8, 16, 33, 64, 256]
+GRID = list(itertools.product([1, 2, 3, 4], MODES, [32, 128, None], LOWP))
+
+
+@pytest.mark.parametrize("bits,mode,group_size,dtype", GRID)
+def test_matches_reference(bits, mode, group_size, dtype, path):
+    n, k = 75, 384  # odd n: padded rows must not leak into the output
+    index = GRID.index((bits, mode, group_size, dtype))
+    qweight = weight(n, k, bits, group_size, mode, dtype, seed=index)
+    bias = torch.randn(n, dtype=dtype, device=DEVICE) if index % 2 else None
+    for m in (M_VALUES[index % 8], M_VALUES[(index + 3) % 8], M_VALUES[(index + 5) % 8]):
+        check(torch.randn(m, k, dtype=dtype, device=DEVICE), qweight, bias)
+
+
+@pytest.mark.parametrize("path", ["lut", "mma"], indirect=True)
+@pytest.mark.parametrize("m", M_VALUES)
+@pytest.mark.parametrize("dtype", LOWP)
+def test_both_paths(m, dtype, path):
+    # k = 1056: 33 words (an odd number of pipeline words); g = 96 straddles stages;
+    # n = 201: odd, two row tiles of the mma path
+    for bits, mode, group_size in ((3, "general", 96), (4, "uniform", 32), (1, "general", None)):
+        qweight = weight(201, 1056, bits, group_size, mode, dtype, seed=m + bits)
+        check(torch.randn(m, 1056, dtype=dtype, device=DEVICE), qweight,
+              torch.randn(201, dtype=dtype, device=DEVICE))
+
+
+@pytest.mark.parametrize("path", ["lut", "mma", "auto"], indirect=True)
+@pytest.mark.parametrize("k", [1, 31, 97, 197])
+def test_odd_k_one_group(k, path):
+    # g = k: one group per row, k neither even nor a multiple of 32
+    qweight = weight(13, k, 3, None, "general", torch.float16, seed=k)
+    for m in (1, 5, 70):
+        check(torch.randn(m, k, dtype=torch.float16, device=DEVICE), qweight, None)
+
+
+@pytest.mark.parametrize("path", ["lut", "mma"], indirect=True)
+@pytest.mark.parametrize("m,k", [(1, 8192), (4, 8192), (16, 4096), (64, 4096)])
+def test_split_k(m, k, path):
+    # few output tiles and a long k: the kernels split k and reduce through the workspace
+    qweight = weight(72, k, 3, 128, "uniform", torch.bfloat16, seed=m)
+    check(torch.randn(m, k, dtype=torch.bfloat16, device=DEVICE), qweight,
+          torch.randn(72, dtype=torch.bfloat16, device=DEVICE))
+
+
+@pytest.mark.parametrize("path", ["lut", "mma"], indirect=True)
+@pytest.mark.parametrize("meta_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", LOWP)
+def test_meta_dtypes(meta_dtype, dtype, path):
+    qweight = weight(40, 256, 4, 64, "general", meta_dtype, seed=3)
+    for m in (1, 24):
+        check(torch.randn(m, 256, dtype=dtype, device=DEVICE), qweight, None)
+
+
+@pytest.mark.parametrize("bits", [5, 6, 7, 8])
+@pytest.mark.parametrize("path", ["lut", "mma"], indirect=True)
+def test_more_bits(bits, path):
+    qweight = weight(30, 320, bits, 64, "general", torch.float16, seed=bits)
+    for m in (1, 17):
+        check(torch.randn(m, 320, dtype=torch.float16, device=DEVICE), qweight, None)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fp32_activations(mode):
+    qweight = weight(77, 320, 3, 32, mode, torch.float32, seed=5)
+    bias = torch.randn(77, device=DEVICE)
+    for m in (1, 2, 3, 9, 70):
+        x = torch.randn(m, 320, device=DEVICE)
+        ref = lutgemm_reference(x, qweight, bias)
+        assert relative_error(lutflash.lutgemm(x, qweight, bias), ref) < 1e-5
+        assert relative_error(poisoned_call(x, qweight, bias), ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_large_m_tiles(dtype):
+    # several m and n tiles of the mma path, no split
+    qweight = weight(300, 512, 3, 128, "general", dtype, seed=11)
+    bias = torch.randn(300, dtype=dtype, device=DEVICE)
+    check(torch.randn(600, 512, dtype=dtype, device=DEVICE), qweight, bias)
+
+
+@pytest.mark.parametrize("path", ["lut", "mma"], indirect=True)
+def test_strided_unaligned_x(path):
+    # rows ldx = k + 3 apart, starting one element in: no alignment beyond the element size
+    qweight = weight(50, 160, 2, 32, "uniform", torch.float16, seed=2)
+    for m in (1, 3, 40):
+        wide = torch.randn(m, 163, dtype=torch.float16, device=DEVICE)
+        x = wide[:, 1:161]
+        assert x.stride(0) == 163 and x.data_ptr() % 4 == 2
+        check(x, qweight, None)
+
+
+@pytest.mark.parametrize("dtype", LOWP + [torch.float32])
+def test_matches_cpu_kernel(dtype):
+    qweight = weight(90, 448, 3, 64, "general", torch.float32, seed=8)
+    cpu_weight = qweight.to("cpu")
+    for m in (1, 6, 50):
+        x = torch.randn(m, 448, dtype=dtype)
+        gpu = lutflash.lutgemm(x.to(DEVICE), qweight).cpu().double()
+        cpu = lutflash.lutgemm(x, cpu_weight).double()
+        ref = lutgemm_reference(x, cpu_weight)
+        tol = 1e-5 if dtype == torch.float32 else 3 * relative_error(naive(x.to(DEVICE), qweight, None), ref)
+        assert relative_error(gpu, cpu) < tol + 1e-6
+
+
+def test_quantized_linear():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(257, 512, generator=gen)
+    qweight = lutflash.quantize(w, bits=3, group_size=128, method="greedy").to(DEVICE, torch.float16)
+    for m in (1, 4, 100):
+        check(torch.randn(m, 512, dtype=torch.float16, device=DEVICE), qweight, None)
+
+
+def test_grad_x():
+    qweight = weight(64, 256, 3, 128, "general", torch.float32, seed=4)
+    bias = torch.randn(64, device=DEVICE, requires_grad=True)
+    x = torch.randn(2, 5, 256, device=DEVICE, requires_grad=True)
+    out = lutflash.lutgemm(x, qweight, bias)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    w = qweight.dequantize(torch.float64).cpu()
+    expect = grad.double().cpu() @ w
+    assert relative_error(x.grad, expect) < 1e-5
+    assert relative_error(bias.grad, grad.double().sum((0, 1)).cpu()) < 1e-5
+
+
+@pytest.mark.parametrize("m", [1, 64])
+def test_cuda_graph(m):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(512, 384)
+    layer = lutflash.nn.LutLinear.from_linear(linear, bits=3, group_size=128, method="rtn").cuda().half()
+    static_x = torch.randn(m, 512, dtype=torch.float16, device=DEVICE)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the graph, as torch asks
+        layer(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = layer(static_x)
+    for _ in range(3):
+        static_x.copy_(torch.randn(m, 512, dtype=torch.float16, device=DEVICE))
+        graph.replay()
+        torch.cuda.synchronize()
+        expect = layer(static_x)
+        assert_close_to_reference(static_out, lutgemm_reference(static_x, layer.qweight, layer.bias),
+                                  naive(static_x, layer.qweight, layer.bias))
+        assert torch.allclose(static_out, expect, rtol=1e-2, atol=1e-2)
+
+
+def test_non_default_stream():
+    qweight = weight(200, 1024, 3, 128, "uniform", torch.float16, seed=9)
+    stream = torch.cuda.Stream()
+    xs = [torch.randn(m, 1024, dtype=torch.float16, device=DEVICE) for m in (1, 16, 130)]
+    torch.cuda.synchronize()
+    with torch.cuda.stream(stream):
+        outs = [lutflash.lutgemm(x, qweight) for x in xs]
+    stream.synchronize()
+    for x, out in zip(xs, outs, strict=True):
+        assert_close_to_reference(out, lutgemm_reference(x, qweight), naive(x, qweight, None))
