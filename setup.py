@@ -31,6 +31,24 @@ def find_nvcc():
     return shutil.which("nvcc")
 
 
+def cudart_static_dir(nvcc):
+    """The folder holding libcudart_static.a. nvcc may be a wrapper script elsewhere on PATH,
+    so its own report of the toolkit root (TOP in a dry run) comes first."""
+    roots = [Path(nvcc).resolve().parent.parent]
+    try:
+        dry = subprocess.run([nvcc, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull], capture_output=True, text=True).stderr
+        roots = [Path(line.split("=", 1)[1]).resolve() for line in dry.splitlines()
+                 if line.startswith("#$ TOP=")] + roots
+    except OSError:
+        pass
+    for root in roots + [Path("/usr/local/cuda")]:
+        for sub in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"):
+            if (root / sub / "libcudart_static.a").exists():
+                return str(root / sub)
+    sys.exit(f"lutflash: found {nvcc} but no libcudart_static.a next to it; set CUDA_HOME "
+             "or build CPU-only with LUTFLASH_CUDA=0")
+
+
 def cuda_archs():
     raw = os.environ.get("LUTFLASH_CUDA_ARCHS", "80;90")
     archs = [a.strip() for a in raw.replace(",", ";").split(";") if a.strip()]
@@ -61,9 +79,7 @@ class BuildExtWithCuda(build_ext):
             if objects:
                 ext.extra_objects = list(ext.extra_objects) + objects
                 ext.define_macros = list(ext.define_macros) + [("LUTFLASH_WITH_CUDA", "1")]
-                cuda_root = Path(nvcc).resolve().parent.parent
-                lib_dirs = [cuda_root / "lib64", cuda_root / "lib", cuda_root / "targets/x86_64-linux/lib"]
-                ext.library_dirs = list(ext.library_dirs) + [str(p) for p in lib_dirs if p.exists()]
+                ext.library_dirs = list(ext.library_dirs) + [cudart_static_dir(nvcc)]
                 ext.extra_link_args = list(ext.extra_link_args) + [
                     "-lcudart_static", "-lrt", "-lpthread", "-ldl", "-lstdc++"]
         else:

@@ -31,8 +31,9 @@ static inline int bcq_meta_per_group(int bits, bcq_mode mode) {
 }
 
 /*
- * planes: uint32 [words_per_row(k)][bits][padded_rows(n)]; bit j of word [w][i][r] is the
- *         code of weight (r, 32*w + j) in bit-plane i: 1 means b = +1, 0 means b = -1.
+ * planes: 32-bit words [words_per_row(k)][bits][padded_rows(n)] (int32 tensors, read as
+ *         uint32); bit j of word [w][i][r] is the code of weight (r, 32*w + j) in bit-plane i:
+ *         1 means b = +1, 0 means b = -1.
  * meta:   [k / group_size][meta_per_group][padded_rows(n)] in meta_type; the last entry of
  *         each group is the offset z.
  */

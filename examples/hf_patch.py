@@ -8,9 +8,10 @@ converts it with lutflash.patch_model, and compares logits with attn_implementat
 
 import copy
 
-import lutflash
 import torch
 import transformers
+
+import lutflash
 
 
 def main() -> None:

@@ -7,8 +7,7 @@ import torch
 
 import lutflash
 from lutflash import _C
-from lutflash.testing import (assert_close_to_reference, lutgemm_reference, random_bcq_weight,
-                              relative_error)
+from lutflash.testing import assert_close_to_reference, lutgemm_reference, random_bcq_weight, relative_error
 
 VARIANTS = ["portable", "avx2", "avx512"]
 

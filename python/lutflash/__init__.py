@@ -4,6 +4,7 @@
     qweight = lutflash.quantize(linear.weight, bits=3, group_size=128, method="alternating")
     y = lutflash.lutgemm(x, qweight, bias)
     model = lutflash.quantize_model(model, bits=3)   # nn.Linear -> lutflash.nn.LutLinear
+    out = lutflash.flash_attention(q, k, v, causal=True)
 """
 
 from . import _C, integrations, nn  # integrations registers "lutflash" with transformers, lazily
@@ -17,5 +18,6 @@ __version__ = "0.1.0"
 
 built_with_cuda = _C.built_with_cuda()
 
-__all__ = ["BCQWeight", "FORMAT_VERSION", "LutLinear", "built_with_cuda", "integrations", "lutgemm", "nn",
-           "patch_model", "quantize", "quantize_model"]
+__all__ = ["BCQWeight", "FORMAT_VERSION", "LutLinear", "built_with_cuda", "flash_attention",
+           "flash_attention_varlen", "integrations", "lutgemm", "nn", "patch_model", "quantize",
+           "quantize_model"]

@@ -230,6 +230,8 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int | None = 128,
         raise TypeError(f"meta_dtype: expected one of {META_DTYPES}, got {meta_dtype}")
 
     source = weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    if weight.dtype == torch.float64 and not torch.isfinite(source).all() and torch.isfinite(weight).all():
+        raise ValueError("weight: has values beyond the float32 range, which the quantizers use")
     planes = torch.empty((words_per_row(k), bits, padded_rows(n)), dtype=torch.int32)
     meta = torch.empty((k // group_size, meta_per_group(bits, mode), padded_rows(n)),
                        dtype=torch.float32)

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Build, test, sanitize and benchmark lutflash on a GPU machine, writing logs and JSON under
+# $OUT (default ./gpu_out). Usage:
+#   scripts/gpu_check.sh [steps...]     steps: build test sanitize bench-lutgemm bench-attention
+#                                       (default: all of them, in that order)
+# The build targets only the GPU in hand (LUTFLASH_CUDA_ARCHS from its compute capability,
+# unless set). Every step runs even if an earlier one failed; the exit code is the number of
+# failed steps.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(build test sanitize bench-lutgemm bench-attention)
+failed=0
+summary=()
+
+run_step() {  # name, command...
+    local name=$1; shift
+    local start=$SECONDS
+    echo "=== $name: $*"
+    if "$@" 2>&1 | tee -a "$OUT/$name.log"; then
+        summary+=("$name: ok ($((SECONDS - start)) s)")
+    else
+        summary+=("$name: FAILED ($((SECONDS - start)) s, see $name.log)")
+        failed=$((failed + 1))
+    fi
+}
+
+for step in "${steps[@]}"; do
+    case $step in
+    build)
+        if [ -z "${LUTFLASH_CUDA_ARCHS:-}" ]; then
+            LUTFLASH_CUDA_ARCHS=$($PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
+            export LUTFLASH_CUDA_ARCHS
+        fi
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
+        run_step build $PY -m pip install --no-build-isolation -q -e . ;;
+    test)
+        run_step test $PY -m pytest -q -m cuda -p no:cacheprovider tests ;;
+    sanitize)
+        for script in scripts/sanitize_*.py; do
+            name=sanitize-$(basename "$script" .py | sed 's/^sanitize_//')
+            for tool in memcheck racecheck; do
+                run_step "$name-$tool" compute-sanitizer --tool $tool --error-exitcode 1 $PY "$script"
+            done
+        done ;;
+    bench-lutgemm)
+        run_step bench-lutgemm $PY benchmarks/bench_lutgemm.py --device cuda \
+            --json "$OUT/lutgemm_cuda.json" --plot "$OUT/lutgemm_cuda.png" ;;
+    bench-attention)
+        run_step bench-attention $PY benchmarks/bench_attention.py --device cuda \
+            --json "$OUT/attention_cuda.json" ;;
+    *)
+        echo "unknown step: $step"; failed=$((failed + 1)) ;;
+    esac
+done
+
+echo
+echo "=== summary ($(cat "$OUT/gpu.txt" 2>/dev/null), commit $(git rev-parse --short HEAD 2>/dev/null))"
+printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
+exit $failed
