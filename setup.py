@@ -58,15 +58,12 @@ def cuda_archs():
 
 
 def gencode_flags(archs, hopper_only):
-    flags = []
-    for arch in archs:
-        number = arch.rstrip("a")
-        if hopper_only:
-            if number == "90":
-                flags.append("-gencode=arch=compute_90a,code=sm_90a")
-            continue
-        flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
-    return flags
+    """Machine code for each target, plus PTX of the newest so that later GPUs can run it."""
+    numbers = sorted({arch.rstrip("a") for arch in archs}, key=int)
+    if hopper_only:
+        return ["-gencode=arch=compute_90a,code=sm_90a"] if "90" in numbers else []
+    flags = [f"-gencode=arch=compute_{n},code=sm_{n}" for n in numbers]
+    return flags + [f"-gencode=arch=compute_{numbers[-1]},code=compute_{numbers[-1]}"]
 
 
 class BuildExtWithCuda(build_ext):
@@ -100,7 +97,9 @@ class BuildExtWithCuda(build_ext):
             "-I", include, "--expt-relaxed-constexpr",
         ]
         jobs, objects = [], []
-        headers = [*(ROOT / "cuda").glob("*.cuh"), *(ROOT / "cuda").glob("*.h")]
+        # CUDA sources include the plain-C headers of csrc/ (parameter structs) too.
+        headers = [*(ROOT / "cuda").glob("*.cuh"), *(ROOT / "cuda").glob("*.h"),
+                   *(ROOT / "csrc").glob("*.h")]
         for src in sources:
             gencode = gencode_flags(archs, hopper_only=src.stem.endswith("_sm90"))
             if not gencode:

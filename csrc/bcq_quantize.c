@@ -378,6 +378,16 @@ static int64_t first_non_finite(const bcq_quantize_params *p) {
     return first == INT64_MAX ? -1 : first;
 }
 
+/* Index into meta of the first metadata value that overflowed float32 (a weight range near
+ * FLT_MAX can give such alphas or offsets), or -1. */
+static int64_t first_non_finite_meta(const bcq_quantize_params *p) {
+    const int64_t total = p->k / p->group_size * bcq_meta_per_group(p->bits, p->mode) * p->n_pad;
+    for (int64_t i = 0; i < total; ++i) {
+        if (!isfinite(p->meta[i])) return i;
+    }
+    return -1;
+}
+
 static void bcq_quantize_cpu(const bcq_quantize_params *p, char *scratch, int threads) {
     const int64_t stride = scratch_bytes(p);
 #pragma omp parallel num_threads(threads)
@@ -396,17 +406,7 @@ static void bcq_quantize_cpu(const bcq_quantize_params *p, char *scratch, int th
 }
 
 static int check_cpu(const lf_tensor *t) {
-    if (t->device_type == LF_DEVICE_CPU) return 0;
-    if (t->device_type == LF_DEVICE_CUDA) {
-        PyErr_Format(PyExc_ValueError,
-                     "%s: expected a CPU tensor (the quantizers run on the CPU), got one on "
-                     "cuda:%d", t->name, t->device_id);
-    } else {
-        PyErr_Format(PyExc_ValueError,
-                     "%s: expected a CPU tensor (the quantizers run on the CPU), got one on "
-                     "DLPack device type %d", t->name, t->device_type);
-    }
-    return -1;
+    return lf_check_cpu(t, "the quantizers run on the CPU");
 }
 
 enum { ARG_WEIGHT, ARG_PLANES, ARG_META, ARG_COUNT };
@@ -472,14 +472,25 @@ static PyObject *py_bcq_quantize(PyObject *self, PyObject *const *args, Py_ssize
         PyErr_NoMemory();
         goto done;
     }
-    int64_t bad;
+    int64_t bad, overflow = -1;
     Py_BEGIN_ALLOW_THREADS
     bad = first_non_finite(&p);
-    if (bad < 0) bcq_quantize_cpu(&p, scratch, threads);
+    if (bad < 0) {
+        bcq_quantize_cpu(&p, scratch, threads);
+        overflow = first_non_finite_meta(&p);
+    }
     Py_END_ALLOW_THREADS
     if (bad >= 0) {
         PyErr_Format(PyExc_ValueError, "weight: contains NaN or Inf at (%lld, %lld)",
                      (long long)(bad / p.k), (long long)(bad % p.k));
+        goto done;
+    }
+    if (overflow >= 0) {
+        const int64_t per_group = bcq_meta_per_group(p.bits, p.mode) * p.n_pad;
+        PyErr_Format(PyExc_ValueError,
+                     "weight: row %lld, group %lld spans a range too large for float32 "
+                     "metadata", (long long)(overflow % p.n_pad),
+                     (long long)(overflow / per_group));
         goto done;
     }
     result = Py_NewRef(Py_None);

@@ -12,11 +12,6 @@
 #include "lutflash_cuda.h"
 #endif
 
-static lf_scalar scalar_of(lf_dtype dtype) {
-    return dtype == LF_DTYPE_F16 ? LF_SCALAR_F16 : dtype == LF_DTYPE_BF16 ? LF_SCALAR_BF16
-                                                                         : LF_SCALAR_F32;
-}
-
 /* Checks the scalar arguments that describe a BCQ weight (shared with the quantizers). */
 int bcq_parse_shape(PyObject *n_obj, PyObject *k_obj, PyObject *bits_obj, PyObject *group_obj,
                     PyObject *mode_obj, int64_t *n, int64_t *k, int *bits, int *group_size,
@@ -160,8 +155,8 @@ static PyObject *py_lutgemm(PyObject *self, PyObject *const *args, Py_ssize_t na
         goto done;
     const int64_t m = x->shape[0];
     const int64_t x_shape[2] = {m, p.k};
-    if (lf_check_shape(x, 2, x_shape) < 0 || lf_check_rows_dense(x, 1) < 0 ||
-        lf_check_aligned(x, (uintptr_t)x->element_size) < 0)
+    if (lf_check_shape(x, 2, x_shape) < 0 || lf_check_rows_dense(x) < 0 ||
+        lf_check_element_aligned(x) < 0)
         goto done;
     if (lf_check_same_device(&t[ARG_PLANES], x) < 0 ||
         bcq_check_packed(&t[ARG_PLANES], &t[ARG_META], p.n, p.k, p.bits, p.group_size, p.mode) < 0)
@@ -169,13 +164,14 @@ static PyObject *py_lutgemm(PyObject *self, PyObject *const *args, Py_ssize_t na
     if (lf_tensor_present(bias)) {
         const int64_t bias_shape[1] = {p.n};
         if (lf_check_same_device(bias, x) < 0 || lf_check_same_dtype(bias, x) < 0 ||
-            lf_check_shape(bias, 1, bias_shape) < 0 || lf_check_contiguous(bias) < 0)
+            lf_check_shape(bias, 1, bias_shape) < 0 || lf_check_contiguous(bias) < 0 ||
+            lf_check_element_aligned(bias) < 0)
             goto done;
     }
     const int64_t out_shape[2] = {m, p.n};
     if (lf_check_same_device(out, x) < 0 || lf_check_same_dtype(out, x) < 0 ||
-        lf_check_shape(out, 2, out_shape) < 0 || lf_check_rows_dense(out, 1) < 0 ||
-        lf_check_writable(out) < 0)
+        lf_check_shape(out, 2, out_shape) < 0 || lf_check_rows_dense(out) < 0 ||
+        lf_check_element_aligned(out) < 0 || lf_check_writable(out) < 0)
         goto done;
     for (int i = 0; i < ARG_COUNT; ++i) {
         if (i != ARG_OUT && lf_check_no_overlap(out, &t[i]) < 0) goto done;
@@ -188,16 +184,18 @@ static PyObject *py_lutgemm(PyObject *self, PyObject *const *args, Py_ssize_t na
     p.bias = bias->data;
     p.out = out->data;
     p.ldo = m > 1 ? out->strides[0] : p.n;
-    p.x_type = scalar_of(x->dtype);
-    p.meta_type = scalar_of(t[ARG_META].dtype);
+    p.x_type = lf_scalar_of(x->dtype);
+    p.meta_type = lf_scalar_of(t[ARG_META].dtype);
     const int on_cuda = x->device_type == LF_DEVICE_CUDA;
     if (on_cuda && lf_require_cuda("lutgemm") < 0) goto done;
     const int64_t need = workspace_bytes(&p, on_cuda);
     if (lf_check_same_device(ws, x) < 0 || lf_check_dtype(ws, LF_DTYPE_U8) < 0 ||
         lf_check_ndim(ws, 1) < 0 || lf_check_contiguous(ws) < 0 || lf_check_aligned(ws, 64) < 0 ||
-        lf_check_writable(ws) < 0 || lf_check_no_overlap(ws, x) < 0 ||
-        lf_check_no_overlap(ws, out) < 0)
+        lf_check_writable(ws) < 0)
         goto done;
+    for (int i = 0; i < ARG_COUNT; ++i) {
+        if (i != ARG_WORKSPACE && lf_check_no_overlap(ws, &t[i]) < 0) goto done;
+    }
     if (ws->shape[0] < need) {
         PyErr_Format(PyExc_ValueError, "workspace: expected at least %lld bytes, got %lld",
                      (long long)need, (long long)ws->shape[0]);

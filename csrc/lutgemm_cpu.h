@@ -6,7 +6,7 @@
 /* Workspace bytes lutgemm_cpu needs: the tables of activation partial sums. */
 int64_t lutgemm_cpu_workspace_bytes(const lutgemm_params *p);
 /* out = x · Ŵᵀ (+ bias), arguments already validated. `variant` picks the inner loop:
- * 0 = best the CPU supports, 1 = portable C, 2 = AVX2. */
+ * 0 = best the CPU supports, 1 = portable C, 2 = AVX2, 3 = AVX-512. */
 void lutgemm_cpu(const lutgemm_params *p, int variant);
 /* The variant that 0 resolves to on this CPU. */
 int lutgemm_cpu_best_variant(void);

@@ -23,6 +23,11 @@ const char *lf_dtype_name(lf_dtype dtype) {
     }
 }
 
+lf_scalar lf_scalar_of(lf_dtype dtype) {
+    return dtype == LF_DTYPE_F16 ? LF_SCALAR_F16 : dtype == LF_DTYPE_BF16 ? LF_SCALAR_BF16
+                                                                         : LF_SCALAR_F32;
+}
+
 static lf_dtype dtype_from_dlpack(dl_data_type dt) {
     if (dt.lanes != 1) return LF_DTYPE_OTHER;
     switch (dt.code) {
@@ -173,6 +178,18 @@ int lf_tensor_borrow(PyObject *obj, const char *name, lf_tensor *t) {
     empty_tensor(t, name);
     PyObject *capsule;
     if (torch_fast_path(obj)) {
+        /* A negative view's memory holds -x; DLPack has no flag for it, so refuse it rather
+         * than compute with the wrong sign. */
+        PyObject *is_neg = PyObject_CallMethod(obj, "is_neg", NULL);
+        const int negative = is_neg ? PyObject_IsTrue(is_neg) : -1;
+        Py_XDECREF(is_neg);
+        if (negative != 0) {
+            if (negative > 0)
+                PyErr_Format(PyExc_ValueError,
+                             "%s: negative-bit views are not supported (call .resolve_neg())",
+                             name);
+            return -1;
+        }
         capsule = PyObject_CallOneArg(torch_to_dlpack, obj);
         if (capsule == NULL) return borrow_failed(name);
         return read_capsule(capsule, name, t);
@@ -188,18 +205,26 @@ int lf_tensor_borrow(PyObject *obj, const char *name, lf_tensor *t) {
     if (read_device(obj, name, &device_type, &device_id) < 0) return -1;
 
     /* On CUDA the work goes on the caller's current stream, which is where the producer's
-     * data is ready; stream=-1 tells the producer not to synchronize anything. */
-    if (device_type == DL_DEVICE_CUDA) {
-        PyObject *kwargs = Py_BuildValue("{s:i}", "stream", -1);
-        PyObject *method = kwargs ? PyObject_GetAttrString(obj, "__dlpack__") : NULL;
-        PyObject *empty = PyTuple_New(0);
-        capsule = (method && empty) ? PyObject_Call(method, empty, kwargs) : NULL;
-        Py_XDECREF(method);
-        Py_XDECREF(empty);
-        Py_XDECREF(kwargs);
-    } else {
-        capsule = PyObject_CallMethod(obj, "__dlpack__", NULL);
+     * data is ready; stream=-1 tells the producer not to synchronize anything. Asking for a
+     * versioned capsule lets the producer mark read-only memory; producers that predate
+     * DLPack 1.0 refuse max_version with a TypeError and get the legacy call. */
+    PyObject *method = PyObject_GetAttrString(obj, "__dlpack__");
+    PyObject *empty = PyTuple_New(0);
+    PyObject *kwargs = Py_BuildValue("{s:(ii)}", "max_version", 1, 0);
+    if (kwargs && device_type == DL_DEVICE_CUDA) {
+        PyObject *stream = PyLong_FromLong(-1);
+        if (stream == NULL || PyDict_SetItemString(kwargs, "stream", stream) < 0) Py_CLEAR(kwargs);
+        Py_XDECREF(stream);
     }
+    capsule = (method && empty && kwargs) ? PyObject_Call(method, empty, kwargs) : NULL;
+    if (capsule == NULL && method && empty && kwargs && PyErr_ExceptionMatches(PyExc_TypeError)) {
+        PyErr_Clear();
+        PyDict_DelItemString(kwargs, "max_version");
+        capsule = PyObject_Call(method, empty, kwargs);
+    }
+    Py_XDECREF(method);
+    Py_XDECREF(empty);
+    Py_XDECREF(kwargs);
     if (capsule == NULL) return borrow_failed(name);
     return read_capsule(capsule, name, t);
 }
@@ -270,6 +295,15 @@ int lf_check_same_device(const lf_tensor *t, const lf_tensor *ref) {
     return -1;
 }
 
+int lf_check_cpu(const lf_tensor *t, const char *why) {
+    if (t->device_type == LF_DEVICE_CPU) return 0;
+    char got[64];
+    format_device(t, got, sizeof(got));
+    PyErr_Format(PyExc_ValueError, "%s: expected a CPU tensor (%s), got one on %s", t->name, why,
+                 got);
+    return -1;
+}
+
 int lf_check_ndim(const lf_tensor *t, int ndim) {
     if (t->ndim == ndim) return 0;
     char got[256];
@@ -306,23 +340,22 @@ int lf_check_contiguous(const lf_tensor *t) {
     return 0;
 }
 
-int lf_check_rows_dense(const lf_tensor *t, int64_t multiple) {
+int lf_check_rows_dense(const lf_tensor *t) {
     /* Contiguous last dimension; the leading dimensions may be strided (a slice of a larger
      * buffer) as long as no two rows overlap. */
     int ok = t->ndim >= 1 && (t->shape[t->ndim - 1] <= 1 || t->strides[t->ndim - 1] == 1);
     int64_t span = t->ndim >= 1 ? t->shape[t->ndim - 1] : 1; /* elements the inner dims cover */
     for (int i = t->ndim - 2; ok && i >= 0; --i) {
         if (t->shape[i] <= 1) continue;
-        ok = t->strides[i] % multiple == 0 && (span == 0 || t->strides[i] >= span);
+        ok = span == 0 || t->strides[i] >= span;
         span = (t->shape[i] - 1) * t->strides[i] + span;
     }
     if (ok) return 0;
     char got[256];
     format_shape(t->strides, t->ndim, got, sizeof(got));
     PyErr_Format(PyExc_ValueError,
-                 "%s: expected a contiguous last dimension and non-overlapping rows whose "
-                 "strides are multiples of %lld, got strides %s (call .contiguous())",
-                 t->name, (long long)multiple, got);
+                 "%s: expected a contiguous last dimension and non-overlapping rows, got "
+                 "strides %s (call .contiguous())", t->name, got);
     return -1;
 }
 
@@ -332,6 +365,10 @@ int lf_check_aligned(const lf_tensor *t, uintptr_t bytes) {
                  "%s: expected data aligned to %u bytes, got address %p (call .clone())",
                  t->name, (unsigned)bytes, t->data);
     return -1;
+}
+
+int lf_check_element_aligned(const lf_tensor *t) {
+    return lf_check_aligned(t, (uintptr_t)(t->element_size > 0 ? t->element_size : 1));
 }
 
 int lf_check_writable(const lf_tensor *t) {

@@ -7,6 +7,8 @@
 #include <Python.h>
 #include <stdint.h>
 
+#include "bcq_format.h"
+
 #define LF_MAX_DIMS 8
 
 /* One bit per dtype so that sets of allowed dtypes are masks. */
@@ -54,21 +56,26 @@ static inline int lf_tensor_present(const lf_tensor *t) { return t->ndim >= 0; }
 
 int64_t lf_tensor_numel(const lf_tensor *t);
 const char *lf_dtype_name(lf_dtype dtype);
+/* The kernels' element type of a float32/float16/bfloat16 tensor. */
+lf_scalar lf_scalar_of(lf_dtype dtype);
 
 int lf_check_dtype(const lf_tensor *t, unsigned allowed);
 int lf_check_same_dtype(const lf_tensor *t, const lf_tensor *ref);
 /* Devices: CPU or CUDA only, and every tensor of a call on the reference's device. */
 int lf_check_supported_device(const lf_tensor *t);
 int lf_check_same_device(const lf_tensor *t, const lf_tensor *ref);
+/* A CPU tensor; `why` completes "expected a CPU tensor (...)". */
+int lf_check_cpu(const lf_tensor *t, const char *why);
 int lf_check_ndim(const lf_tensor *t, int ndim);
 /* shape entries of -1 match any extent. */
 int lf_check_shape(const lf_tensor *t, int ndim, const int64_t *shape);
 /* Row-major contiguous (strides of size-1 dimensions are ignored). */
 int lf_check_contiguous(const lf_tensor *t);
-/* The last dimension has stride 1 and every other stride is a multiple of `multiple`,
- * non-negative, and the rows do not overlap. */
-int lf_check_rows_dense(const lf_tensor *t, int64_t multiple);
+/* The last dimension has stride 1 and the rows (leading dimensions) do not overlap. */
+int lf_check_rows_dense(const lf_tensor *t);
 int lf_check_aligned(const lf_tensor *t, uintptr_t bytes);
+/* Aligned to its element size, as C requires of every typed pointer. */
+int lf_check_element_aligned(const lf_tensor *t);
 int lf_check_writable(const lf_tensor *t);
 /* out must not share memory with in (inputs may alias each other). */
 int lf_check_no_overlap(const lf_tensor *out, const lf_tensor *in);

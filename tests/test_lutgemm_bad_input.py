@@ -165,3 +165,48 @@ def test_bcq_weight_validation(qweight):
         BCQWeight(qweight.planes, qweight.meta[:1], (N, K), BITS, GROUP, "general")
     with pytest.raises(ValueError, match="planes: expected shape"):
         BCQWeight(qweight.planes, qweight.meta, (N, K), BITS + 1, GROUP, "general")
+
+
+def test_negative_views_are_refused_not_miscomputed(qweight):
+    x = torch._neg_view(torch.randn(2, K))
+    assert x.is_neg()
+    with pytest.raises(ValueError, match=r"x: negative-bit views are not supported"):
+        _C.lutgemm(*raw_args(qweight, x=x))
+
+
+def test_broadcast_input_is_accepted_by_the_op(qweight):
+    row = torch.randn(1, K)
+    out = lutflash.lutgemm(row.expand(4, K), qweight)
+    torch.testing.assert_close(out, lutflash.lutgemm(row, qweight).expand(4, N))
+    with pytest.raises(ValueError, match="x: expected a contiguous last dimension and non-overlapping rows"):
+        _C.lutgemm(*raw_args(qweight, m=4, x=row.expand(4, K)))
+
+
+def test_workspace_must_not_alias_the_weight(qweight):
+    size = _C.lutgemm_workspace_bytes(False, 2, N, K, BITS, GROUP, 0)
+    buffer = torch.zeros(qweight.planes.numel() * 4 + size + 64, dtype=torch.uint8)
+    planes = buffer[: qweight.planes.numel() * 4].view(torch.int32).view(qweight.planes.shape)
+    planes.copy_(qweight.planes)
+    with pytest.raises(ValueError, match="workspace: must not share memory with planes"):
+        _C.lutgemm(*raw_args(qweight, planes=planes, workspace=buffer[:size + 64]))
+
+
+def test_misaligned_and_read_only_numpy_outputs(qweight):
+    np = pytest.importorskip("numpy")
+    raw = np.zeros(2 * N * 4 + 1, dtype=np.uint8)
+    misaligned = raw[1:].view(np.float32).reshape(2, N)
+    with pytest.raises(ValueError, match="out: expected data aligned to 4 bytes"):
+        _C.lutgemm(*raw_args(qweight, out=misaligned))
+    read_only = np.zeros((2, N), dtype=np.float32)
+    read_only.flags.writeable = False
+    with pytest.raises((ValueError, TypeError), match="out: "):
+        _C.lutgemm(*raw_args(qweight, out=read_only))
+    assert (read_only == 0).all()
+
+
+def test_quantizing_a_range_beyond_float32_metadata():
+    weight = torch.tensor([[3e38, -3e38] * 16])
+    with pytest.raises(ValueError, match="weight: row 0, group 0 spans a range too large"):
+        lutflash.quantize(weight, 1, 32, "rtn")
+    with pytest.raises(ValueError, match="beyond the float32 range"):
+        lutflash.quantize(torch.full((1, 32), 1e300, dtype=torch.float64), 2, 32, "rtn")

@@ -59,7 +59,7 @@ def check_layout(n: int, k: int, bits: int, group_size: int, mode: str) -> None:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
 
 
-@dataclass
+@dataclass(eq=False)
 class BCQWeight:
     """A packed BCQ weight. Build one with :func:`lutflash.quantize`."""
 
@@ -222,8 +222,10 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int | None = 128,
     check_layout(n, k, bits, group_size, mode)
     if mode == "uniform" and method != "rtn":
         raise ValueError(f"mode: method {method!r} gives non-uniform alphas; use mode='general'")
-    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 0:
-        raise ValueError(f"rounds: expected a non-negative int, got {rounds!r}")
+    if not isinstance(rounds, int) or isinstance(rounds, bool):
+        raise TypeError(f"rounds: expected an int, got {type(rounds).__name__}")
+    if rounds < 0:
+        raise ValueError(f"rounds: expected a non-negative int, got {rounds}")
     if meta_dtype is None:
         meta_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float32
     if meta_dtype not in META_DTYPES:

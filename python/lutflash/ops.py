@@ -41,7 +41,8 @@ def _lutgemm_kernel(x, planes, meta, bias, n, k, bits, group_size, mode):
     if bias is not None and bias.requires_grad:
         bias = bias.detach()
     x2d = x if x.dim() == 2 else x.reshape(-1, k)
-    if x2d.stride(-1) != 1 and x2d.shape[0] > 0:
+    # the kernels read rows ldx apart: a broadcast or overlapping input is copied first
+    if x2d.stride(-1) != 1 or (x2d.shape[0] > 1 and x2d.stride(0) < k):
         x2d = x2d.contiguous()
     out = torch.empty((x2d.shape[0], n), dtype=x.dtype, device=x.device)
     lutgemm_into(x2d, planes, meta, bias, out, n, k, bits, group_size, mode)
