@@ -11,10 +11,6 @@
 #include "philox.h"
 #include "runtime.h"
 
-static lf_scalar scalar_of(lf_dtype dtype) {
-    return dtype == LF_DTYPE_F16 ? LF_SCALAR_F16 : dtype == LF_DTYPE_BF16 ? LF_SCALAR_BF16
-                                                                         : LF_SCALAR_F32;
-}
 
 static int parse_float(PyObject *obj, const char *name, double *value) {
     if (!PyFloat_Check(obj) && !PyLong_Check(obj)) {
@@ -97,7 +93,7 @@ static int check_like(const lf_tensor *t, const lf_tensor *q, int ndim, const in
 static int check_output_like(const lf_tensor *t, const lf_tensor *q, lf_dtype dtype, int ndim,
                              const int64_t *shape) {
     if (lf_check_same_device(t, q) < 0 || lf_check_dtype(t, dtype) < 0 ||
-        lf_check_shape(t, ndim, shape) < 0 || lf_check_rows_dense(t, 1) < 0 ||
+        lf_check_shape(t, ndim, shape) < 0 || lf_check_rows_dense(t) < 0 ||
         check_inner_contiguous(t) < 0 || lf_check_writable(t) < 0)
         return -1;
     return 0;
@@ -195,7 +191,7 @@ static int check_inputs(lf_tensor *t, const call_options *o, attention_fwd_param
     if (check_like(v, q, ndim, v_shape) < 0) return -1;
 
     p->q = q->data, p->k = k->data, p->v = v->data;
-    p->dtype = scalar_of(q->dtype);
+    p->dtype = lf_scalar_of(q->dtype);
     p->batch = batch;
     p->heads_q = heads_q;
     p->heads_kv = heads_kv;
