@@ -48,12 +48,18 @@ int choose_path(const lutgemm_params *p) {
                                       : PATH_MMA;
 }
 
+/* m = 1 with ≤ 4 bit-planes: the conflict-free single-row kernel (lutgemm_lut1.cu). */
+bool lut1_applies(const lutgemm_params *p) { return p->m == 1 && p->bits <= 4; }
+
 Plan make_plan(const lutgemm_params *p, int path) {
     Plan plan = {};
     const int64_t n_pad = bcq_padded_rows(p->n), words = bcq_words_per_row(p->k);
     plan.path = path;
-    if (plan.path == PATH_LUT) {
-        plan.m_tile = p->m == 1 ? 1 : 4;
+    if (plan.path == PATH_LUT && lut1_applies(p)) {
+        plan.m_tile = 1;
+        plan.tiles = (n_pad + 15) / 16;  // ≥ the row tiles of lutgemm_lut1.cu
+    } else if (plan.path == PATH_LUT) {
+        plan.m_tile = 4;
         plan.tiles = (n_pad + LUT_ROWS - 1) / LUT_ROWS * ((p->m + plan.m_tile - 1) / plan.m_tile);
     } else {
         plan.m_tile = p->m <= 16 ? 16 : p->m <= 32 ? 32 : p->m <= 64 ? 64 : 128;
@@ -104,6 +110,17 @@ cudaError_t run_lut(const lutgemm_params *p, const Plan &plan, cudaStream_t stre
     a.out = p->out, a.ldo = p->ldo, a.m = p->m, a.n = p->n, a.n_pad = n_pad, a.k = p->k;
     a.words = (int)words, a.group_size = p->group_size, a.nm = bcq_meta_per_group(p->bits, p->mode);
     a.mode = p->mode, a.x_type = p->x_type, a.meta_type = p->meta_type;
+    if (lut1_applies(p)) {
+        a.sm_count = sm_count();
+        if (lutgemm_lut1_slabs(words) > 1) {
+            a.counters = (unsigned *)p->workspace;
+            a.acc = (float *)((char *)p->workspace + plan.counters_bytes);
+            cudaError_t err = cudaMemsetAsync(p->workspace, 0,
+                                              plan.counters_bytes + p->m * n_pad * 4, stream);
+            if (err != cudaSuccess) return err;
+        }
+        return lutgemm_lut1_launch(p->bits, a, stream);
+    }
     int chunk = LUT_SMEM_LIMIT / (plan.m_tile * lut_smem_per_row(1));
     chunk = chunk > LUT_MAX_CHUNK ? LUT_MAX_CHUNK : chunk;
     // ≈8 blocks of 256 threads per SM: several waves, so the last one's tail is short

@@ -28,6 +28,7 @@ struct LutArgs {
     int64_t m, n, n_pad, k;
     int words, words_per_split, chunk;
     int group_size, nm, mode, x_type, meta_type;
+    int sm_count;
 };
 
 /* Bytes of shared memory per activation row for a chunk of `chunk` words: x, tables, Σx. */
@@ -72,6 +73,9 @@ __host__ __device__ inline int mma_smem_bytes(int bm, int bits, int nm, int meta
  * the kernel instance. */
 cudaError_t lutgemm_lut_launch(int bits, int m_tile, const LutArgs &a, dim3 grid,
                                cudaStream_t stream);
+/* m = 1, bits ≤ 4 (lutgemm_lut1.cu): k in slabs of 512, split over gridDim.y when > 1. */
+int64_t lutgemm_lut1_slabs(int64_t words);
+cudaError_t lutgemm_lut1_launch(int bits, const LutArgs &a, cudaStream_t stream);
 cudaError_t lutgemm_mma_launch(int x_type, int bm, const MmaArgs &a, dim3 grid,
                                cudaStream_t stream);
 cudaError_t lutgemm_permute_x(const void *x, int64_t ldx, uint16_t *xp, int64_t m, int64_t m_pad,

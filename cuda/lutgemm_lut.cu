@@ -216,6 +216,6 @@ cudaError_t launch_bits(int bits, const LutArgs &a, dim3 grid, cudaStream_t stre
 
 cudaError_t lutgemm_lut_launch(int bits, int m_tile, const LutArgs &a, dim3 grid,
                                cudaStream_t stream) {
-    return m_tile == 1 ? launch_bits<1>(bits, a, grid, stream)
-                       : launch_bits<4>(bits, a, grid, stream);
+    (void)m_tile;  // m = 1 goes to lutgemm_lut1.cu (bits ≤ 4) or runs as a tile of 4
+    return launch_bits<4>(bits, a, grid, stream);
 }

@@ -68,6 +68,10 @@ template <> struct Pair<__half> {
         const __half h = __float2half_rn(v);
         return (uint32_t)__half_as_ushort(h) * 0x10001u;
     }
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+        const __half2 h = __floats2half2_rn(lo, hi);
+        return *(const uint32_t *)&h;
+    }
 };
 template <> struct Pair<__nv_bfloat16> {
     using T2 = __nv_bfloat162;
@@ -75,7 +79,18 @@ template <> struct Pair<__nv_bfloat16> {
         const __nv_bfloat16 h = __float2bfloat16_rn(v);
         return (uint32_t)__bfloat16_as_ushort(h) * 0x10001u;
     }
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+        return *(const uint32_t *)&h;
+    }
 };
+
+/* ±α in fp32: bit 31 of `bits` set gives +α, clear gives -α (α as float bits). */
+__device__ __forceinline__ float signed_alpha_f32(uint32_t bits, uint32_t alpha) {
+    uint32_t r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xA6;\n" : "=r"(r) : "r"(bits), "r"(0x80000000u), "r"(alpha));
+    return __uint_as_float(r);
+}
 
 template <typename T>
 __device__ __forceinline__ uint32_t add2(uint32_t a, uint32_t b) {
@@ -205,11 +220,14 @@ __global__ void __launch_bounds__(MmaConfig<T, BM>::THREADS, MmaConfig<T, BM>::M
                                                     : __uint_as_float((uint32_t)h << 16);
             };
             uint32_t *out = alpha + slot * (bits + 2) * MMA_BN + col;
-            const bool general = a.mode == BCQ_MODE_GENERAL;
-            for (int i = 0; i < bits; ++i)
-                out[i * MMA_BN] = Pair<T>::from_float(general ? entry(i) : (float)(1 << i));
-            out[bits * MMA_BN] = Pair<T>::from_float(general ? 1.0f : 0.5f * entry(0));
-            out[(bits + 1) * MMA_BN] = Pair<T>::from_float(entry(nm - 1));
+            if (a.mode == BCQ_MODE_GENERAL) {  // fp32 α_i and z: summed in fp32 below
+                for (int i = 0; i < bits; ++i) out[i * MMA_BN] = __float_as_uint(entry(i));
+                out[(bits + 1) * MMA_BN] = __float_as_uint(entry(nm - 1));
+            } else {
+                for (int i = 0; i < bits; ++i) out[i * MMA_BN] = Pair<T>::from_float((float)(1 << i));
+                out[bits * MMA_BN] = Pair<T>::from_float(0.5f * entry(0));
+                out[(bits + 1) * MMA_BN] = Pair<T>::from_float(entry(nm - 1));
+            }
         }
         __syncthreads();
 
@@ -222,6 +240,29 @@ __global__ void __launch_bounds__(MmaConfig<T, BM>::THREADS, MmaConfig<T, BM>::M
             const int slot = kw > 0 && group_of(w) != group_of(w0) ? kw : 0;
             const uint32_t *al = alpha + slot * (bits + 2) * MMA_BN;
             uint32_t b[4][4];
+            if (a.mode == BCQ_MODE_GENERAL) {
+                // Σ_i ±α_i + z in fp32, rounded once to T: partial sums of arbitrary α would
+                // round at every add in T (error well above dequantize-then-round).
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt) {
+                    const int col = wn * 32 + nt * 8 + g;
+                    const float z = __uint_as_float(al[(bits + 1) * MMA_BN + col]);
+                    float lo[4] = {z, z, z, z}, hi[4] = {z, z, z, z};
+                    for (int i = 0; i < bits; ++i) {
+                        const uint32_t word = ps[(kw * bits + i) * MMA_BN + col];
+                        const uint32_t al_i = al[i * MMA_BN + col];
+                        // bits 4t + 3 and 4t + 19 → bit 31; then bits 4t + r, 4t + 16 + r
+                        const uint32_t ylo = word << (28 - 4 * t), yhi = word << (12 - 4 * t);
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) {
+                            lo[r] += signed_alpha_f32(ylo << (3 - r), al_i);
+                            hi[r] += signed_alpha_f32(yhi << (3 - r), al_i);
+                        }
+                    }
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) b[nt][r] = Pair<T>::pack(lo[r], hi[r]);
+                }
+            } else
 #pragma unroll
             for (int nt = 0; nt < 4; ++nt) {
                 const int col = wn * 32 + nt * 8 + g;

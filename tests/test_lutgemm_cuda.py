@@ -6,9 +6,10 @@ cores, the prefill path). LUTFLASH_LUTGEMM_PATH forces one; unset, the kernel pi
 
 import itertools
 
-import lutflash
 import pytest
 import torch
+
+import lutflash
 from lutflash import _C
 from lutflash.bcq import MODES
 from lutflash.testing import assert_close_to_reference, lutgemm_reference, random_bcq_weight, relative_error
