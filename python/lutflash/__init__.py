@@ -10,6 +10,7 @@
 from . import _C, integrations, nn  # integrations registers "lutflash" with transformers, lazily
 from .attention import flash_attention, flash_attention_varlen
 from .bcq import FORMAT_VERSION, BCQWeight, quantize
+from .lora import LoraLutLinear, add_lora
 from .nn import LutLinear, quantize_model
 from .ops import lutgemm
 from .patch import patch_model
@@ -18,6 +19,6 @@ __version__ = "0.1.0"
 
 built_with_cuda = _C.built_with_cuda()
 
-__all__ = ["BCQWeight", "FORMAT_VERSION", "LutLinear", "built_with_cuda", "flash_attention",
-           "flash_attention_varlen", "integrations", "lutgemm", "nn", "patch_model", "quantize",
-           "quantize_model"]
+__all__ = ["BCQWeight", "FORMAT_VERSION", "LoraLutLinear", "LutLinear", "add_lora", "built_with_cuda",
+           "flash_attention", "flash_attention_varlen", "integrations", "lutgemm", "nn",
+           "patch_model", "quantize", "quantize_model"]
