@@ -37,7 +37,12 @@ for step in "${steps[@]}"; do
             export LUTFLASH_CUDA_ARCHS
         fi
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
-        run_step build $PY -m pip install --no-build-isolation -q -e . ;;
+        # compat mode builds the extension in place (python/lutflash/_C*.so), so the package
+        # imports from the tree whichever way the machine's pip handles editable installs
+        run_step build $PY -m pip install --no-build-isolation -q -e . \
+            --config-settings editable_mode=compat
+        export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+        run_step import $PY -c "import lutflash; assert lutflash.built_with_cuda, 'built without CUDA'; print('lutflash', lutflash.__version__, 'from', lutflash.__file__)" ;;
     test)
         run_step test $PY -m pytest -q -m cuda -p no:cacheprovider tests ;;
     sanitize)

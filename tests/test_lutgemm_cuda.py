@@ -5,6 +5,7 @@ cores, the prefill path). LUTFLASH_LUTGEMM_PATH forces one; unset, the kernel pi
 """
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -18,9 +19,11 @@ pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available() or not _C.built_with_cuda(),
                        reason="needs a CUDA GPU and lutflash built with CUDA"),
+    pytest.mark.usefixtures("cuda_device"),  # checks the caller's current device is kept
 ]
 
-DEVICE = "cuda"
+# scripts/multi_gpu_check.sh runs this file with LUTFLASH_TEST_DEVICE=cuda:1, cuda:0 current
+DEVICE = os.environ.get("LUTFLASH_TEST_DEVICE", "cuda")
 LOWP = [torch.float16, torch.bfloat16]
 
 
@@ -195,15 +198,15 @@ def test_grad_x():
 def test_cuda_graph(m):
     torch.manual_seed(0)
     linear = torch.nn.Linear(512, 384)
-    layer = lutflash.nn.LutLinear.from_linear(linear, bits=3, group_size=128, method="rtn").cuda().half()
+    layer = lutflash.nn.LutLinear.from_linear(linear, bits=3, group_size=128, method="rtn").to(DEVICE).half()
     static_x = torch.randn(m, 512, dtype=torch.float16, device=DEVICE)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
+    stream = torch.cuda.Stream(device=DEVICE)
+    stream.wait_stream(torch.cuda.current_stream(DEVICE))
     with torch.cuda.stream(stream):  # warm-up outside the graph, as torch asks
         layer(static_x)
-    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.current_stream(DEVICE).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.device(DEVICE), torch.cuda.graph(graph):
         static_out = layer(static_x)
     for _ in range(3):
         static_x.copy_(torch.randn(m, 512, dtype=torch.float16, device=DEVICE))
@@ -217,7 +220,7 @@ def test_cuda_graph(m):
 
 def test_non_default_stream():
     qweight = weight(200, 1024, 3, 128, "uniform", torch.float16, seed=9)
-    stream = torch.cuda.Stream()
+    stream = torch.cuda.Stream(device=DEVICE)
     xs = [torch.randn(m, 1024, dtype=torch.float16, device=DEVICE) for m in (1, 16, 130)]
     torch.cuda.synchronize()
     with torch.cuda.stream(stream):

@@ -51,7 +51,7 @@ class LutLinear(nn.Module):
             device=device))
         self.register_buffer("layout", torch.tensor(
             [FORMAT_VERSION, out_features, in_features, bits, group_size, MODES.index(mode)],
-            dtype=torch.int64))
+            dtype=torch.int64, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
@@ -74,8 +74,9 @@ class LutLinear(nn.Module):
         with torch.no_grad():
             module.planes.copy_(qweight.planes)
             module.meta.copy_(qweight.meta)
-            if bias is not None:
-                module.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+            if bias is not None:  # trainable like nn.Linear's, unless it was a frozen Parameter
+                trainable = bias.requires_grad or not isinstance(bias, nn.Parameter)
+                module.bias = nn.Parameter(bias.detach().clone(), requires_grad=trainable)
         return module
 
     @property
