@@ -1,15 +1,21 @@
 /* lutflash._C.attention_forward / attention_backward: argument validation and dispatch to
- * the CPU kernels (csrc/attention_cpu.c); CUDA tensors are refused until a GPU kernel exists.
+ * the CPU kernels (csrc/attention_cpu.c) or the CUDA kernels (cuda/attention_*.cu, fp16 and
+ * bf16 only, through lf_cuda_call on the tensors' device and the caller's stream).
  * Python allocates out, lse, the gradients, delta and the workspace; this file checks every
  * one of them again, since nothing a caller passes may crash the process. */
 #include "tensor_arg.h"
 
 #include <math.h>
+#include <stdio.h>
 
 #include "attention_cpu.h"
 #include "methods.h"
 #include "philox.h"
 #include "runtime.h"
+
+#ifdef LUTFLASH_WITH_CUDA
+#include "lutflash_cuda.h"
+#endif
 
 
 static int parse_float(PyObject *obj, const char *name, double *value) {
@@ -42,17 +48,22 @@ static int parse_scalars(PyObject *const *args, attention_fwd_params *p, call_op
         lf_parse_int(args[8], "variant", 0, ATTENTION_CPU_VARIANT_MAX, &o->variant) < 0 ||
         lf_parse_stream(args[9], &o->stream) < 0)
         return -1;
+    /* PyErr_Format has no %g (Python >= 3.12 raises SystemError on it): format it first. */
+    char got[32];
     if (!(scale > 0.0 && isfinite(scale))) {
-        PyErr_Format(PyExc_ValueError, "softmax_scale: expected a positive finite float, got %g",
-                     scale);
+        snprintf(got, sizeof(got), "%g", scale);
+        PyErr_Format(PyExc_ValueError, "softmax_scale: expected a positive finite float, got %s",
+                     got);
         return -1;
     }
     if (!(softcap >= 0.0 && isfinite(softcap))) {
-        PyErr_Format(PyExc_ValueError, "softcap: expected a finite float >= 0, got %g", softcap);
+        snprintf(got, sizeof(got), "%g", softcap);
+        PyErr_Format(PyExc_ValueError, "softcap: expected a finite float >= 0, got %s", got);
         return -1;
     }
     if (!(dropout >= 0.0 && dropout < 1.0)) {
-        PyErr_Format(PyExc_ValueError, "dropout_p: expected a float in [0, 1), got %g", dropout);
+        snprintf(got, sizeof(got), "%g", dropout);
+        PyErr_Format(PyExc_ValueError, "dropout_p: expected a float in [0, 1), got %s", got);
         return -1;
     }
     p->softmax_scale = (float)scale;
@@ -253,13 +264,18 @@ static int check_inputs(lf_tensor *t, const call_options *o, attention_fwd_param
     }
     if (lf_tensor_present(rng)) {
         const int64_t rng_shape[1] = {2};
-        if (lf_check_same_device(rng, q) < 0 || lf_check_dtype(rng, LF_DTYPE_I64) < 0 ||
+        /* The seed and offset are read here, so a CPU rng_state serves CUDA tensors too. */
+        if ((rng->device_type != LF_DEVICE_CPU && lf_check_same_device(rng, q) < 0) ||
+            lf_check_dtype(rng, LF_DTYPE_I64) < 0 ||
             lf_check_shape(rng, 1, rng_shape) < 0 || lf_check_contiguous(rng) < 0)
             return -1;
-        if (rng->device_type == LF_DEVICE_CPU) {
-            p->dropout_seed = (uint64_t)((const int64_t *)rng->data)[0];
-            p->dropout_offset = (uint64_t)((const int64_t *)rng->data)[1];
+        if (rng->device_type != LF_DEVICE_CPU) {
+            PyErr_SetString(PyExc_ValueError,
+                            "rng_state: expected a CPU tensor (its values are read on the host)");
+            return -1;
         }
+        p->dropout_seed = (uint64_t)((const int64_t *)rng->data)[0];
+        p->dropout_offset = (uint64_t)((const int64_t *)rng->data)[1];
     }
     return 0;
 }
@@ -287,12 +303,56 @@ static int check_disjoint(lf_tensor *t, int count, const int *outputs, int outpu
     return 0;
 }
 
-/* CUDA tensors pass validation but have no kernel yet. */
-static int refuse_cuda(const lf_tensor *q, const char *op) {
-    if (q->device_type != LF_DEVICE_CUDA) return 0;
+/* What the CUDA kernels need beyond the common checks: fp16/bf16, a head dim that is a
+ * multiple of 8 and 16-byte aligned rows (every 16-byte chunk of a row is one cp.async).
+ * python/lutflash/attention.py pads and copies inputs that miss these. */
+static int check_cuda_layout(const lf_tensor *t, int count, const char *op) {
     if (lf_require_cuda(op) < 0) return -1;
-    PyErr_Format(PyExc_RuntimeError, "%s: no CUDA kernel yet; run it on CPU tensors", op);
+    const lf_tensor *q = &t[0];
+    if (q->dtype != LF_DTYPE_F16 && q->dtype != LF_DTYPE_BF16) {
+        PyErr_Format(PyExc_NotImplementedError,
+                     "%s: the CUDA kernels take float16 or bfloat16, got %s tensors", op,
+                     lf_dtype_name(q->dtype));
+        return -1;
+    }
+    if (q->shape[q->ndim - 1] % 8 != 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: the CUDA kernels need a head dim that is a multiple of 8, got %lld", op,
+                     (long long)q->shape[q->ndim - 1]);
+        return -1;
+    }
+    for (int i = 0; i < count; ++i) {
+        const lf_tensor *x = &t[i];
+        if (!lf_tensor_present(x) || lf_tensor_numel(x) == 0) continue;
+        int ok = (uintptr_t)x->data % 16 == 0;
+        for (int a = 0; ok && a + 1 < x->ndim; ++a) ok = x->strides[a] % 8 == 0;
+        if (!ok) {
+            PyErr_Format(PyExc_ValueError,
+                         "%s: the CUDA kernels need 16-byte aligned rows (strides that are "
+                         "multiples of 8 elements, an aligned base); call .contiguous()",
+                         x->name);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int launch_attention_forward(const void *arg, void *stream) {
+#ifdef LUTFLASH_WITH_CUDA
+    return attention_forward_cuda((const attention_fwd_params *)arg, stream);
+#else
+    (void)arg, (void)stream;
     return -1;
+#endif
+}
+
+static int launch_attention_backward(const void *arg, void *stream) {
+#ifdef LUTFLASH_WITH_CUDA
+    return attention_backward_cuda((const attention_bwd_params *)arg, stream);
+#else
+    (void)arg, (void)stream;
+    return -1;
+#endif
 }
 
 static int64_t cpu_workspace_bytes(int64_t d, int backward, int64_t threads, int64_t heads_q,
@@ -363,7 +423,11 @@ static PyObject *py_attention_forward(PyObject *self, PyObject *const *args, Py_
     const int outputs[3] = {FWD_OUT, FWD_LSE, FWD_WORKSPACE};
     if (check_workspace(&t[FWD_WORKSPACE], q, need) < 0 || check_disjoint(t, FWD_COUNT, outputs, 3) < 0)
         goto done;
-    if (refuse_cuda(q, "flash_attention") < 0) goto done;
+    const int on_cuda = q->device_type == LF_DEVICE_CUDA;
+    if (on_cuda) {
+        const lf_tensor layout[4] = {t[IN_Q], t[IN_K], t[IN_V], t[FWD_OUT]};
+        if (check_cuda_layout(layout, 4, "flash_attention") < 0) goto done;
+    }
     const int row = q->ndim == 3 ? 0 : 1;
     p.out = out->data;
     p.lse = (float *)lse->data;
@@ -372,9 +436,15 @@ static PyObject *py_attention_forward(PyObject *self, PyObject *const *args, Py_
     p.out_head_stride = out->strides[row + 1];
     p.workspace = t[FWD_WORKSPACE].data;
     p.workspace_bytes = t[FWD_WORKSPACE].shape[0];
-    Py_BEGIN_ALLOW_THREADS
-    attention_forward_cpu(&p, (int)o.variant);
-    Py_END_ALLOW_THREADS
+    if (on_cuda) {
+        if (lf_cuda_call("flash_attention", q->device_id, launch_attention_forward, &p,
+                         o.stream) < 0)
+            goto done;
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        attention_forward_cpu(&p, (int)o.variant);
+        Py_END_ALLOW_THREADS
+    }
     result = Py_NewRef(Py_None);
 done:
     for (int i = 0; i < FWD_COUNT; ++i) lf_tensor_release(&t[i]);
@@ -436,7 +506,12 @@ static PyObject *py_attention_backward(PyObject *self, PyObject *const *args, Py
     if (check_workspace(&t[BWD_WORKSPACE], q, need) < 0 ||
         check_disjoint(t, BWD_COUNT, outputs, 5) < 0)
         goto done;
-    if (refuse_cuda(q, "flash_attention_backward") < 0) goto done;
+    const int on_cuda = q->device_type == LF_DEVICE_CUDA;
+    if (on_cuda) {
+        const lf_tensor layout[8] = {t[IN_Q], t[IN_K], t[IN_V], t[BWD_DOUT],
+                                     t[BWD_OUT], t[BWD_DQ], t[BWD_DK], t[BWD_DV]};
+        if (check_cuda_layout(layout, 8, "flash_attention_backward") < 0) goto done;
+    }
     const int varlen = q->ndim == 3, row = varlen ? 0 : 1, head = row + 1;
     const lf_tensor *dout = &t[BWD_DOUT], *out = &t[BWD_OUT];
     const lf_tensor *dq = &t[BWD_DQ], *dk = &t[BWD_DK], *dv = &t[BWD_DV];
@@ -458,9 +533,15 @@ static PyObject *py_attention_backward(PyObject *self, PyObject *const *args, Py
     bp.dv_batch_stride = varlen ? 0 : dv->strides[0];
     bp.dv_row_stride = dv->strides[row], bp.dv_head_stride = dv->strides[head];
     bp.delta = (float *)t[BWD_DELTA].data;
-    Py_BEGIN_ALLOW_THREADS
-    attention_backward_cpu(&bp, (int)o.variant);
-    Py_END_ALLOW_THREADS
+    if (on_cuda) {
+        if (lf_cuda_call("flash_attention_backward", q->device_id, launch_attention_backward,
+                         &bp, o.stream) < 0)
+            goto done;
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        attention_backward_cpu(&bp, (int)o.variant);
+        Py_END_ALLOW_THREADS
+    }
     result = Py_NewRef(Py_None);
 done:
     for (int i = 0; i < BWD_COUNT; ++i) lf_tensor_release(&t[i]);

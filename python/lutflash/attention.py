@@ -54,6 +54,21 @@ def _workspace(q: torch.Tensor, cu_seqlens_q, backward: bool, threads: int) -> t
     return torch.empty(size, dtype=torch.uint8, device=q.device)
 
 
+def _cuda_operand(t: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """t as the CUDA kernels read it: the head dim zero-padded to `head_dim` (a multiple of 8;
+    zero columns change no score and give output columns that are sliced off) and every row
+    16-byte aligned, copying only when needed."""
+    if t.shape[-1] != head_dim:
+        return torch.nn.functional.pad(t, (0, head_dim - t.shape[-1]))
+    if t.numel() == 0 or (t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:-1])):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _cuda_head_dim(d: int) -> int:
+    return (d + 7) // 8 * 8
+
+
 def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
     return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
 
@@ -63,6 +78,9 @@ def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, so
     """Runs the kernel (no autograd); returns (out, lse)."""
     q, k, v = (_inner_contiguous(t.detach()) for t in (q, k, v))
     varlen = cu_seqlens_q is not None
+    d = q.shape[-1]
+    if q.device.type == "cuda":
+        q, k, v = (_cuda_operand(t, _cuda_head_dim(d)) for t in (q, k, v))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, varlen), dtype=torch.float32, device=q.device)
     threads = max(1, torch.get_num_threads())
@@ -70,6 +88,8 @@ def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, so
                          _workspace(q, cu_seqlens_q, False, threads), max_seqlen_q, max_seqlen_k,
                          softmax_scale, softcap, window_left, window_right, dropout_p, threads,
                          variant, _stream_of(q.device))
+    if out.shape[-1] != d:
+        out = out[..., :d].contiguous()
     return out, lse
 
 
@@ -78,6 +98,9 @@ def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seq
               dropout_p, rng_state, variant=0):
     """Runs the backward kernel (no autograd); returns (dq, dk, dv)."""
     dout, q, k, v, out = (_inner_contiguous(t.detach()) for t in (dout, q, k, v, out))
+    d = q.shape[-1]
+    if q.device.type == "cuda":
+        dout, q, k, v, out = (_cuda_operand(t, _cuda_head_dim(d)) for t in (dout, q, k, v, out))
     lse = lse.detach().contiguous()
     dlse = dlse.detach().contiguous() if dlse is not None else None
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -89,6 +112,8 @@ def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seq
                           out, lse, dlse, dq, dk, dv, delta, _workspace(q, cu_seqlens_q, True, threads),
                           max_seqlen_q, max_seqlen_k, softmax_scale, softcap, window_left,
                           window_right, dropout_p, threads, variant, _stream_of(q.device))
+    if dq.shape[-1] != d:
+        dq, dk, dv = (t[..., :d].contiguous() for t in (dq, dk, dv))
     return dq, dk, dv
 
 
@@ -337,7 +362,13 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     -1 unbounded; combined with causal, right becomes 0. softcap c > 0: s = c·tanh(s/c).
     alibi_slopes (Hq,) or (B, Hq) float32: s -= slope·|i + Sk - Sq - j|. dropout_p: see the
     module docstring for seed/generator. deterministic: accepted for API compatibility; the CPU
-    backward is always deterministic. A query row that sees no key gives 0 (lse = -inf).
+    and CUDA backwards are always deterministic (every gradient element has one writer and a
+    fixed summation order). A query row that sees no key gives 0 (lse = -inf).
+
+    CUDA tensors: float16 and bfloat16 (float32 raises NotImplementedError); head dims that are
+    not a multiple of 8 are zero-padded (a copy). The kernels run on the current stream,
+    allocate nothing but the outputs, and can be captured in a CUDA graph (the dropout seed
+    drawn at capture time is then replayed).
 
     Returns out (B, Sq, Hq, D) in q's dtype, or (out, lse) with lse (B, Hq, Sq) float32 when
     return_lse.

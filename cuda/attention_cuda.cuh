@@ -1,0 +1,912 @@
+/* FlashAttention-2 on sm_80+ tensor cores (mma.sync m16n8k16, ldmatrix, cp.async): the kernel
+ * templates behind cuda/attention_fwd.cu and cuda/attention_bwd.cu, instantiated per head dim
+ * in cuda/attention_{fwd,bwd}_hdim*.cu so the builds run in parallel.
+ *
+ * Semantics: DESIGN.md "Attention semantics", the same as csrc/attention_cpu.c (masks, softcap,
+ * ALiBi, Philox dropout with the counter layout of csrc/philox.h, lse = -inf for rows that see
+ * nothing). Head dims are padded up to kD in {32, 64, 96, 128, 256}: columns past d are
+ * zero-filled by cp.async and never stored; d must be a multiple of 8 and every row 16-byte
+ * aligned (csrc/attention.c checks, python/lutflash/attention.py pads).
+ *
+ * Shared-memory tiles are [rows][kD + 8]: the 16-byte pad makes consecutive rows start 8 banks
+ * apart modulo 32 for every kD here, so ldmatrix phases (8 rows x 16 bytes) are conflict-free.
+ *
+ * Forward (attn_fwd_kernel): one CTA per (query block, batch, head); warps split the query rows
+ * (16 per m16 slab), Q stays in shared memory, K and V single-buffered and interleaved as in
+ * FA2 (V_j loads during QK^T, K_{j-1} during softmax and PV), online softmax in registers with
+ * exp2, P reused as the A operand straight from the accumulators. Key blocks are visited from
+ * the last one the band reaches down to the first; only blocks that cut the band or the
+ * sequence ends are masked.
+ *
+ * Backward, recomputing P from lse, in three deterministic launches (no atomics):
+ *  - attn_bwd_delta_kernel: delta = rowsum(dO * O) - dlse.
+ *  - attn_bwd_dkdv_kernel: one CTA per (key block, batch, kv head [, head-dim half]); warps split
+ *    the keys, so S^T = K Q^T, dP^T = V dO^T, dV += P^T dO and dK += dS^T Q all stay in
+ *    registers. It loops over the query heads of its GQA group and their query blocks
+ *    (double-buffered cp.async).
+ *  - attn_bwd_dq_kernel: one CTA per (query block, batch, head); warps split the queries and
+ *    dQ += dS K over the visible key blocks (double-buffered).
+ * The two main kernels recompute S and dP each (7 GEMMs instead of FA2's 5) in exchange for a
+ * fixed summation order and no fp32 dq workspace. */
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "attention_params.h"
+#include "philox.h"
+
+namespace attn {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+/* ---------------------------------------------------------------------------------------- */
+/* PTX wrappers.                                                                             */
+
+__device__ __forceinline__ uint32_t smem_addr(const void *p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void *src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t r[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t r[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+template <typename T> struct Elem;
+template <> struct Elem<__half> {
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+        __half2 h = __floats2half2_rn(lo, hi);
+        return *reinterpret_cast<uint32_t *>(&h);
+    }
+    static __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], uint32_t b0,
+                                               uint32_t b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+template <> struct Elem<__nv_bfloat16> {
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+        __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<uint32_t *>(&h);
+    }
+    static __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], uint32_t b0,
+                                               uint32_t b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+
+/* ---------------------------------------------------------------------------------------- */
+/* Tiles: cooperative loads and fragment addresses.                                          */
+
+template <int kD> struct Tile {
+    static constexpr int kPitch = kD + 8; /* elements per shared-memory row */
+    static constexpr int kChunks = kD / 8; /* 16-byte chunks per row */
+};
+
+/* rows x kD elements from global (row stride in elements) into a shared tile; rows >= valid
+ * and columns >= d are zero-filled. Each thread owns one 16-byte column chunk and walks down
+ * the rows with one running pointer (precomputed per-row addresses would pin registers across
+ * the main loops). */
+template <int kRows, int kD, int kThreads, typename T>
+__device__ __forceinline__ void load_tile(uint32_t dst, const T *src, int64_t row_stride,
+                                          int valid, int d) {
+    constexpr int kChunks = Tile<kD>::kChunks, kStep = kThreads / kChunks;
+    const int r0 = (int)threadIdx.x / kChunks, c = (int)threadIdx.x % kChunks;
+    if (r0 >= kStep) return; /* kThreads is not a multiple of kChunks (kD = 96) */
+    const bool col_ok = c * 8 < d;
+    const T *ptr = src + r0 * row_stride + c * 8;
+    const uint32_t to = dst + (uint32_t)(r0 * Tile<kD>::kPitch + c * 8) * 2;
+#pragma unroll
+    for (int it = 0; it < (kRows + kStep - 1) / kStep; ++it) {
+        const int r = r0 + it * kStep;
+        if (kRows % kStep == 0 || r < kRows) {
+            const bool ok = col_ok && r < valid;
+            cp_async16(to + it * kStep * Tile<kD>::kPitch * 2, ok ? ptr : src, ok);
+        }
+        ptr += kStep * row_stride;
+    }
+}
+
+/* Copies rows x kCols elements of a shared tile (kPitch elements per row) to global (rows <
+ * valid, columns < d). */
+template <int kRows, int kCols, int kPitch, int kThreads, typename T>
+__device__ __forceinline__ void store_tile(T *dst, int64_t row_stride, const T *src, int valid,
+                                           int d) {
+    constexpr int kChunks = kCols / 8, kStep = kThreads / kChunks;
+    const int r0 = (int)threadIdx.x / kChunks, c = (int)threadIdx.x % kChunks;
+    if (r0 >= kStep || c * 8 >= d) return;
+    T *ptr = dst + r0 * row_stride + c * 8;
+#pragma unroll
+    for (int it = 0; it < (kRows + kStep - 1) / kStep; ++it) {
+        const int r = r0 + it * kStep;
+        if ((kRows % kStep == 0 || r < kRows) && r < valid)
+            *reinterpret_cast<uint4 *>(ptr) =
+                *reinterpret_cast<const uint4 *>(src + r * kPitch + c * 8);
+        ptr += kStep * row_stride;
+    }
+}
+
+/* Byte address of lane's ldmatrix row for an A operand (16 rows x 16 columns at (row0, col0)):
+ * x4 gives a0..a3. */
+template <int kD>
+__device__ __forceinline__ uint32_t a_frag_addr(uint32_t tile, int row0, int col0, int lane) {
+    return tile + (uint32_t)((row0 + (lane & 15)) * Tile<kD>::kPitch + col0 + (lane >> 4) * 8) * 2;
+}
+/* A "col" B operand stored [n][k] (K for QK^T): x4 gives (b0, b1) of n-tiles n0/8 and n0/8+1
+ * for the k16 step at col0. */
+template <int kD>
+__device__ __forceinline__ uint32_t b_frag_addr(uint32_t tile, int n0, int col0, int lane) {
+    const int i = lane >> 3;
+    return tile + (uint32_t)((n0 + (i >> 1) * 8 + (lane & 7)) * Tile<kD>::kPitch + col0 +
+                             (i & 1) * 8) * 2;
+}
+/* A "row" B operand stored [k][n] (V for PV), through ldmatrix.trans: x4 gives (b0, b1) of
+ * n-tiles n0/8 and n0/8+1 for the k16 step at row k0. */
+template <int kD>
+__device__ __forceinline__ uint32_t bt_frag_addr(uint32_t tile, int k0, int n0, int lane) {
+    const int i = lane >> 3;
+    return tile + (uint32_t)((k0 + (i & 1) * 8 + (lane & 7)) * Tile<kD>::kPitch + n0 +
+                             (i >> 1) * 8) * 2;
+}
+
+/* C[kSlabs][16 x 8*kNTiles] += A x B^T, the QK^T-shaped product: A is kSlabs 16-row slabs of
+ * a shared tile stored [m][k] (rows a_row0 + 16*slab), B is stored [n][k] (rows n0..), k runs
+ * over kD. Each B fragment is loaded once for all slabs. */
+template <int kD, int kSlabs, int kNTiles, typename T>
+__device__ __forceinline__ void gemm_abt(float (&c)[kSlabs][kNTiles][4], uint32_t a_tile,
+                                         int a_row0, uint32_t b_tile, int n0, int lane) {
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) {
+        uint32_t a[kSlabs][4];
+#pragma unroll
+        for (int sl = 0; sl < kSlabs; ++sl)
+            ldsm_x4(a[sl], a_frag_addr<kD>(a_tile, a_row0 + sl * 16, ks * 16, lane));
+#pragma unroll
+        for (int np = 0; np < kNTiles / 2; ++np) {
+            uint32_t b[4];
+            ldsm_x4(b, b_frag_addr<kD>(b_tile, n0 + np * 16, ks * 16, lane));
+#pragma unroll
+            for (int sl = 0; sl < kSlabs; ++sl) {
+                Elem<T>::mma(c[sl][2 * np], a[sl], b[0], b[1]);
+                Elem<T>::mma(c[sl][2 * np + 1], a[sl], b[2], b[3]);
+            }
+        }
+    }
+}
+
+/* C[kSlabs][16 x 8*kNTiles] += P x B where P is kSlabs accumulator tiles (16 x 8*kPTiles,
+ * converted to A fragments) and B is stored [k][n] in b_tile (rows 0.., columns n0..). */
+template <int kD, int kSlabs, int kPTiles, int kNTiles, typename T>
+__device__ __forceinline__ void gemm_pb(float (&c)[kSlabs][kNTiles][4],
+                                        const float (&pm)[kSlabs][kPTiles][4], uint32_t b_tile,
+                                        int n0, int lane) {
+#pragma unroll
+    for (int ks = 0; ks < kPTiles / 2; ++ks) {
+        uint32_t a[kSlabs][4];
+#pragma unroll
+        for (int sl = 0; sl < kSlabs; ++sl) {
+            a[sl][0] = Elem<T>::pack(pm[sl][2 * ks][0], pm[sl][2 * ks][1]);
+            a[sl][1] = Elem<T>::pack(pm[sl][2 * ks][2], pm[sl][2 * ks][3]);
+            a[sl][2] = Elem<T>::pack(pm[sl][2 * ks + 1][0], pm[sl][2 * ks + 1][1]);
+            a[sl][3] = Elem<T>::pack(pm[sl][2 * ks + 1][2], pm[sl][2 * ks + 1][3]);
+        }
+#pragma unroll
+        for (int np = 0; np < kNTiles / 2; ++np) {
+            uint32_t b[4];
+            ldsm_x4_trans(b, bt_frag_addr<kD>(b_tile, ks * 16, n0 + np * 16, lane));
+#pragma unroll
+            for (int sl = 0; sl < kSlabs; ++sl) {
+                Elem<T>::mma(c[sl][2 * np], a[sl], b[0], b[1]);
+                Elem<T>::mma(c[sl][2 * np + 1], a[sl], b[2], b[3]);
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Geometry.                                                                                 */
+
+/* One sequence of the batch: where its rows start in q/k (varlen) and its lengths, with the
+ * visible band of keys around the bottom-right aligned diagonal i + sk - sq. 32-bit fields
+ * (lengths < 2^31, windows clamped by csrc/attention.c); sums are formed in 64 bits and the
+ * results clamped to [-1, sk] or [-1, sq]. */
+struct Sequence {
+    int q_start, k_start, sq, sk, wl, wr;
+
+    __device__ __forceinline__ Sequence(const attention_fwd_params &p, int b) {
+        q_start = 0, k_start = 0, sq = (int)p.seqlen_q, sk = (int)p.seqlen_k;
+        if (p.cu_seqlens_q != nullptr) {
+            q_start = p.cu_seqlens_q[b];
+            k_start = p.cu_seqlens_k[b];
+            sq = max(0, min(p.cu_seqlens_q[b + 1] - q_start, sq));
+            sk = max(0, min(p.cu_seqlens_k[b + 1] - k_start, sk));
+        }
+        wl = (int)p.window_left, wr = (int)p.window_right;
+    }
+    /* Keys query i sees: [first(i), last(i)] (empty when last < first). */
+    __device__ __forceinline__ int first(int i) const {
+        return wl >= 0 ? (int)min(max((int64_t)i + sk - sq - wl, (int64_t)0), (int64_t)sk) : 0;
+    }
+    __device__ __forceinline__ int last(int i) const {
+        return wr >= 0 ? (int)max(min((int64_t)i + sk - sq + wr, (int64_t)sk - 1), (int64_t)-1)
+                       : sk - 1;
+    }
+    /* Queries key j is seen by: [q_first(j), q_last(j)]. */
+    __device__ __forceinline__ int q_first(int j) const {
+        return wr >= 0 ? (int)min(max((int64_t)j - sk + sq - wr, (int64_t)0), (int64_t)sq) : 0;
+    }
+    __device__ __forceinline__ int q_last(int j) const {
+        return wl >= 0 ? (int)max(min((int64_t)j - sk + sq + wl, (int64_t)sq - 1), (int64_t)-1)
+                       : sq - 1;
+    }
+    /* Every (i, j) of the tile [i0, i0 + m) x [j0, j0 + n) is inside both sequences and the
+     * band, so the tile needs no mask. */
+    __device__ __forceinline__ bool full(int i0, int m, int j0, int n) const {
+        return i0 + m <= sq && j0 + n <= sk && first(i0 + m - 1) <= j0 && last(i0) >= j0 + n - 1;
+    }
+};
+
+/* Score transforms shared by forward and backward: softcap and ALiBi on the raw dot product x,
+ * giving the score in log2 units; *chain receives d score / d x (natural units). */
+__device__ __forceinline__ float transform_score(float x, float scale, float cap, float slope,
+                                                 int distance, float *chain) {
+    float s = x * scale;
+    *chain = scale;
+    if (cap > 0.0f) {
+        const float t = tanhf(s / cap);
+        s = cap * t;
+        *chain = scale * (1.0f - t * t);
+    }
+    s -= slope * fabsf((float)distance);
+    return s * kLog2e;
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Forward.                                                                                  */
+
+template <int kD, int kBM, int kBN, int kWarps> struct FwdConfig {
+    static constexpr int kThreads = kWarps * 32;
+    static constexpr int kSlabs = kBM / (16 * kWarps); /* m16 slabs per warp */
+    static constexpr int kPitch = Tile<kD>::kPitch;
+    static constexpr int kSmemBytes = (kBM + 2 * kBN) * kPitch * 2;
+    static_assert(kBM % (16 * kWarps) == 0 && kBN % 16 == 0 && kD % 16 == 0, "tile shape");
+};
+
+template <int kD, int kBM, int kBN, int kWarps, typename T, bool kExtras>
+__global__ void __launch_bounds__(kWarps * 32, 1) attn_fwd_kernel(const attention_fwd_params p) {
+    using Cfg = FwdConfig<kD, kBM, kBN, kWarps>;
+    constexpr int kThreads = Cfg::kThreads, kSlabs = Cfg::kSlabs, kPitch = Cfg::kPitch;
+    constexpr int kNT = kBN / 8, kDT = kD / 8;
+    extern __shared__ __align__(16) unsigned char smem[];
+    T *sQ = reinterpret_cast<T *>(smem);
+    const uint32_t q_tile = smem_addr(sQ);
+    const uint32_t k_tile = q_tile + kBM * kPitch * 2, v_tile = k_tile + kBN * kPitch * 2;
+
+    const int b = blockIdx.y, h = blockIdx.z;
+    const Sequence seq(p, b);
+    const int i0 = blockIdx.x * kBM;
+    if (i0 >= seq.sq) return;
+    const int rows = min(kBM, seq.sq - i0);
+    const int d = (int)p.head_dim;
+    const int kv_head = h / (int)(p.heads_q / p.heads_kv);
+    const T *q = static_cast<const T *>(p.q) + b * p.q_batch_stride +
+                 (seq.q_start + i0) * p.q_row_stride + h * p.q_head_stride;
+    const T *k = static_cast<const T *>(p.k) + b * p.k_batch_stride +
+                 seq.k_start * p.k_row_stride + kv_head * p.k_head_stride;
+    const T *v = static_cast<const T *>(p.v) + b * p.v_batch_stride +
+                 seq.k_start * p.v_row_stride + kv_head * p.v_head_stride;
+
+    const int j_lo = seq.first(i0), j_hi = seq.last(i0 + rows - 1);
+    const int n_lo = j_lo / kBN, n_hi = j_hi >= j_lo ? j_hi / kBN : n_lo - 1;
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int warp_row0 = warp * kSlabs * 16;
+
+    load_tile<kBM, kD, kThreads>(q_tile, q, p.q_row_stride, rows, d);
+    if (n_hi >= n_lo) {
+        const int j0 = n_hi * kBN;
+        load_tile<kBN, kD, kThreads>(k_tile, k + j0 * p.k_row_stride, p.k_row_stride,
+                                     min(kBN, seq.sk - j0), d);
+    }
+    cp_async_commit();
+
+    const float scale_log2 = kExtras ? 1.0f : p.softmax_scale * kLog2e;
+    const float slope =
+        kExtras && p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.0f;
+    const bool dropout = kExtras && p.dropout_p > 0.0f;
+    const uint32_t batch_head = (uint32_t)(b * p.heads_q + h);
+
+    float acc[kSlabs][kDT][4];
+    float row_max[kSlabs][2], row_sum[kSlabs][2];
+#pragma unroll
+    for (int s = 0; s < kSlabs; ++s) {
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[s][dt][e] = 0.0f;
+        row_max[s][0] = row_max[s][1] = -INFINITY;
+        row_sum[s][0] = row_sum[s][1] = 0.0f;
+    }
+
+    for (int n = n_hi; n >= n_lo; --n) {
+        const int j0 = n * kBN;
+        const int keys = min(kBN, seq.sk - j0);
+        cp_async_wait<0>();
+        __syncthreads(); /* K_n landed; every warp is done with V_{n+1} */
+        load_tile<kBN, kD, kThreads>(v_tile, v + j0 * p.v_row_stride, p.v_row_stride, keys, d);
+        cp_async_commit();
+
+        float s[kSlabs][kNT][4];
+#pragma unroll
+        for (int sl = 0; sl < kSlabs; ++sl)
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[sl][nt][e] = 0.0f;
+        gemm_abt<kD, kSlabs, kNT, T>(s, q_tile, warp_row0, k_tile, 0, lane);
+
+        const bool masked = !seq.full(i0, kBM, j0, kBN);
+#pragma unroll
+        for (int sl = 0; sl < kSlabs; ++sl) {
+#pragma unroll
+            for (int hr = 0; hr < 2; ++hr) {
+                const int i = i0 + warp_row0 + sl * 16 + g + hr * 8;
+                if (kExtras) {
+#pragma unroll
+                    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const int j = j0 + nt * 8 + 2 * t + e;
+                            float chain;
+                            s[sl][nt][2 * hr + e] =
+                                transform_score(s[sl][nt][2 * hr + e], p.softmax_scale,
+                                                p.softcap, slope, i + seq.sk - seq.sq - j, &chain);
+                        }
+                }
+                if (masked) {
+                    /* visible columns of this row, relative to j0 */
+                    const int lo = (i < seq.sq ? seq.first(i) : 1) - j0 - 2 * t;
+                    const int hi = (i < seq.sq ? seq.last(i) : 0) - j0 - 2 * t;
+#pragma unroll
+                    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const int c = nt * 8 + e;
+                            if (c < lo || c > hi) s[sl][nt][2 * hr + e] = -INFINITY;
+                        }
+                }
+            }
+        }
+
+        cp_async_wait<0>();
+        __syncthreads(); /* V_n landed; every warp is done with K_n */
+        if (n > n_lo) {
+            const int jn = j0 - kBN;
+            load_tile<kBN, kD, kThreads>(k_tile, k + jn * p.k_row_stride, p.k_row_stride, kBN, d);
+        }
+        cp_async_commit();
+
+        /* Online softmax: row state in log2 units of the raw score (times scale_log2). */
+#pragma unroll
+        for (int sl = 0; sl < kSlabs; ++sl) {
+#pragma unroll
+            for (int hr = 0; hr < 2; ++hr) {
+                float mx = row_max[sl][hr];
+#pragma unroll
+                for (int nt = 0; nt < kNT; ++nt)
+                    mx = fmaxf(mx, fmaxf(s[sl][nt][2 * hr], s[sl][nt][2 * hr + 1]));
+                mx = quad_max(mx);
+                const float shift = mx == -INFINITY ? 0.0f : mx * scale_log2;
+                const float alpha = exp2f(row_max[sl][hr] * scale_log2 - shift);
+                row_max[sl][hr] = mx;
+                float sum = 0.0f;
+                const int i = i0 + warp_row0 + sl * 16 + g + hr * 8;
+#pragma unroll
+                for (int nt = 0; nt < kNT; ++nt) {
+                    const float p0 = exp2f(fmaf(s[sl][nt][2 * hr], scale_log2, -shift));
+                    const float p1 = exp2f(fmaf(s[sl][nt][2 * hr + 1], scale_log2, -shift));
+                    sum += p0 + p1;
+                    s[sl][nt][2 * hr] = p0;
+                    s[sl][nt][2 * hr + 1] = p1;
+                    if (dropout) {
+                        const int j = j0 + nt * 8 + 2 * t;
+                        const uint32_t keep =
+                            lf_dropout_keep_bits(p.dropout_seed, p.dropout_offset, batch_head,
+                                                 (uint32_t)i, (uint32_t)(j >> 2),
+                                                 p.dropout_threshold) >>
+                            (j & 3);
+                        if (!(keep & 1u)) s[sl][nt][2 * hr] = 0.0f;
+                        if (!(keep & 2u)) s[sl][nt][2 * hr + 1] = 0.0f;
+                    }
+                }
+                row_sum[sl][hr] = row_sum[sl][hr] * alpha + sum;
+#pragma unroll
+                for (int dt = 0; dt < kDT; ++dt) {
+                    acc[sl][dt][2 * hr] *= alpha;
+                    acc[sl][dt][2 * hr + 1] *= alpha;
+                }
+            }
+        }
+        gemm_pb<kD, kSlabs, kNT, kDT, T>(acc, s, v_tile, 0, lane);
+    }
+
+    /* Epilogue: normalize, stage through the Q tile (each warp owns its rows), store. */
+    cp_async_wait<0>();
+    const float dropout_scale = dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
+    T *out = static_cast<T *>(p.out) + b * p.out_batch_stride +
+             (seq.q_start + i0) * p.out_row_stride + h * p.out_head_stride;
+#pragma unroll
+    for (int sl = 0; sl < kSlabs; ++sl) {
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+            const float sum = quad_sum(row_sum[sl][hr]);
+            const bool empty = !(sum > 0.0f);
+            const float inv = empty ? 0.0f : dropout_scale / sum;
+            const int r = warp_row0 + sl * 16 + g + hr * 8;
+#pragma unroll
+            for (int dt = 0; dt < kDT; ++dt)
+                *reinterpret_cast<uint32_t *>(sQ + r * kPitch + dt * 8 + 2 * t) =
+                    Elem<T>::pack(acc[sl][dt][2 * hr] * inv, acc[sl][dt][2 * hr + 1] * inv);
+            if (t == 0 && r < rows) {
+                const float m = row_max[sl][hr];
+                p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start + i0 + r] =
+                    empty ? -INFINITY : (m * scale_log2 + log2f(sum)) * kLn2;
+            }
+        }
+    }
+    __syncthreads();
+    store_tile<kBM, kD, kPitch, kThreads>(out, p.out_row_stride, sQ, rows, d);
+}
+
+template <int kD, int kBM, int kBN, int kWarps, typename T, bool kExtras>
+cudaError_t launch_attn_fwd(const attention_fwd_params &p, cudaStream_t stream) {
+    using Cfg = FwdConfig<kD, kBM, kBN, kWarps>;
+    auto kernel = attn_fwd_kernel<kD, kBM, kBN, kWarps, T, kExtras>;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           Cfg::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    const dim3 grid((unsigned)((p.seqlen_q + kBM - 1) / kBM), (unsigned)p.batch,
+                    (unsigned)p.heads_q);
+    if (grid.x == 0) return cudaSuccess;
+    kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+    return cudaGetLastError();
+}
+
+/* The forward of one padded head dim and dtype: FA2's sm80 tile shapes, except 128 x 64 at
+ * kD = 64, where 128 x 128 spills. */
+template <int kD, typename T> cudaError_t run_attn_fwd(const attention_fwd_params &p,
+                                                       cudaStream_t stream) {
+    const bool extras = p.softcap > 0.0f || p.alibi_slopes != nullptr || p.dropout_p > 0.0f;
+    constexpr int kBM = 128, kBN = kD <= 32 ? 128 : 64, kWarps = kD <= 128 ? 4 : 8;
+    return extras ? launch_attn_fwd<kD, kBM, kBN, kWarps, T, true>(p, stream)
+                  : launch_attn_fwd<kD, kBM, kBN, kWarps, T, false>(p, stream);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Backward.                                                                                 */
+
+__device__ __forceinline__ bool scores_transformed(const attention_fwd_params &p) {
+    return p.softcap > 0.0f || p.alibi_slopes != nullptr;
+}
+
+/* lse in log2 units as the exponent shift; +inf for rows that see nothing, so P = 0. */
+__device__ __forceinline__ float lse_shift(float lse) {
+    return lse == -INFINITY ? INFINITY : lse * kLog2e;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(128) attn_bwd_delta_kernel(const attention_bwd_params bp) {
+    const attention_fwd_params &p = bp.fwd;
+    const int b = blockIdx.y, h = blockIdx.z, lane = threadIdx.x % 32;
+    const Sequence seq(p, b);
+    const int i = blockIdx.x * 4 + threadIdx.x / 32;
+    if (i >= seq.sq) return;
+    const int64_t row = (int64_t)seq.q_start + i;
+    const T *o = static_cast<const T *>(p.out) + b * p.out_batch_stride + row * p.out_row_stride +
+                 h * p.out_head_stride;
+    const T *dout = static_cast<const T *>(bp.dout) + b * bp.dout_batch_stride +
+                    row * bp.dout_row_stride + h * bp.dout_head_stride;
+    float sum = 0.0f;
+    for (int c = lane * 8; c < p.head_dim; c += 32 * 8) {
+        const uint4 ov = *reinterpret_cast<const uint4 *>(o + c);
+        const uint4 dv = *reinterpret_cast<const uint4 *>(dout + c);
+        const T *oe = reinterpret_cast<const T *>(&ov), *de = reinterpret_cast<const T *>(&dv);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) sum += (float)oe[e] * (float)de[e];
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (lane == 0) {
+        const int64_t index = b * p.lse_batch_stride + h * p.lse_head_stride + row;
+        bp.delta[index] = sum - (bp.dlse ? bp.dlse[index] : 0.0f);
+    }
+}
+
+/* dK, dV of a key block. kBN keys (16 per warp), query blocks of kBL rows, double-buffered;
+ * kSplit > 1 gives each CTA a kD/kSplit-wide column range of dK and dV (S and dP are
+ * recomputed per range) to bound the accumulators at kD = 256. */
+template <int kD, int kBN, int kBL, int kSplit> struct BwdKVConfig {
+    static constexpr int kWarps = kBN / 16, kThreads = kWarps * 32;
+    static constexpr int kPitch = Tile<kD>::kPitch;
+    static constexpr int kTileK = kBN * kPitch * 2, kTileQ = kBL * kPitch * 2;
+    static constexpr int kSmemBytes = 2 * kTileK + 4 * kTileQ + 4 * kBL * 4;
+};
+
+template <int kD, int kBN, int kBL, int kSplit, typename T>
+__global__ void __launch_bounds__(kBN * 2, 1) attn_bwd_dkdv_kernel(const attention_bwd_params bp) {
+    using Cfg = BwdKVConfig<kD, kBN, kBL, kSplit>;
+    constexpr int kThreads = Cfg::kThreads, kPitch = Cfg::kPitch;
+    constexpr int kLT = kBL / 8, kDO = kD / kSplit, kOT = kDO / 8;
+    const attention_fwd_params &p = bp.fwd;
+    extern __shared__ __align__(16) unsigned char smem[];
+    const uint32_t k_tile = smem_addr(smem), v_tile = k_tile + Cfg::kTileK;
+    const uint32_t q_tiles = v_tile + Cfg::kTileK;             /* [2] */
+    const uint32_t do_tiles = q_tiles + 2 * Cfg::kTileQ;       /* [2] */
+    float *s_lse = reinterpret_cast<float *>(smem + 2 * Cfg::kTileK + 4 * Cfg::kTileQ); /* [2][kBL] */
+    float *s_delta = s_lse + 2 * kBL;                                                  /* [2][kBL] */
+
+    const int split = blockIdx.x % kSplit, b = blockIdx.y, kv_head = blockIdx.z;
+    const Sequence seq(p, b);
+    const int j0 = (blockIdx.x / kSplit) * kBN;
+    if (j0 >= seq.sk) return;
+    const int keys = min(kBN, seq.sk - j0);
+    const int d = (int)p.head_dim, d_off = split * kDO;
+    const int group = (int)(p.heads_q / p.heads_kv);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+
+    load_tile<kBN, kD, kThreads>(k_tile,
+                                 static_cast<const T *>(p.k) + b * p.k_batch_stride +
+                                     (seq.k_start + j0) * p.k_row_stride +
+                                     kv_head * p.k_head_stride,
+                                 p.k_row_stride, keys, d);
+    load_tile<kBN, kD, kThreads>(v_tile,
+                                 static_cast<const T *>(p.v) + b * p.v_batch_stride +
+                                     (seq.k_start + j0) * p.v_row_stride +
+                                     kv_head * p.v_head_stride,
+                                 p.v_row_stride, keys, d);
+
+    /* Query blocks that see a key of this block, for each query head of the group. */
+    const int qf = seq.q_first(j0), ql = seq.q_last(j0 + keys - 1);
+    const int m_lo = qf / kBL, blocks = ql >= qf ? ql / kBL - m_lo + 1 : 0;
+    const int total = blocks * group;
+
+    auto load_stage = [&](int it, int stage) {
+        const int h = kv_head * group + it / blocks;
+        const int i0 = (m_lo + it % blocks) * kBL;
+        const int rows = min(kBL, seq.sq - i0);
+        const int64_t row = (int64_t)seq.q_start + i0;
+        load_tile<kBL, kD, kThreads>(q_tiles + stage * Cfg::kTileQ,
+                                     static_cast<const T *>(p.q) + b * p.q_batch_stride +
+                                         row * p.q_row_stride + h * p.q_head_stride,
+                                     p.q_row_stride, rows, d);
+        load_tile<kBL, kD, kThreads>(do_tiles + stage * Cfg::kTileQ,
+                                     static_cast<const T *>(bp.dout) + b * bp.dout_batch_stride +
+                                         row * bp.dout_row_stride + h * bp.dout_head_stride,
+                                     bp.dout_row_stride, rows, d);
+        const int64_t index = b * p.lse_batch_stride + h * p.lse_head_stride + row;
+        for (int r = threadIdx.x; r < 2 * kBL; r += kThreads) {
+            const int rr = r % kBL;
+            const float *src = r < kBL ? p.lse + index : bp.delta + index;
+            float *dst = r < kBL ? s_lse + stage * kBL : s_delta + stage * kBL;
+            cp_async4(smem_addr(dst + rr), rr < rows ? src + rr : src, rr < rows);
+        }
+    };
+    if (total > 0) load_stage(0, 0);
+    cp_async_commit();
+
+    const bool transformed = scores_transformed(p), dropout = p.dropout_p > 0.0f;
+    const float scale_log2 = transformed ? 1.0f : p.softmax_scale * kLog2e;
+    const float dropout_scale = dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
+    const int key_row0 = warp * 16;
+
+    float dk[1][kOT][4], dv[1][kOT][4];
+#pragma unroll
+    for (int ot = 0; ot < kOT; ++ot)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk[0][ot][e] = dv[0][ot][e] = 0.0f;
+
+    for (int it = 0; it < total; ++it) {
+        const int stage = it & 1;
+        if (it + 1 < total) load_stage(it + 1, stage ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+
+        const int h = kv_head * group + it / blocks;
+        const int i0 = (m_lo + it % blocks) * kBL;
+        const uint32_t q_tile = q_tiles + stage * Cfg::kTileQ;
+        const uint32_t do_tile = do_tiles + stage * Cfg::kTileQ;
+        const float *lse = s_lse + stage * kBL, *delta = s_delta + stage * kBL;
+
+        /* S^T = K Q^T and dP^T = V dO^T: this warp's 16 keys x kBL queries. */
+        float st[1][kLT][4], dpt[1][kLT][4];
+#pragma unroll
+        for (int lt = 0; lt < kLT; ++lt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) st[0][lt][e] = dpt[0][lt][e] = 0.0f;
+        gemm_abt<kD, 1, kLT, T>(st, k_tile, key_row0, q_tile, 0, lane);
+        gemm_abt<kD, 1, kLT, T>(dpt, v_tile, key_row0, do_tile, 0, lane);
+
+        const bool masked = !seq.full(i0, kBL, j0, kBN);
+        const float slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.0f;
+        const uint32_t batch_head = (uint32_t)(b * p.heads_q + h);
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+            const int j = j0 + key_row0 + g + hr * 8;
+            /* queries that see key j, relative to i0 */
+            const int lo = (j < seq.sk ? seq.q_first(j) : 1) - i0;
+            const int hi = (j < seq.sk ? seq.q_last(j) : 0) - i0;
+#pragma unroll
+            for (int lt = 0; lt < kLT; ++lt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int c = lt * 8 + 2 * t + e;
+                    const int i = i0 + c;
+                    float x = st[0][lt][2 * hr + e], chain = p.softmax_scale;
+                    if (transformed)
+                        x = transform_score(x, p.softmax_scale, p.softcap, slope,
+                                            i + seq.sk - seq.sq - j, &chain);
+                    float prob = exp2f(fmaf(x, scale_log2, -lse_shift(lse[c])));
+                    if (masked && (c < lo || c > hi)) prob = 0.0f;
+                    float dp = dpt[0][lt][2 * hr + e];
+                    float prob_dropped = prob;
+                    if (dropout) {
+                        const uint32_t keep =
+                            lf_dropout_keep_bits(p.dropout_seed, p.dropout_offset, batch_head,
+                                                 (uint32_t)i, (uint32_t)(j >> 2),
+                                                 p.dropout_threshold) >>
+                            (j & 3);
+                        const float factor = (keep & 1u) ? dropout_scale : 0.0f;
+                        dp *= factor;
+                        prob_dropped *= factor;
+                    }
+                    dpt[0][lt][2 * hr + e] = prob * (dp - delta[c]) * chain;
+                    st[0][lt][2 * hr + e] = prob_dropped;
+                }
+        }
+
+        /* dV += P^T dO, dK += dS^T Q over this CTA's column range. */
+        gemm_pb<kD, 1, kLT, kOT, T>(dv, st, do_tile, d_off, lane);
+        gemm_pb<kD, 1, kLT, kOT, T>(dk, dpt, q_tile, d_off, lane);
+        __syncthreads(); /* the next iteration's load overwrites this stage */
+    }
+
+    /* Epilogue: stage dK, dV through the K, V tiles (each warp owns its 16 rows). */
+    cp_async_wait<0>();
+    __syncthreads();
+    T *sK = reinterpret_cast<T *>(smem), *sV = sK + kBN * kPitch;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        const int r = key_row0 + g + hr * 8;
+#pragma unroll
+        for (int ot = 0; ot < kOT; ++ot) {
+            *reinterpret_cast<uint32_t *>(sK + r * kPitch + ot * 8 + 2 * t) =
+                Elem<T>::pack(dk[0][ot][2 * hr], dk[0][ot][2 * hr + 1]);
+            *reinterpret_cast<uint32_t *>(sV + r * kPitch + ot * 8 + 2 * t) =
+                Elem<T>::pack(dv[0][ot][2 * hr], dv[0][ot][2 * hr + 1]);
+        }
+    }
+    __syncthreads();
+    const int64_t row = (int64_t)seq.k_start + j0;
+    const int width = min(kDO, d - d_off);
+    T *dk_out = static_cast<T *>(bp.dk) + b * bp.dk_batch_stride + row * bp.dk_row_stride +
+                kv_head * bp.dk_head_stride + d_off;
+    T *dv_out = static_cast<T *>(bp.dv) + b * bp.dv_batch_stride + row * bp.dv_row_stride +
+                kv_head * bp.dv_head_stride + d_off;
+    store_tile<kBN, kDO, kPitch, kThreads>(dk_out, bp.dk_row_stride, sK, keys, width);
+    store_tile<kBN, kDO, kPitch, kThreads>(dv_out, bp.dv_row_stride, sV, keys, width);
+}
+
+/* dQ of a query block: kBM queries (16 per warp), key blocks of kBN, double-buffered. */
+template <int kD, int kBM, int kBN> struct BwdQConfig {
+    static constexpr int kWarps = kBM / 16, kThreads = kWarps * 32;
+    static constexpr int kPitch = Tile<kD>::kPitch;
+    static constexpr int kTileQ = kBM * kPitch * 2, kTileK = kBN * kPitch * 2;
+    static constexpr int kSmemBytes = 2 * kTileQ + 4 * kTileK;
+};
+
+template <int kD, int kBM, int kBN, typename T>
+__global__ void __launch_bounds__(kBM * 2, 1) attn_bwd_dq_kernel(const attention_bwd_params bp) {
+    using Cfg = BwdQConfig<kD, kBM, kBN>;
+    constexpr int kThreads = Cfg::kThreads, kPitch = Cfg::kPitch;
+    constexpr int kNT = kBN / 8, kDT = kD / 8;
+    const attention_fwd_params &p = bp.fwd;
+    extern __shared__ __align__(16) unsigned char smem[];
+    const uint32_t q_tile = smem_addr(smem), do_tile = q_tile + Cfg::kTileQ;
+    const uint32_t k_tiles = do_tile + Cfg::kTileQ, v_tiles = k_tiles + 2 * Cfg::kTileK;
+
+    const int b = blockIdx.y, h = blockIdx.z;
+    const Sequence seq(p, b);
+    const int i0 = blockIdx.x * kBM;
+    if (i0 >= seq.sq) return;
+    const int rows = min(kBM, seq.sq - i0);
+    const int d = (int)p.head_dim;
+    const int kv_head = h / (int)(p.heads_q / p.heads_kv);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int row0 = warp * 16;
+    const int64_t row = (int64_t)seq.q_start + i0;
+
+    load_tile<kBM, kD, kThreads>(q_tile,
+                                 static_cast<const T *>(p.q) + b * p.q_batch_stride +
+                                     row * p.q_row_stride + h * p.q_head_stride,
+                                 p.q_row_stride, rows, d);
+    load_tile<kBM, kD, kThreads>(do_tile,
+                                 static_cast<const T *>(bp.dout) + b * bp.dout_batch_stride +
+                                     row * bp.dout_row_stride + h * bp.dout_head_stride,
+                                 bp.dout_row_stride, rows, d);
+    const T *k = static_cast<const T *>(p.k) + b * p.k_batch_stride +
+                 seq.k_start * p.k_row_stride + kv_head * p.k_head_stride;
+    const T *v = static_cast<const T *>(p.v) + b * p.v_batch_stride +
+                 seq.k_start * p.v_row_stride + kv_head * p.v_head_stride;
+    const int j_lo = seq.first(i0), j_hi = seq.last(i0 + rows - 1);
+    const int n_lo = j_lo / kBN, total = j_hi >= j_lo ? j_hi / kBN - n_lo + 1 : 0;
+    auto load_stage = [&](int it, int stage) {
+        const int j0 = (n_lo + it) * kBN;
+        const int keys = min(kBN, seq.sk - j0);
+        load_tile<kBN, kD, kThreads>(k_tiles + stage * Cfg::kTileK, k + j0 * p.k_row_stride,
+                                     p.k_row_stride, keys, d);
+        load_tile<kBN, kD, kThreads>(v_tiles + stage * Cfg::kTileK, v + j0 * p.v_row_stride,
+                                     p.v_row_stride, keys, d);
+    };
+    if (total > 0) load_stage(0, 0);
+    cp_async_commit();
+
+    const bool transformed = scores_transformed(p), dropout = p.dropout_p > 0.0f;
+    const float scale_log2 = transformed ? 1.0f : p.softmax_scale * kLog2e;
+    const float dropout_scale = dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
+    const float slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.0f;
+    const uint32_t batch_head = (uint32_t)(b * p.heads_q + h);
+    float shift[2], delta[2];
+    int lo[2], hi[2]; /* visible keys of this thread's rows */
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        const int r = row0 + g + hr * 8;
+        const int64_t index = b * p.lse_batch_stride + h * p.lse_head_stride + row + r;
+        shift[hr] = r < rows ? lse_shift(p.lse[index]) : INFINITY;
+        delta[hr] = r < rows ? bp.delta[index] : 0.0f;
+        lo[hr] = r < rows ? seq.first(i0 + r) : 1;
+        hi[hr] = r < rows ? seq.last(i0 + r) : 0;
+    }
+
+    float dq[1][kDT][4];
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dq[0][dt][e] = 0.0f;
+
+    for (int it = 0; it < total; ++it) {
+        const int stage = it & 1;
+        if (it + 1 < total) load_stage(it + 1, stage ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const int j0 = (n_lo + it) * kBN;
+        const uint32_t k_tile = k_tiles + stage * Cfg::kTileK;
+        const uint32_t v_tile = v_tiles + stage * Cfg::kTileK;
+
+        float s[1][kNT][4], dp[1][kNT][4];
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[0][nt][e] = dp[0][nt][e] = 0.0f;
+        gemm_abt<kD, 1, kNT, T>(s, q_tile, row0, k_tile, 0, lane);
+        gemm_abt<kD, 1, kNT, T>(dp, do_tile, row0, v_tile, 0, lane);
+
+        const bool masked = !seq.full(i0, kBM, j0, kBN);
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+            const int i = i0 + row0 + g + hr * 8;
+            const int lo_rel = lo[hr] - j0 - 2 * t, hi_rel = hi[hr] - j0 - 2 * t;
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt) {
+                uint32_t keep = 3u;
+                if (dropout) {
+                    const int j = j0 + nt * 8 + 2 * t;
+                    keep = lf_dropout_keep_bits(p.dropout_seed, p.dropout_offset, batch_head,
+                                                (uint32_t)i, (uint32_t)(j >> 2),
+                                                p.dropout_threshold) >>
+                           (j & 3);
+                }
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int j = j0 + nt * 8 + 2 * t + e;
+                    float x = s[0][nt][2 * hr + e], chain = p.softmax_scale;
+                    if (transformed)
+                        x = transform_score(x, p.softmax_scale, p.softcap, slope,
+                                            i + seq.sk - seq.sq - j, &chain);
+                    float prob = exp2f(fmaf(x, scale_log2, -shift[hr]));
+                    if (masked && (nt * 8 + e < lo_rel || nt * 8 + e > hi_rel)) prob = 0.0f;
+                    float g_p = dp[0][nt][2 * hr + e];
+                    if (dropout) g_p *= (keep >> e) & 1u ? dropout_scale : 0.0f;
+                    s[0][nt][2 * hr + e] = prob * (g_p - delta[hr]) * chain;
+                }
+            }
+        }
+        gemm_pb<kD, 1, kNT, kDT, T>(dq, s, k_tile, 0, lane);
+        __syncthreads(); /* the next iteration's load overwrites this stage */
+    }
+
+    cp_async_wait<0>();
+    __syncthreads();
+    T *sQ = reinterpret_cast<T *>(smem);
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        const int r = row0 + g + hr * 8;
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt)
+            *reinterpret_cast<uint32_t *>(sQ + r * kPitch + dt * 8 + 2 * t) =
+                Elem<T>::pack(dq[0][dt][2 * hr], dq[0][dt][2 * hr + 1]);
+    }
+    __syncthreads();
+    T *dq_out = static_cast<T *>(bp.dq) + b * bp.dq_batch_stride + row * bp.dq_row_stride +
+                h * bp.dq_head_stride;
+    store_tile<kBM, kD, kPitch, kThreads>(dq_out, bp.dq_row_stride, sQ, rows, d);
+}
+
+template <typename Kernel>
+cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int threads, int smem_bytes,
+                             cudaStream_t stream, const attention_bwd_params &bp) {
+    if (grid.x == 0) return cudaSuccess;
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (err != cudaSuccess) return err;
+    kernel<<<grid, threads, smem_bytes, stream>>>(bp);
+    return cudaGetLastError();
+}
+
+/* The backward of one padded head dim and dtype (delta was computed before). */
+template <int kD, typename T> cudaError_t run_attn_bwd(const attention_bwd_params &bp,
+                                                       cudaStream_t stream) {
+    const attention_fwd_params &p = bp.fwd;
+    constexpr int kBN = 64, kBL = kD <= 128 ? 64 : 32, kSplit = kD <= 128 ? 1 : 2;
+    using KV = BwdKVConfig<kD, kBN, kBL, kSplit>;
+    const dim3 kv_grid((unsigned)((p.seqlen_k + kBN - 1) / kBN * kSplit), (unsigned)p.batch,
+                       (unsigned)p.heads_kv);
+    cudaError_t err = launch_with_smem(attn_bwd_dkdv_kernel<kD, kBN, kBL, kSplit, T>, kv_grid,
+                                       KV::kThreads, KV::kSmemBytes, stream, bp);
+    if (err != cudaSuccess) return err;
+    constexpr int kBM = 64, kBK = kD <= 128 ? 64 : 32;
+    using Q = BwdQConfig<kD, kBM, kBK>;
+    const dim3 q_grid((unsigned)((p.seqlen_q + kBM - 1) / kBM), (unsigned)p.batch,
+                      (unsigned)p.heads_q);
+    return launch_with_smem(attn_bwd_dq_kernel<kD, kBM, kBK, T>, q_grid, Q::kThreads,
+                            Q::kSmemBytes, stream, bp);
+}
+
+}  // namespace attn

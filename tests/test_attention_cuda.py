@@ -1,0 +1,257 @@
+"""flash_attention on CUDA (cuda/attention_*.cu) against the float64 reference, the CPU kernel's
+dropout mask, and torch's CUDA machinery (streams, graphs, autograd)."""
+
+import math
+
+import pytest
+import torch
+from test_attention import dropout_keep, poisoned_empty, reference_attention
+
+import lutflash
+from lutflash import flash_attention, flash_attention_varlen
+
+pytestmark = pytest.mark.cuda
+
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    poisoned_empty(monkeypatch)
+
+
+def make_case(batch, seqlen_q, seqlen_k, heads_q, heads_kv, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape_q, shape_k = (batch, seqlen_q, heads_q, d), (batch, seqlen_k, heads_kv, d)
+    return tuple(torch.randn(s, generator=g).to(dtype) for s in (shape_q, shape_k, shape_k))
+
+
+def max_err(a, b):
+    return (a.double().cpu() - b.double().cpu()).abs().max().item() if b.numel() else 0.0
+
+
+def assert_lowp_close(ours, naive, exact, what):
+    """FlashAttention's criterion: within 2x the naive same-precision error, plus a floor."""
+    err, baseline = max_err(ours, exact), max_err(naive, exact)
+    assert err <= 2 * baseline + 2e-3, (what, err, baseline)
+
+
+# Sampled feature grid: every value of every axis appears; combinations vary per case.
+AXES = {
+    "d": [64, 128, 32, 96, 256, 40, 80, 8],
+    "causal": [False, True],
+    "window": [(-1, -1), (20, -1), (7, 3), (0, 0), (-1, 5)],
+    "softcap": [0.0, 4.0],
+    "alibi": [None, "heads", "batch_heads"],
+    "heads": [(4, 4), (4, 2), (6, 1)],
+    "seqlens": [(37, 37), (29, 140), (130, 33), (200, 264), (1, 70), (256, 128)],
+    "dropout_p": [0.0, 0.3],
+    "dtype": DTYPES,
+}
+GRID = [{name: values[(n + a + n // len(values)) % len(values)]
+         for a, (name, values) in enumerate(AXES.items())} for n in range(16)]
+
+
+def test_grid_covers_every_value():
+    for name, values in AXES.items():
+        assert {repr(c[name]) for c in GRID} == {repr(x) for x in values}, name
+
+
+def grid_inputs(case, seed):
+    heads_q, heads_kv = case["heads"]
+    seqlen_q, seqlen_k = case["seqlens"]
+    batch = 2
+    q, k, v = make_case(batch, seqlen_q, seqlen_k, heads_q, heads_kv, case["d"], case["dtype"],
+                        seed)
+    alibi = None
+    if case["alibi"] == "heads":
+        alibi = torch.rand(heads_q) * 0.5
+    elif case["alibi"] == "batch_heads":
+        alibi = torch.rand(batch, heads_q) * 0.5
+    kwargs = dict(causal=case["causal"], window=case["window"], softcap=case["softcap"],
+                  dropout_p=case["dropout_p"])
+    ref_kwargs = dict(kwargs, alibi=alibi)
+    if case["dropout_p"] > 0:
+        kwargs["seed"] = (4321 + seed, 3)
+        ref_kwargs["keep"] = dropout_keep(4321 + seed, 3, batch, heads_q, seqlen_q, seqlen_k,
+                                          case["dropout_p"])
+    return q, k, v, alibi, kwargs, ref_kwargs
+
+
+@pytest.mark.parametrize("n", range(len(GRID)))
+def test_forward_and_gradients_match_reference(poison, n):
+    case = GRID[n]
+    q, k, v, alibi, kwargs, ref_kwargs = grid_inputs(case, seed=n)
+    qc, kc, vc = (t.cuda().requires_grad_() for t in (q, k, v))
+    out, lse = flash_attention(qc, kc, vc, alibi_slopes=alibi.cuda() if alibi is not None
+                               else None, return_lse=True, **kwargs)
+    assert out.dtype == case["dtype"] and out.shape == q.shape
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = reference_attention(q64, k64, v64, **ref_kwargs)
+    # The naive baseline: the reference in q's dtype (matmuls and softmax rounded to it).
+    ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
+    naive, _ = reference_attention(ql, kl, vl, **ref_kwargs)
+    assert_lowp_close(out, naive, ref, "out")
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    assert torch.allclose(lse.cpu().double()[finite], ref_lse[finite], atol=2e-3, rtol=1e-3)
+
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(n)).to(case["dtype"])
+    out.backward(grad.cuda())
+    ref.backward(grad.double())
+    naive.backward(grad)
+    for name, ours, low, exact in (("dq", qc.grad, ql.grad, q64.grad),
+                                   ("dk", kc.grad, kl.grad, k64.grad),
+                                   ("dv", vc.grad, vl.grad, v64.grad)):
+        assert ours.dtype == case["dtype"]
+        assert_lowp_close(ours, low, exact, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 128])
+def test_long_sequences(dtype, d):
+    q, k, v = make_case(1, 1000, 1100, 2, 1, d, dtype, seed=d)
+    for causal in (False, True):
+        out = flash_attention(q.cuda(), k.cuda(), v.cuda(), causal=causal)
+        ref, _ = reference_attention(q.double(), k.double(), v.double(), causal=causal)
+        naive, _ = reference_attention(q.float(), k.float(), v.float(), causal=causal)
+        assert_lowp_close(out, naive.to(dtype), ref, f"causal={causal}")
+
+
+@pytest.mark.parametrize("seqlens", [(70, 128), (33, 64)])
+def test_dropout_mask_matches_cpu_kernel(seqlens):
+    # v = identity (Sk = D): out[b, i, h, j] = P[i, j] * keep[i, j] / (1 - p), so the mask is
+    # visible in the output. A small scale keeps every P far above fp16's smallest normal.
+    seqlen_q, seqlen_k = seqlens
+    batch, heads, p = 2, 3, 0.25
+    q, k, _ = make_case(batch, seqlen_q, seqlen_k, heads, heads, seqlen_k, torch.float32, 6)
+    v = torch.eye(seqlen_k).view(1, seqlen_k, 1, seqlen_k).expand(batch, -1, heads, -1)
+    v = v.contiguous()
+    kw = dict(dropout_p=p, seed=(99, 5), softmax_scale=0.05)
+    cpu = flash_attention(q, k, v, **kw)
+    cpu_keep = (cpu != 0).permute(0, 2, 1, 3)
+    assert torch.equal(cpu_keep, dropout_keep(99, 5, batch, heads, seqlen_q, seqlen_k, p))
+    for dtype in DTYPES:
+        gpu = flash_attention(q.cuda().to(dtype), k.cuda().to(dtype), v.cuda().to(dtype), **kw)
+        assert torch.equal((gpu != 0).permute(0, 2, 1, 3).cpu(), cpu_keep), dtype
+        assert torch.allclose(gpu.float().cpu(), cpu, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (9, 2))])
+def test_varlen_matches_dense_per_sequence(poison, causal, window):
+    lengths_q, lengths_k = [5, 0, 170, 33], [9, 4, 165, 33]
+    heads_q, heads_kv, d, dtype = 4, 2, 64, torch.bfloat16
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(sum(lengths_q), heads_q, d, generator=g).to(dtype).cuda().requires_grad_()
+    k = torch.randn(sum(lengths_k), heads_kv, d, generator=g).to(dtype).cuda().requires_grad_()
+    v = torch.randn(sum(lengths_k), heads_kv, d, generator=g).to(dtype).cuda().requires_grad_()
+    cu_q = torch.tensor([0, *torch.tensor(lengths_q).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lengths_k).cumsum(0).tolist()], dtype=torch.int32)
+    alibi = torch.rand(len(lengths_q), heads_q).cuda()
+    kw = dict(causal=causal, window=window, dropout_p=0.2, seed=4)
+    out, lse = flash_attention_varlen(q, k, v, cu_q.cuda(), cu_k.cuda(), max(lengths_q),
+                                      max(lengths_k), alibi_slopes=alibi, return_lse=True, **kw)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    for b in range(len(lengths_q)):
+        if lengths_q[b] == 0:
+            continue
+        qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        # The same sequence alone, as batch b of a dense call (dropout counters use b).
+        qd, kd, vd = (t[s].detach()[None].expand(b + 1, -1, -1, -1).contiguous()
+                      .requires_grad_() for t, s in ((q, qs), (k, ks), (v, ks)))
+        alibi_d = alibi[: b + 1].contiguous()
+        dense, dense_lse = flash_attention(qd, kd, vd, alibi_slopes=alibi_d, return_lse=True, **kw)
+        assert torch.equal(out[qs], dense[b])
+        assert torch.equal(lse[:, qs], dense_lse[b])
+        gd = torch.zeros_like(dense)
+        gd[b] = grad[qs]
+        dense.backward(gd)
+        assert torch.allclose(q.grad[qs].float(), qd.grad[b].float(), atol=1e-2, rtol=1e-2)
+        assert torch.allclose(k.grad[ks].float(), kd.grad[b].float(), atol=1e-2, rtol=1e-2)
+        assert torch.allclose(v.grad[ks].float(), vd.grad[b].float(), atol=1e-2, rtol=1e-2)
+
+
+def test_fully_masked_rows_and_empty(poison):
+    # Causal with Sq > Sk: the first Sq - Sk rows see no key.
+    q, k, v = (t.cuda().requires_grad_() for t in make_case(1, 90, 40, 2, 2, 64, torch.float16, 2))
+    out, lse = flash_attention(q, k, v, causal=True, return_lse=True)
+    assert torch.all(out[:, :50] == 0) and torch.all(lse[:, :, :50] == -math.inf)
+    assert torch.isfinite(out).all() and torch.isfinite(lse[:, :, 50:]).all()
+    out.sum().backward()
+    assert torch.all(q.grad[:, :50] == 0) and torch.isfinite(k.grad).all()
+    for sq, sk in ((0, 5), (5, 0)):
+        q, k, v = (t.cuda().requires_grad_() for t in make_case(2, sq, sk, 2, 1, 32,
+                                                                  torch.bfloat16, 3))
+        out = flash_attention(q, k, v)
+        assert out.shape == q.shape and torch.all(out == 0)
+        out.sum().backward()
+        assert torch.all(k.grad == 0) and torch.all(v.grad == 0)
+
+
+def test_deterministic_backward():
+    q, k, v = (t.cuda().requires_grad_() for t in make_case(2, 300, 300, 4, 2, 128,
+                                                              torch.bfloat16, 4))
+    grads = []
+    for _ in range(2):
+        out = flash_attention(q, k, v, causal=True, deterministic=True)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        grads.append((dq, dk, dv))
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_strided_inputs_and_unaligned_head_dim():
+    qkv = torch.randn(2, 50, 3, 4, 72, dtype=torch.float16, device="cuda")
+    q, k, v = qkv.unbind(2)
+    out = flash_attention(q, k, v, causal=True)
+    ref = flash_attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True)
+    assert torch.equal(out, ref)
+    odd = [t[..., :13] for t in (q, k, v)]  # head dim 13: padded to 16 by the wrapper
+    out = flash_attention(*odd)
+    exact, _ = reference_attention(*(t.cpu().double() for t in odd))
+    naive, _ = reference_attention(*(t.cpu().float() for t in odd))
+    assert_lowp_close(out, naive.half(), exact, "d=13")
+
+
+def test_non_default_stream_and_cuda_graph():
+    q, k, v = (t.cuda() for t in make_case(2, 256, 256, 4, 4, 64, torch.float16, 5))
+    eager = flash_attention(q, k, v, causal=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        side = flash_attention(q, k, v, causal=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert torch.equal(side, eager)
+
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    warm = torch.cuda.Stream()
+    warm.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(warm):
+        flash_attention(qg, kg, vg, causal=True).sum().backward()
+    torch.cuda.current_stream().wait_stream(warm)
+    qg.grad = kg.grad = vg.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = flash_attention(qg, kg, vg, causal=True)
+        out.sum().backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    flash_attention(*ref, causal=True).sum().backward()
+    for a, b in zip((qg, kg, vg), ref, strict=True):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_float32_is_refused():
+    q, k, v = (t.cuda() for t in make_case(1, 8, 8, 2, 2, 16, torch.float32, 1))
+    with pytest.raises(NotImplementedError, match="CUDA"):
+        flash_attention(q, k, v)
+
+
+def test_opcheck():
+    q, k, v = (t.cuda().requires_grad_() for t in make_case(1, 20, 24, 4, 2, 32,
+                                                              torch.float16, 10))
+    args = (q, k, v, 1 / math.sqrt(32), 0.0, -1, 0, None, 0.0, None)
+    torch.library.opcheck(lutflash.attention._flash_attention_op, args)
