@@ -3,10 +3,15 @@
     python benchmarks/bench_attention.py --device cpu [--json out.json] [--reps 5]
     python benchmarks/bench_attention.py --device cuda   # SDPA FLASH_ATTENTION and CUDNN_ATTENTION
 
-Shapes: B=1, H=8, D in {64, 128}, S in {512, 1024, 2048, 4096}, causal and not; forward and
-forward+backward; the median of --reps repetitions after one warm-up. On the CPU it also
-measures the peak resident memory of a forward at S=16384 in a fresh subprocess and compares
-it with the S^2 score buffer that a non-tiled implementation would need.
+CPU: B=1, H=8, D in {64, 128}, S in {512, 1024, 2048, 4096}, causal and not; forward and
+forward+backward; the median of --reps repetitions after one warm-up. It also measures the peak
+resident memory of a forward at S=16384 in a fresh subprocess and compares it with the S^2
+score buffer that a non-tiled implementation would need.
+
+CUDA: the FlashAttention grid (batch x seqlen = 16k tokens, hidden 2048, D in {64, 128},
+S = 512 ... 16384, causal and not, fp16 and bf16), TFLOP/s counted as 4·B·S²·H·D (halved for
+causal; the backward as 2.5 forwards), CUDA-event medians with L2 flushed; then decode
+(Sq = 1, Hq = 32, Hkv in {32, 8}, D = 128, Sk = 1k ... 64k) against a copy's bandwidth.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -24,24 +30,13 @@ import torch.nn.functional as F
 import lutflash
 
 
-def median_seconds(fn, reps: int, device: str) -> float:
+def median_seconds(fn, reps: int) -> float:
     fn()
     times = []
     for _ in range(reps):
-        if device == "cuda":
-            # L2 flush between repetitions: overwrite a buffer larger than the cache.
-            flush = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
-            flush.zero_()
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(stop) / 1e3)
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - begin)
+        begin = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - begin)
     return statistics.median(times)
 
 
@@ -80,10 +75,7 @@ def sdpa_fn(q, k, v, causal, backward, backend=None):
 
 
 def peers(device):
-    if device == "cpu":
-        return [("sdpa_cpu", None)]
-    from torch.nn.attention import SDPBackend
-    return [("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)]
+    return [("sdpa_cpu", None)]
 
 
 def peak_memory_subprocess(s: int, h: int, d: int) -> dict:
@@ -115,6 +107,91 @@ print(status("VmHWM:") - before)
             "no_s2_buffer": grown < score_buffer / 8}
 
 
+def bench_cuda(args) -> dict:
+    """The FlashAttention benchmark grid (16k tokens per batch, hidden 2048) and decode."""
+    from timing import CudaTimer, copy_bandwidth
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    timer = CudaTimer()
+    results = {"device": "cuda", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "rows": [], "decode": []}
+    backends = {"fa2": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+    print(f"{'dtype':>8} {'D':>4} {'S':>6} {'B':>3} {'causal':>6} | TFLOP/s fwd: "
+          f"{'lutflash':>8} {'fa2':>6} {'cudnn':>6} | fwd+bwd: {'lutflash':>8} {'fa2':>6} {'cudnn':>6}")
+    for dtype in args.cuda_dtypes:
+        dt = getattr(torch, dtype)
+        for d in args.head_dims:
+            heads = 2048 // d
+            for s in args.cuda_seqlens:
+                batch = max(1, 16384 // s)
+                for causal in (False, True):
+                    q, k, v = (torch.randn(batch, s, heads, d, device="cuda", dtype=dt,
+                                           requires_grad=True) for _ in range(3))
+                    grad = torch.randn_like(q)
+                    qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
+                    flops = 4.0 * batch * s * s * heads * d * (0.5 if causal else 1.0)
+                    row = {"dtype": dtype, "head_dim": d, "seqlen": s, "batch": batch,
+                           "heads": heads, "causal": causal}
+
+                    def ours():
+                        return lutflash.flash_attention(q, k, v, causal=causal)
+
+                    def sdpa():
+                        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+
+                    for name, fn, inputs, g in (("lutflash", ours, (q, k, v), grad),
+                                                ("fa2", sdpa, (qt, kt, vt), grad.transpose(1, 2)),
+                                                ("cudnn", sdpa, (qt, kt, vt), grad.transpose(1, 2))):
+                        context = sdpa_kernel(backends[name]) if name in backends else nullcontext()
+                        try:
+                            with context:
+                                with torch.no_grad():
+                                    forward = timer(fn, args.reps)
+
+                                def both(fn=fn, inputs=inputs, g=g):
+                                    torch.autograd.grad(fn(), inputs, g)
+                                total = timer(both, args.reps)
+                            row[name] = (flops / forward / 1e6, 3.5 * flops / total / 1e6)
+                        except RuntimeError as error:
+                            row[name] = (None, None)
+                            row[name + "_error"] = str(error).splitlines()[0][:160]
+                    results["rows"].append(row)
+                    cells = lambda i: " ".join(  # noqa: E731
+                        f"{row[n][i]:{8 if n == 'lutflash' else 6}.0f}" if row[n][i] else
+                        f"{'-':>{8 if n == 'lutflash' else 6}}" for n in ("lutflash", "fa2", "cudnn"))
+                    print(f"{dtype:>8} {d:>4} {s:>6} {batch:>3} {str(causal):>6} | {'':12}"
+                          f"{cells(0)} | {'':9}{cells(1)}", flush=True)
+    if args.decode:
+        results["copy_bandwidth"] = bandwidth = copy_bandwidth(timer)
+        print(f"decode (Sq = 1, D = 128, Hq = 32): copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+        print(f"{'B':>3} {'Hkv':>4} {'Sk':>6} | {'lutflash us':>11} {'GB/s':>6} {'% copy':>7} | "
+              f"{'fa2 us':>8} {'speedup':>7}")
+        for batch in (1, 16):
+            for heads_kv in (32, 8):
+                for sk in (1024, 4096, 16384, 65536):
+                    q = torch.randn(batch, 1, 32, 128, device="cuda", dtype=torch.float16)
+                    k, v = (torch.randn(batch, sk, heads_kv, 128, device="cuda",
+                                        dtype=torch.float16) for _ in range(2))
+                    moved = 2 * k.numel() * 2 + 2 * q.numel() * 2
+                    ours = timer(lambda: lutflash.flash_attention(q, k, v, causal=True), args.reps)
+                    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+                    try:
+                        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                            fa2 = timer(lambda: F.scaled_dot_product_attention(
+                                qt, kt, vt, is_causal=False, enable_gqa=heads_kv != 32), args.reps)
+                    except RuntimeError:
+                        fa2 = None
+                    row = {"batch": batch, "heads_kv": heads_kv, "seqlen_k": sk, "lutflash_us": ours,
+                           "fa2_us": fa2, "bytes": moved}
+                    results["decode"].append(row)
+                    rate = moved / (ours * 1e-6)
+                    print(f"{batch:>3} {heads_kv:>4} {sk:>6} | {ours:11.1f} {rate / 1e9:6.0f} "
+                          f"{100 * rate / bandwidth:6.0f}% | "
+                          f"{fa2 if fa2 else float('nan'):8.1f} {fa2 / ours if fa2 else float('nan'):7.2f}",
+                          flush=True)
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -127,7 +204,19 @@ def main():
     parser.add_argument("--no-backward", action="store_true")
     parser.add_argument("--memory-seqlen", type=int, default=16384)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--cuda-seqlens", type=int, nargs="+",
+                        default=[512, 1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--cuda-dtypes", nargs="+", default=["float16", "bfloat16"])
+    parser.add_argument("--no-decode", dest="decode", action="store_false")
     args = parser.parse_args()
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: no GPU visible to torch")
+        results = bench_cuda(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+        return
 
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -150,15 +239,14 @@ def main():
                     row = {"pass": "fwd+bwd" if backward else "fwd", "head_dim": d, "seqlen": s,
                            "causal": causal, "batch": 1, "heads": args.heads}
                     try:
-                        ours = median_seconds(lutflash_fn(q, k, v, causal, backward), args.reps,
-                                              device)
+                        ours = median_seconds(lutflash_fn(q, k, v, causal, backward), args.reps)
                     except RuntimeError as error:  # no GPU kernel yet
                         ours, row["lutflash_error"] = None, str(error).splitlines()[0]
                     row["lutflash_s"] = ours
                     for name, backend in peers(device):
                         try:
                             row[name + "_s"] = median_seconds(
-                                sdpa_fn(q, k, v, causal, backward, backend), args.reps, device)
+                                sdpa_fn(q, k, v, causal, backward, backend), args.reps)
                         except RuntimeError as error:
                             row[name + "_s"], row[name + "_error"] = None, str(error)[:200]
                     peer_times = [row[n + "_s"] for n, _ in peers(device) if row[n + "_s"]]

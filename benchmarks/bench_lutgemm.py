@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import CudaTimer, copy_bandwidth, git_commit, time_cpu
 
 import lutflash
 from lutflash.bcq import bits_per_weight
@@ -30,47 +29,6 @@ from lutflash.testing import random_bcq_weight
 CPU_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 CUDA_SHAPES = [(12288, 12288), (12288, 49152), (49152, 12288), (4096, 4096), (4096, 11008),
                (11008, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]
-
-
-def time_cpu(fn, reps: int) -> float:
-    """Median wall time in microseconds."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
-
-
-class CudaTimer:
-    """Median CUDA-event time in microseconds, with L2 flushed before each repetition. The
-    flush kernel keeps the GPU busy while the host enqueues the timed call, so host overhead
-    does not show in the measurement."""
-
-    def __init__(self, device):
-        self.flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
-
-    def __call__(self, fn, reps: int) -> float:
-        for _ in range(3):
-            fn()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for start, end in zip(starts, ends, strict=True):
-            self.flush.zero_()
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)) * 1e3
-
-
-def copy_bandwidth(device, timer) -> float:
-    """Bytes read + written per second by a device-to-device copy of 1 GiB."""
-    src = torch.empty(2**30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    micros = timer(lambda: dst.copy_(src), reps=20)
-    return 2 * src.numel() / (micros * 1e-6)
 
 
 def int4_peer(weight: torch.Tensor, group_size: int = 128):
@@ -111,7 +69,7 @@ def bench_cpu(args) -> list[dict]:
 def bench_cuda(args) -> tuple[list[dict], float]:
     device = torch.device("cuda")
     timer = CudaTimer(device)
-    bandwidth = copy_bandwidth(device, timer)
+    bandwidth = copy_bandwidth(timer, device)
     print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s ({torch.cuda.get_device_name()})")
     rows = []
     for k, n in args.shapes or CUDA_SHAPES:
@@ -188,7 +146,7 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
     meta = {"device": args.device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "commit": _commit()}
+            "commit": git_commit()}
     if args.device == "cpu":
         args.reps = args.reps or 20
         meta.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
@@ -203,14 +161,6 @@ def main():
         print(f"wrote {args.json}")
     if args.plot:
         plot(rows, args.plot, args.device)
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ from lutflash.testing import random_bcq_weight
 
 for shape in sys.argv[1:] or ["12288x12288"]:
     n, k = (int(v) for v in shape.split("x"))
-    w = random_bcq_weight(n, k, 3, 128, "uniform", torch.float16, generator=torch.Generator().manual_seed(0)).to("cuda")
+    gen = torch.Generator().manual_seed(0)
+    w = random_bcq_weight(n, k, 3, 128, "uniform", torch.float16, generator=gen).to("cuda")
     x = torch.randn(1, k, dtype=torch.float16, device="cuda")
     for _ in range(2):
         lutflash.lutgemm(x, w)
