@@ -5,6 +5,8 @@
  * one of them again, since nothing a caller passes may crash the process. */
 #include "tensor_arg.h"
 
+#include <string.h>
+
 #include <math.h>
 #include <stdio.h>
 
@@ -32,6 +34,7 @@ static int parse_float(PyObject *obj, const char *name, double *value) {
 typedef struct {
     int64_t max_seqlen_q, max_seqlen_k, num_threads, variant;
     void *stream;
+    int32_t *offsets[2]; /* private copies of CPU cu_seqlens (q, k), freed by the caller */
 } call_options;
 
 static int parse_scalars(PyObject *const *args, attention_fwd_params *p, call_options *o) {
@@ -50,18 +53,19 @@ static int parse_scalars(PyObject *const *args, attention_fwd_params *p, call_op
         return -1;
     /* PyErr_Format has no %g (Python >= 3.12 raises SystemError on it): format it first. */
     char got[32];
-    if (!(scale > 0.0 && isfinite(scale))) {
+    /* The kernels compute in float32: the values must be valid after rounding to it. */
+    if (!((float)scale > 0.0f && isfinite((float)scale))) {
         snprintf(got, sizeof(got), "%g", scale);
         PyErr_Format(PyExc_ValueError, "softmax_scale: expected a positive finite float, got %s",
                      got);
         return -1;
     }
-    if (!(softcap >= 0.0 && isfinite(softcap))) {
+    if (!(softcap >= 0.0 && isfinite((float)softcap))) {
         snprintf(got, sizeof(got), "%g", softcap);
         PyErr_Format(PyExc_ValueError, "softcap: expected a finite float >= 0, got %s", got);
         return -1;
     }
-    if (!(dropout >= 0.0 && dropout < 1.0)) {
+    if (!(dropout >= 0.0 && (float)dropout < 1.0f)) {
         snprintf(got, sizeof(got), "%g", dropout);
         PyErr_Format(PyExc_ValueError, "dropout_p: expected a float in [0, 1), got %s", got);
         return -1;
@@ -120,8 +124,10 @@ static int check_lse_like(const lf_tensor *t, const lf_tensor *q, int ndim, cons
     return 0;
 }
 
+/* On the CPU the offsets are copied before they are checked, and the kernels read the copy:
+ * another thread may write the tensor while the kernels run without the GIL. */
 static int check_cu_seqlens(const lf_tensor *cu, const lf_tensor *q, int64_t total,
-                            int64_t max_seqlen, const char *max_name) {
+                            int64_t max_seqlen, const char *max_name, int32_t **copy) {
     if (lf_check_same_device(cu, q) < 0 || lf_check_dtype(cu, LF_DTYPE_I32) < 0 ||
         lf_check_ndim(cu, 1) < 0 || lf_check_contiguous(cu) < 0)
         return -1;
@@ -130,7 +136,13 @@ static int check_cu_seqlens(const lf_tensor *cu, const lf_tensor *q, int64_t tot
         return -1;
     }
     if (cu->device_type != LF_DEVICE_CPU) return 0; /* values live on the GPU */
-    const int32_t *offsets = (const int32_t *)cu->data;
+    int32_t *offsets = PyMem_Malloc(sizeof(int32_t) * (size_t)cu->shape[0]);
+    if (offsets == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(offsets, cu->data, sizeof(int32_t) * (size_t)cu->shape[0]);
+    *copy = offsets;
     if (offsets[0] < 0) {
         PyErr_Format(PyExc_ValueError, "%s: expected offsets >= 0, got %d first", cu->name,
                      offsets[0]);
@@ -165,7 +177,7 @@ enum { IN_Q, IN_K, IN_V, IN_CU_Q, IN_CU_K, IN_ALIBI, IN_RNG, IN_COUNT };
 
 /* Validates q, k, v, cu_seqlens, alibi_slopes and rng_state and fills the shape, stride and
  * feature fields of p. lse_shape receives the expected shape of lse (and of delta, dlse). */
-static int check_inputs(lf_tensor *t, const call_options *o, attention_fwd_params *p,
+static int check_inputs(lf_tensor *t, call_options *o, attention_fwd_params *p,
                         int64_t lse_shape[3], int *lse_ndim) {
     lf_tensor *q = &t[IN_Q], *k = &t[IN_K], *v = &t[IN_V];
     lf_tensor *cu_q = &t[IN_CU_Q], *cu_k = &t[IN_CU_K];
@@ -215,13 +227,16 @@ static int check_inputs(lf_tensor *t, const call_options *o, attention_fwd_param
     p->k_row_stride = k->strides[row], p->k_head_stride = k->strides[head];
     p->v_row_stride = v->strides[row], p->v_head_stride = v->strides[head];
     if (varlen) {
-        if (check_cu_seqlens(cu_q, q, q->shape[0], o->max_seqlen_q, "max_seqlen_q") < 0) return -1;
+        if (check_cu_seqlens(cu_q, q, q->shape[0], o->max_seqlen_q, "max_seqlen_q",
+                             &o->offsets[0]) < 0)
+            return -1;
         const int64_t cu_shape[1] = {batch + 1};
         if (lf_check_shape(cu_k, 1, cu_shape) < 0 ||
-            check_cu_seqlens(cu_k, q, k->shape[0], o->max_seqlen_k, "max_seqlen_k") < 0)
+            check_cu_seqlens(cu_k, q, k->shape[0], o->max_seqlen_k, "max_seqlen_k",
+                             &o->offsets[1]) < 0)
             return -1;
-        p->cu_seqlens_q = (const int32_t *)cu_q->data;
-        p->cu_seqlens_k = (const int32_t *)cu_k->data;
+        p->cu_seqlens_q = o->offsets[0] ? o->offsets[0] : (const int32_t *)cu_q->data;
+        p->cu_seqlens_k = o->offsets[1] ? o->offsets[1] : (const int32_t *)cu_k->data;
         p->seqlen_q = o->max_seqlen_q;
         p->seqlen_k = o->max_seqlen_k;
         lse_shape[0] = heads_q, lse_shape[1] = q->shape[0];
@@ -403,7 +418,7 @@ static PyObject *py_attention_forward(PyObject *self, PyObject *const *args, Py_
     for (int i = 0; i < FWD_COUNT; ++i) lf_tensor_borrow_optional(NULL, names[i], &t[i]);
     PyObject *result = NULL;
     attention_fwd_params p = {0};
-    call_options o;
+    call_options o = {0};
     int64_t lse_shape[3];
     int lse_ndim = 0;
     if (parse_scalars(args + FWD_COUNT, &p, &o) < 0) goto done;
@@ -447,6 +462,8 @@ static PyObject *py_attention_forward(PyObject *self, PyObject *const *args, Py_
     }
     result = Py_NewRef(Py_None);
 done:
+    PyMem_Free(o.offsets[0]);
+    PyMem_Free(o.offsets[1]);
     for (int i = 0; i < FWD_COUNT; ++i) lf_tensor_release(&t[i]);
     return result;
 }
@@ -475,7 +492,7 @@ static PyObject *py_attention_backward(PyObject *self, PyObject *const *args, Py
     PyObject *result = NULL;
     attention_bwd_params bp = {0};
     attention_fwd_params *p = &bp.fwd;
-    call_options o;
+    call_options o = {0};
     int64_t lse_shape[3];
     int lse_ndim = 0;
     if (parse_scalars(args + BWD_COUNT, p, &o) < 0) goto done;
@@ -544,6 +561,8 @@ static PyObject *py_attention_backward(PyObject *self, PyObject *const *args, Py
     }
     result = Py_NewRef(Py_None);
 done:
+    PyMem_Free(o.offsets[0]);
+    PyMem_Free(o.offsets[1]);
     for (int i = 0; i < BWD_COUNT; ++i) lf_tensor_release(&t[i]);
     return result;
 }

@@ -563,3 +563,26 @@ def test_cuda_tensors_are_refused_cleanly():
     q, k, v = (t.cuda() for t in qkv_small())
     with pytest.raises(RuntimeError, match="CUDA"):
         flash_attention(q, k, v)
+
+
+def test_packed_rows_outside_cu_seqlens_are_zero():
+    # rows 0 and 9 of the packed tensors belong to no sequence
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(10, 2, 16, generator=g, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([1, 4, 9], dtype=torch.int32)
+    out, lse = lutflash.flash_attention_varlen(q, k, v, cu, cu, 5, 5, return_lse=True)
+    assert (out[0] == 0).all() and (out[9] == 0).all()
+    assert torch.isinf(lse[:, [0, 9]]).all() and torch.isfinite(lse[:, 1:9]).all()
+    out.sum().backward()
+    for grad in (q.grad, k.grad, v.grad):
+        assert (grad[0] == 0).all() and (grad[9] == 0).all()
+
+
+def test_scalars_must_survive_float32():
+    q = torch.randn(1, 4, 2, 16)
+    with pytest.raises(ValueError, match="softmax_scale"):
+        lutflash.flash_attention(q, q, q, softmax_scale=1e39)
+    with pytest.raises(ValueError, match="softcap"):
+        lutflash.flash_attention(q, q, q, softcap=1e39)
+    with pytest.raises(ValueError, match="dropout_p"):
+        lutflash.flash_attention(q, q, q, dropout_p=1 - 1e-9)

@@ -228,10 +228,24 @@ def test_dropout_only_in_training():
     assert max_rel_diff(out[real], ref[real]) < 1e-4
 
 
-def test_transformers_flash_wrapper_runs_lutflash():
+def test_transformers_flash_wrapper_runs_lutflash(monkeypatch):
     """transformers' generic flash-attention wrapper (used by a few older model classes) loads
     lutflash's flash-attn-style entry points for the name "lutflash" and gets the same result."""
+    import inspect
+
+    from transformers import modeling_flash_attention_utils as flash_utils
     from transformers.integrations.flash_attention import flash_attention_forward
+
+    # The loader keeps what it loaded in module globals: restore them afterwards.
+    for name in ("_loaded_implementation", "_flash_fn", "_flash_varlen_fn", "_flash_with_kvcache_fn",
+                 "_pad_fn", "_unpad_fn", "_process_flash_kwargs_fn", "_process_with_kvcache_kwargs_fn"):
+        if hasattr(flash_utils, name):
+            monkeypatch.setattr(flash_utils, name, getattr(flash_utils, name))
+    if "attn_implementation" not in inspect.signature(flash_utils._flash_attention_forward).parameters:
+        # transformers 4.x: the wrapper does not pass the model's implementation to the loader
+        # (it uses the flash implementation loaded last), so load "lutflash" by name first, the
+        # way 4.x itself preloads flash_attention_2/3 and hub kernels.
+        flash_utils.lazy_import_flash_attention("lutflash", force_import=True)
 
     model = build("llama", attn_implementation="lutflash")
     attention = model.model.layers[0].self_attn
@@ -248,12 +262,52 @@ def test_transformers_flash_wrapper_runs_lutflash():
         assert max_rel_diff(out[rows], ref[rows]) < 1e-5
 
 
-def test_rejects_4d_masks():
-    model = build("llama", attn_implementation="lutflash")
-    ids, _ = padded_batch("left")
-    mask = torch.zeros(3, 1, SEQ, SEQ)
-    with pytest.raises(ValueError, match="2-D"):
-        model(input_ids=ids, attention_mask=mask)
+def test_4d_masks():
+    """A 4-D mask that is exactly key padding, causal or not (transformers 4.x models such as OPT
+    build such masks themselves), boolean or additive, gives eager's result; any other 4-D mask
+    is refused."""
+    model = build("llama")
+    ids, mask = padded_batch("left")
+    real = mask.bool()
+    allowed = real[:, None, None, :] & torch.ones(SEQ, SEQ, dtype=torch.bool).tril()
+    minimum = torch.finfo(torch.float32).min
+    causal_padded = torch.zeros(3, 1, SEQ, SEQ).masked_fill(~allowed, minimum)
+    full = torch.zeros(3, 1, SEQ, SEQ)  # additive: every query sees every key
+    for mask_4d, ref_mask in ((causal_padded, causal_padded), (allowed, causal_padded), (full, full)):
+        ref = logits_under(model, "eager", input_ids=ids, attention_mask=ref_mask)
+        out = logits_under(model, "lutflash", input_ids=ids, attention_mask=mask_4d)
+        assert max_rel_diff(out[real], ref[real]) < 1e-4
+
+    holed = allowed.clone()
+    holed[0, 0, 9, 3] = False  # one query misses one key that the others see: not padding
+    biased = causal_padded.clone()
+    biased[0, 0, 9, 3] = -1.0  # an additive bias, not a mask
+    model.set_attn_implementation("lutflash")
+    for mask_4d in (holed, biased):
+        with pytest.raises(ValueError, match="2-D"):
+            model(input_ids=ids, attention_mask=mask_4d)
+
+
+def test_sdpa_style_is_causal_with_padding_mask():
+    """Models that pass is_causal=False because a mask is given (GPT-2 in transformers 4.x) with
+    a 2-D padding mask still attend causally when the module declares is_causal = True; a module
+    that declares nothing (BERT self-attention in 4.x) gets what it asks for."""
+    forward = lutflash.integrations.transformers.lutflash_attention_forward
+    generator = torch.Generator().manual_seed(4)
+    query, key, value = torch.randn(3, 3, 4, SEQ, 16, generator=generator)
+    _, mask = padded_batch("right")
+    causal_module, plain_module = torch.nn.Module(), torch.nn.Module()
+    causal_module.is_causal = True
+    ref, _ = forward(causal_module, query, key, value, mask, is_causal=True)
+    out, _ = forward(causal_module, query, key, value, mask, is_causal=False)
+    assert torch.equal(out, ref)
+    bidirectional, _ = forward(plain_module, query, key, value, mask, is_causal=False)
+    assert max_rel_diff(bidirectional[mask.bool()], ref[mask.bool()]) > 1e-3
+    # Inference tensors (no version counter) and the 4-D path.
+    with torch.inference_mode():
+        mask_4d = mask.bool()[:, None, None, :] & torch.ones(SEQ, SEQ, dtype=torch.bool).tril()
+        out, _ = forward(plain_module, query, key, value, mask_4d)
+    assert max_rel_diff(out[mask.bool()], ref[mask.bool()]) < 1e-5
 
 
 def test_patch_model_attention_and_linear():

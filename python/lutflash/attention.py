@@ -81,8 +81,12 @@ def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, so
     d = q.shape[-1]
     if q.device.type == "cuda":
         q, k, v = (_cuda_operand(t, _cuda_head_dim(d)) for t in (q, k, v))
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    # packed rows outside cu_seqlens belong to no sequence: they come out as 0 (lse -inf)
+    alloc = torch.zeros if varlen else torch.empty
+    out = alloc(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, varlen), dtype=torch.float32, device=q.device)
+    if varlen:
+        lse.fill_(-math.inf)
     threads = max(1, torch.get_num_threads())
     _C.attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state, out, lse,
                          _workspace(q, cu_seqlens_q, False, threads), max_seqlen_q, max_seqlen_k,
@@ -103,9 +107,10 @@ def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seq
         dout, q, k, v, out = (_cuda_operand(t, _cuda_head_dim(d)) for t in (dout, q, k, v, out))
     lse = lse.detach().contiguous()
     dlse = dlse.detach().contiguous() if dlse is not None else None
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    alloc = torch.zeros if cu_seqlens_q is not None else torch.empty  # see _forward
+    dq = alloc(q.shape, dtype=q.dtype, device=q.device)
+    dk = alloc(k.shape, dtype=k.dtype, device=k.device)
+    dv = alloc(v.shape, dtype=v.dtype, device=v.device)
     delta = torch.empty_like(lse)
     threads = max(1, torch.get_num_threads())
     _C.attention_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state, dout,
@@ -311,8 +316,8 @@ def _rng_state(seed, generator) -> torch.Tensor:
     return torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator)
 
 
-def _check_cu_seqlens(name: str, cu: torch.Tensor, q: torch.Tensor, total: int,
-                      max_name: str, max_seqlen) -> None:
+def _check_cu_seqlens(name: str, cu: torch.Tensor, q: torch.Tensor, max_name: str,
+                      max_seqlen) -> None:
     """Type, shape and device; the values are checked once both offsets are known good."""
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(cu).__name__}")
@@ -323,8 +328,10 @@ def _check_cu_seqlens(name: str, cu: torch.Tensor, q: torch.Tensor, total: int,
     if cu.device != q.device:
         raise ValueError(f"{name}: expected a tensor on {q.device} (the device of q), got "
                          f"{cu.device}")
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
-        raise ValueError(f"{max_name}: expected an int >= 0, got {max_seqlen!r}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        raise TypeError(f"{max_name}: expected an int, got {type(max_seqlen).__name__}")
+    if max_seqlen < 0:
+        raise ValueError(f"{max_name}: expected an int >= 0, got {max_seqlen}")
 
 
 def _check_cu_seqlens_values(name: str, cu: torch.Tensor, total: int, max_name: str,
@@ -401,8 +408,8 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     or (out, lse) with lse (Hq, total_q) float32 when return_lse.
     """
     _check_qkv(q, k, v, 3, "(total_seqlen, heads, head_dim)")
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q, q.shape[0], "max_seqlen_q", max_seqlen_q)
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q, k.shape[0], "max_seqlen_k", max_seqlen_k)
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q, "max_seqlen_q", max_seqlen_q)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q, "max_seqlen_k", max_seqlen_k)
     if cu_seqlens_k.shape != cu_seqlens_q.shape:
         raise ValueError(f"cu_seqlens_k: expected shape {tuple(cu_seqlens_q.shape)} (the shape of "
                          f"cu_seqlens_q), got {tuple(cu_seqlens_k.shape)}")

@@ -13,9 +13,23 @@ so that `from_pretrained(..., attn_implementation="lutflash")`, `from_config(...
 Padding never reaches the kernel: padded keys are removed (and, for causal or windowed attention,
 padded queries too) and the ragged batch goes through flash_attention_varlen, which keeps every
 sequence to itself. Causal attention is bottom-right aligned, which is what a KV cache needs.
+
+Supported transformers versions are 4.57 and 5.x. What differs between them is handled by looking
+at what arrives (or at what transformers defines), never at its version string:
+
+- Models whose mask code predates `AttentionMaskInterface` (OPT, GPT-J, ... in 4.x) build their own
+  4-D causal + padding mask for any implementation not named "flash_attention_2". A 4-D mask that
+  is exactly a padding mask (causal or not) is reduced to the 2-D one; any other 4-D mask is refused.
+- Some models compute `is_causal` the SDPA way, as `attention_mask is None and ...` (GPT-2 in 4.x),
+  so they pass is_causal=False next to a 2-D padding mask, which cannot carry the causal structure
+  itself. A module that declares `is_causal = True` is then attended causally, as it must be.
+- transformers' flash-attention loader returns 4 functions in 4.x and 5 (with the paged-cache one)
+  in 5.x; the "lutflash" answer matches what the installed loader returns.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -66,13 +80,29 @@ def lutflash_attention_forward(
     if kwargs.get("output_attentions", False):
         logger.warning_once('attn_implementation="lutflash" does not return attention weights '
                             '(output_attentions=True); use "eager" to get them')
-    if attention_mask is not None and attention_mask.dim() != 2:
+
+    declared_causal = getattr(module, "is_causal", None)
+    causal = bool(is_causal if is_causal is not None
+                  else (declared_causal if declared_causal is not None else True))
+    if attention_mask is not None and attention_mask.dim() == 4:
+        reduced = _padding_mask_from_4d(attention_mask, query.shape[0], query.shape[2])
+        if reduced is None:
+            raise ValueError(
+                'attn_implementation="lutflash" takes a 2-D (batch, kv_length) padding mask, or a '
+                "4-D one that is exactly a padding mask (causal or not); got a 4-D attention_mask "
+                f"of shape {tuple(attention_mask.shape)} that is not: models or inputs with custom "
+                '4-D masks need "eager" or "sdpa"')
+        attention_mask, causal = reduced  # the 4-D mask says whether attention is causal
+    elif attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
             'attn_implementation="lutflash" takes a 2-D (batch, kv_length) padding mask, got a '
             f"{attention_mask.dim()}-D attention_mask of shape {tuple(attention_mask.shape)}: "
             'models or inputs with custom 4-D masks need "eager" or "sdpa"')
+    elif attention_mask is not None and not causal and declared_causal is True:
+        # SDPA-style is_causal (False because a mask is passed, e.g. GPT-2 in transformers 4.x):
+        # a 2-D padding mask holds no causal structure, so the module's own declaration holds.
+        causal = True
 
-    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     options = {
         "causal": causal,
         "softmax_scale": float(scaling) if scaling is not None else None,
@@ -107,6 +137,58 @@ def _window(sliding_window: int | None, causal: bool) -> tuple[int, int]:
     if sliding_window is None or sliding_window <= 0:
         return (-1, -1)
     return (sliding_window - 1, 0 if causal else sliding_window - 1)
+
+
+# The 4-D mask of the last call and its reduction: a model passes the same mask to every layer.
+_reduced_4d_cache: tuple | None = None
+
+
+def _padding_mask_from_4d(mask: torch.Tensor, batch: int, q_len: int):
+    """(padding mask (B, Sk) or None when nothing is padded, causal) when the 4-D mask
+    (B or 1, H or 1, Sq, Sk), boolean (True = attend) or additive (0 = attend, a large negative
+    value = masked), is exactly key padding, with or without a bottom-right causal pattern (the
+    masks that transformers 4.x models build themselves). None when it is anything else."""
+    global _reduced_4d_cache
+    version = _version(mask)
+    cached = _reduced_4d_cache
+    if (cached is not None and version is not None and cached[0]() is mask
+            and cached[1] == version and cached[2] == (batch, q_len)):
+        return cached[3]
+
+    result = None
+    if mask.shape[0] in (1, batch) and mask.shape[2] == q_len:
+        if mask.dtype == torch.bool:
+            allowed = mask
+        elif mask.is_floating_point():
+            allowed = mask == 0
+            # additive masks hold 0 or a "minus infinity": finfo.min, -inf, or an older -1e4
+            if not bool((allowed | (mask <= -1e4)).all()):
+                allowed = None
+        else:
+            allowed = None
+        if allowed is not None:
+            k_len = mask.shape[3]
+            # The last query sees every real key under bottom-right causal attention too.
+            keys = allowed[:, 0, -1, :].expand(batch, k_len)
+            key_pattern = keys[:, None, None, :]
+            rows = torch.arange(q_len, device=mask.device)[:, None] + (k_len - q_len)
+            causal = torch.arange(k_len, device=mask.device)[None, :] <= rows
+            for is_causal, expected in ((True, key_pattern & causal), (False, key_pattern)):
+                if bool((allowed == expected).all()):
+                    result = (None if bool(keys.all()) else keys.contiguous(), is_causal)
+                    break
+
+    _reduced_4d_cache = None if version is None else (weakref.ref(mask), version, (batch, q_len),
+                                                      result)
+    return result
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place modification counter; None for an inference tensor (it has none)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
 
 
 def _unpad_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -192,7 +274,10 @@ def _attention_packed(q, k, v, segments, options):
 # modeling_flash_attention_utils._lazy_imports, which only knows flash-attn packages and hub
 # kernels and raises for anything else. We answer that lookup for "lutflash" with flash-attn-style
 # entry points over our kernels, so the preload succeeds and transformers code that calls its
-# generic _flash_attention_forward with our name computes the right thing.
+# generic _flash_attention_forward with our name computes the right thing. transformers 4.x has
+# the same loader (4 functions instead of 5, without the paged-cache one) but never asks it for
+# "lutflash" by itself: its generic wrapper looks up whatever flash implementation was loaded
+# last (lazy_import_flash_attention(name, force_import=True) loads one by name).
 
 
 def _flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -217,10 +302,15 @@ def _hook_flash_lazy_imports() -> None:
     if original is None or getattr(original, "_lutflash_hook", False):
         return
 
+    # 5.x loads flash_attn_with_kvcache (paged cache) too, and keeps it in this module global.
+    with_kvcache = hasattr(_hf_flash_utils, "_flash_with_kvcache_fn")
+
     def _lazy_imports(implementation, *args, **kwargs):
         if implementation == NAME:
-            return (_flash_attn_func, _flash_attn_varlen_func, None,
-                    _hf_flash_utils._pad_input, _hf_flash_utils._unpad_input)
+            pad, unpad = _hf_flash_utils._pad_input, _hf_flash_utils._unpad_input
+            if with_kvcache:  # None: lutflash has no paged-cache (block table) entry point
+                return _flash_attn_func, _flash_attn_varlen_func, None, pad, unpad
+            return _flash_attn_func, _flash_attn_varlen_func, pad, unpad
         return original(implementation, *args, **kwargs)
 
     _lazy_imports._lutflash_hook = True
