@@ -18,26 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from timing import time_cpu
 
 import lutflash
 
 
 def median_seconds(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        begin = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times)
+    return time_cpu(fn, reps) * 1e-6
 
 
 def attention_flops(s: int, h: int, d: int, causal: bool, backward: bool) -> float:
