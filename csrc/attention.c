@@ -79,6 +79,7 @@ static int parse_scalars(PyObject *const *args, attention_fwd_params *p, call_op
     p->dropout_p = (float)dropout;
     p->dropout_threshold = lf_dropout_threshold(dropout);
     p->num_threads = (int)o->num_threads;
+    p->variant = (int)o->variant;
     return 0;
 }
 
@@ -352,6 +353,13 @@ static int check_cuda_layout(const lf_tensor *t, int count, const char *op) {
     return 0;
 }
 
+#ifdef LUTFLASH_WITH_CUDA
+/* cuda/attention_fwd.cu: the decode (split-KV) path's workspace. */
+int64_t attention_cuda_forward_workspace_bytes(int64_t batch, int64_t heads_q, int64_t heads_kv,
+                                               int64_t seqlen_q, int64_t seqlen_k,
+                                               int64_t head_dim, int64_t total_q);
+#endif
+
 static int launch_attention_forward(const void *arg, void *stream) {
 #ifdef LUTFLASH_WITH_CUDA
     return attention_forward_cuda((const attention_fwd_params *)arg, stream);
@@ -377,16 +385,20 @@ static int64_t cpu_workspace_bytes(int64_t d, int backward, int64_t threads, int
            attention_cpu_backward_thread_bytes(d) * threads;
 }
 
+/* attention_workspace_bytes(on_cuda, head_dim, backward, num_threads, heads_q, batch, total_q
+ * [, heads_kv, seqlen_q, seqlen_k]): the CUDA forward's decode path (split-KV) needs the
+ * three trailing shapes (seqlen_q and seqlen_k: dense Sq and Sk, or the varlen maxima);
+ * without them the CUDA size is 0 and the forward never takes that path. */
 static PyObject *py_attention_workspace_bytes(PyObject *self, PyObject *const *args,
                                               Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 7) {
+    if (nargs != 7 && nargs != 10) {
         PyErr_SetString(PyExc_TypeError,
                         "attention_workspace_bytes(on_cuda, head_dim, backward, num_threads, "
-                        "heads_q, batch, total_q)");
+                        "heads_q, batch, total_q[, heads_kv, seqlen_q, seqlen_k])");
         return NULL;
     }
-    int64_t d, threads, heads_q, batch, total_q;
+    int64_t d, threads, heads_q, batch, total_q, heads_kv = 0, seqlen_q = 0, seqlen_k = 0;
     const int on_cuda = PyObject_IsTrue(args[0]), backward = PyObject_IsTrue(args[2]);
     if (on_cuda < 0 || backward < 0 ||
         lf_parse_int(args[1], "head_dim", 1, ATTENTION_MAX_HEAD_DIM, &d) < 0 ||
@@ -395,7 +407,19 @@ static PyObject *py_attention_workspace_bytes(PyObject *self, PyObject *const *a
         lf_parse_int(args[5], "batch", 0, INT32_MAX, &batch) < 0 ||
         lf_parse_int(args[6], "total_q", 0, INT64_MAX / 1024, &total_q) < 0)
         return NULL;
-    if (on_cuda) return PyLong_FromLong(0);
+    if (nargs == 10 &&
+        (lf_parse_int(args[7], "heads_kv", 0, INT32_MAX, &heads_kv) < 0 ||
+         lf_parse_int(args[8], "seqlen_q", 0, INT32_MAX, &seqlen_q) < 0 ||
+         lf_parse_int(args[9], "seqlen_k", 0, INT32_MAX, &seqlen_k) < 0))
+        return NULL;
+    if (on_cuda) {
+#ifdef LUTFLASH_WITH_CUDA
+        if (!backward && heads_kv > 0 && heads_q % heads_kv == 0)
+            return PyLong_FromLongLong(attention_cuda_forward_workspace_bytes(
+                batch, heads_q, heads_kv, seqlen_q, seqlen_k, d, total_q));
+#endif
+        return PyLong_FromLong(0);
+    }
     return PyLong_FromLongLong(cpu_workspace_bytes(d, backward, threads, heads_q, batch, total_q));
 }
 
@@ -579,7 +603,7 @@ PyMethodDef attention_methods[] = {
      "dk, dv (and delta = rowsum(dout * out) - dlse)."},
     {"attention_workspace_bytes", (PyCFunction)(void (*)(void))py_attention_workspace_bytes,
      METH_FASTCALL,
-     "attention_workspace_bytes(on_cuda, head_dim, backward, num_threads): bytes of the "
-     "workspace tensor to pass."},
+     "attention_workspace_bytes(on_cuda, head_dim, backward, num_threads, heads_q, batch, "
+     "total_q[, heads_kv, seqlen_q, seqlen_k]): bytes of the workspace tensor to pass."},
     {NULL, NULL, 0, NULL},
 };

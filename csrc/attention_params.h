@@ -49,7 +49,8 @@ typedef struct {
 
     void *workspace; /* per-thread scratch tiles */
     int64_t workspace_bytes;
-    int num_threads;
+    int num_threads; /* CPU: OpenMP threads */
+    int variant;     /* 0: automatic; else a forced inner loop (CPU) or tile shape (CUDA) */
 } attention_fwd_params;
 
 typedef struct {

@@ -308,8 +308,9 @@ template <int kD, int kBM, int kBN, int kWarps> struct FwdConfig {
     static_assert(kBM % (16 * kWarps) == 0 && kBN % 16 == 0 && kD % 16 == 0, "tile shape");
 };
 
-template <int kD, int kBM, int kBN, int kWarps, typename T, bool kExtras>
-__global__ void __launch_bounds__(kWarps * 32, 1) attn_fwd_kernel(const attention_fwd_params p) {
+template <int kD, int kBM, int kBN, int kWarps, typename T, bool kExtras, int kMinBlocks>
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
+    attn_fwd_kernel(const attention_fwd_params p) {
     using Cfg = FwdConfig<kD, kBM, kBN, kWarps>;
     constexpr int kThreads = Cfg::kThreads, kSlabs = Cfg::kSlabs, kPitch = Cfg::kPitch;
     constexpr int kNT = kBN / 8, kDT = kD / 8;
@@ -494,10 +495,10 @@ __global__ void __launch_bounds__(kWarps * 32, 1) attn_fwd_kernel(const attentio
     store_tile<kBM, kD, kPitch, kThreads>(out, p.out_row_stride, sQ, rows, d);
 }
 
-template <int kD, int kBM, int kBN, int kWarps, typename T, bool kExtras>
+template <int kD, int kBM, int kBN, int kWarps, typename T, bool kExtras, int kMinBlocks = 1>
 cudaError_t launch_attn_fwd(const attention_fwd_params &p, cudaStream_t stream) {
     using Cfg = FwdConfig<kD, kBM, kBN, kWarps>;
-    auto kernel = attn_fwd_kernel<kD, kBM, kBN, kWarps, T, kExtras>;
+    auto kernel = attn_fwd_kernel<kD, kBM, kBN, kWarps, T, kExtras, kMinBlocks>;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            Cfg::kSmemBytes);
     if (err != cudaSuccess) return err;
@@ -508,14 +509,381 @@ cudaError_t launch_attn_fwd(const attention_fwd_params &p, cudaStream_t stream) 
     return cudaGetLastError();
 }
 
-/* The forward of one padded head dim and dtype: FA2's sm80 tile shapes, except 128 x 64 at
- * kD = 64, where 128 x 128 spills. */
+/* The forward of one padded head dim and dtype. Plain scores at kD = 64: 128 x 128 tiles over
+ * 8 warps of 16 query rows, two CTAs per SM (128 registers a thread, no spills). At kD = 128
+ * FA2's 128 x 64 x 4 warps (32 rows a warp) stays the default although ptxas spills 88 bytes
+ * on sm_90: the spill-free shapes (128 x 64 x 8 warps at two CTAs per SM, 128 x 32 x 4 warps)
+ * measured 8-12% slower on the H100 (benchmarks/NOTES_attention_cuda.md). Softcap/ALiBi/
+ * dropout add live state: 8 warps at one CTA per SM at kD = 128, 128 x 64 x 4 warps at
+ * kD <= 64, all spill-free. `variant` (attention_fwd_params.variant, the op's variant
+ * argument; nonzero also skips the decode path)
+ * picks the alternatives for plain scores at kD = 64 and 128: 1 = 128 x 64 x 4 warps,
+ * 2 = the spill-free 8-warp shape, 3 = the third shape in the switch. */
+template <int kD, typename T> cudaError_t run_attn_fwd_tiles(const attention_fwd_params &p,
+                                                             cudaStream_t stream) {
+    const bool extras = p.softcap > 0.0f || p.alibi_slopes != nullptr || p.dropout_p > 0.0f;
+    const int variant = p.variant;
+    if constexpr (kD == 128) {
+        if (extras) return launch_attn_fwd<kD, 128, 64, 8, T, true, 1>(p, stream);
+        switch (variant) {
+        case 2: return launch_attn_fwd<kD, 128, 64, 8, T, false, 2>(p, stream);
+        case 3: return launch_attn_fwd<kD, 128, 32, 4, T, false, 1>(p, stream);
+        default: return launch_attn_fwd<kD, 128, 64, 4, T, false, 1>(p, stream);
+        }
+    } else if constexpr (kD == 64) {
+        if (extras) return launch_attn_fwd<kD, 128, 64, 4, T, true, 1>(p, stream);
+        switch (variant) {
+        case 1: return launch_attn_fwd<kD, 128, 64, 4, T, false, 1>(p, stream);
+        case 3: return launch_attn_fwd<kD, 128, 64, 8, T, false, 2>(p, stream);
+        default: return launch_attn_fwd<kD, 128, 128, 8, T, false, 2>(p, stream);
+        }
+    } else if constexpr (kD == 32) {
+        return extras ? launch_attn_fwd<kD, 128, 64, 4, T, true, 1>(p, stream)
+                      : launch_attn_fwd<kD, 128, 128, 4, T, false, 1>(p, stream);
+    } else {
+        constexpr int kWarps = kD <= 128 ? 4 : 8;
+        return extras ? launch_attn_fwd<kD, 128, 64, kWarps, T, true, 1>(p, stream)
+                      : launch_attn_fwd<kD, 128, 64, kWarps, T, false, 1>(p, stream);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Decode (flash-decoding): few query rows, long keys.                                       */
+/*                                                                                           */
+/* One CTA per (row group, key split, batch, kv head). Its 16 rows are (query head of the GQA   */
+/* group, query) pairs, row = head_in_group * sq + i, so the heads that share a kv head read  */
+/* each K/V byte once. The CTA's 4 warps split every 64-key block (16 keys each) and keep     */
+/* their own online softmax; K/V blocks stream through a kStages-deep cp.async ring. At the   */
+/* end the warps merge through shared memory; with one split the CTA writes out and lse,      */
+/* otherwise a record (o normalized in fp32, lse in log2 units) per (row, split) goes to the  */
+/* workspace and attn_decode_combine_kernel merges the splits by lse. Plain scores only       */
+/* (no softcap, ALiBi or dropout); masks and varlen as in the forward.                       */
+
+constexpr int kDecodeRows = 16, kDecodeBN = 64, kDecodeWarps = 4;
+
+template <int kD> struct DecodeConfig {
+    static constexpr int kThreads = kDecodeWarps * 32;
+    static constexpr int kPitch = Tile<kD>::kPitch;
+    static constexpr int kStages = kD <= 128 ? 3 : 2;
+    static constexpr int kTileQ = kDecodeRows * kPitch * 2, kTileKV = kDecodeBN * kPitch * 2;
+    static constexpr int kRedPitch = kD + 4; /* fp32 merge rows */
+    static constexpr int kRedBytes = kDecodeWarps * kDecodeRows * (kRedPitch + 2) * 4;
+    static constexpr int kLoopBytes = kTileQ + kStages * 2 * kTileKV;
+    static constexpr int kSmemBytes = kLoopBytes > kTileQ + kRedBytes ? kLoopBytes
+                                                                      : kTileQ + kRedBytes;
+};
+
+/* Floats of one workspace record: o (d, padded to 4) and lse (log2 units), 16-byte aligned. */
+__host__ __device__ __forceinline__ int64_t decode_record_floats(int64_t d) {
+    return (d + 3) / 4 * 4 + 4;
+}
+
+template <int kD, typename T>
+__global__ void __launch_bounds__(kDecodeWarps * 32, 2)
+    attn_decode_kernel(const attention_fwd_params p, int num_splits) {
+    using Cfg = DecodeConfig<kD>;
+    constexpr int kThreads = Cfg::kThreads, kPitch = Cfg::kPitch, kStages = Cfg::kStages;
+    constexpr int kDT = kD / 8, kChunks = kD / 8;
+    extern __shared__ __align__(16) unsigned char smem[];
+    const uint32_t q_tile = smem_addr(smem);
+    const uint32_t kv_tiles = q_tile + Cfg::kTileQ; /* [kStages][K, V] */
+
+    const int split = blockIdx.x % num_splits, rg = blockIdx.x / num_splits;
+    const int b = blockIdx.y, kv_head = blockIdx.z;
+    const Sequence seq(p, b);
+    const int group = (int)(p.heads_q / p.heads_kv);
+    const int rows_total = group * seq.sq;
+    const int r0 = rg * kDecodeRows;
+    if (r0 >= rows_total) return;
+    const int d = (int)p.head_dim;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+
+    /* Q rows: each has its own head and query index. */
+    for (int c = threadIdx.x; c < kDecodeRows * kChunks; c += kThreads) {
+        const int r = c / kChunks, ch = c % kChunks, ridx = r0 + r;
+        const bool ok = ridx < rows_total && ch * 8 < d;
+        const T *src = static_cast<const T *>(p.q);
+        if (ok) {
+            const int h = kv_head * group + ridx / seq.sq, i = ridx % seq.sq;
+            src += b * p.q_batch_stride + ((int64_t)seq.q_start + i) * p.q_row_stride +
+                   h * p.q_head_stride + ch * 8;
+        }
+        cp_async16(q_tile + (uint32_t)(r * kPitch + ch * 8) * 2, src, ok);
+    }
+
+    /* Key blocks of the union of the rows' bands, split evenly. */
+    const int j_lo = seq.first(0), j_hi = seq.last(seq.sq - 1);
+    const int n_lo = j_lo / kDecodeBN;
+    const int n_all = j_hi >= j_lo && seq.sk > 0 ? j_hi / kDecodeBN - n_lo + 1 : 0;
+    const int per = (n_all + num_splits - 1) / num_splits;
+    const int nb_begin = n_lo + min(n_all, split * per);
+    const int nb_end = n_lo + min(n_all, (split + 1) * per);
+    const int blocks = nb_end - nb_begin;
+
+    const T *k = static_cast<const T *>(p.k) + b * p.k_batch_stride +
+                 seq.k_start * p.k_row_stride + kv_head * p.k_head_stride;
+    const T *v = static_cast<const T *>(p.v) + b * p.v_batch_stride +
+                 seq.k_start * p.v_row_stride + kv_head * p.v_head_stride;
+    auto load_stage = [&](int it) {
+        const int j0 = (nb_begin + it) * kDecodeBN, keys = min(kDecodeBN, seq.sk - j0);
+        const uint32_t kt = kv_tiles + (it % kStages) * 2 * Cfg::kTileKV;
+        load_tile<kDecodeBN, kD, kThreads>(kt, k + j0 * p.k_row_stride, p.k_row_stride, keys, d);
+        load_tile<kDecodeBN, kD, kThreads>(kt + Cfg::kTileKV, v + j0 * p.v_row_stride,
+                                           p.v_row_stride, keys, d);
+    };
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+        if (s < blocks) load_stage(s);
+        cp_async_commit(); /* the first group carries Q too */
+    }
+
+    /* Visible keys of this thread's two rows (rows past the group see none). */
+    int lo[2], hi[2];
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        const int ridx = r0 + g + hr * 8;
+        const int i = ridx % max(seq.sq, 1);
+        lo[hr] = ridx < rows_total ? seq.first(i) : 1;
+        hi[hr] = ridx < rows_total ? seq.last(i) : 0;
+    }
+    /* Every row sees all of [first(sq - 1), last(0)]: blocks inside need no mask. */
+    const int full_lo = seq.first(seq.sq - 1), full_hi = seq.last(0);
+    const float scale_log2 = p.softmax_scale * kLog2e;
+
+    float acc[1][kDT][4];
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[0][dt][e] = 0.0f;
+
+    for (int it = 0; it < blocks; ++it) {
+        cp_async_wait<kStages - 2>();
+        __syncthreads(); /* block it landed; every warp is done with block it - 1 */
+        if (it + kStages - 1 < blocks) load_stage(it + kStages - 1);
+        cp_async_commit();
+
+        const int j0 = (nb_begin + it) * kDecodeBN;
+        const uint32_t kt = kv_tiles + (it % kStages) * 2 * Cfg::kTileKV;
+        float s[1][2][4];
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[0][nt][e] = 0.0f;
+        gemm_abt<kD, 1, 2, T>(s, q_tile, 0, kt, warp * 16, lane);
+
+        const int jw = j0 + warp * 16;
+        const bool masked = !(jw + 16 <= seq.sk && full_lo <= jw && full_hi >= jw + 15);
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+            if (masked) {
+#pragma unroll
+                for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int j = jw + nt * 8 + 2 * t + e;
+                        if (j < lo[hr] || j > hi[hr]) s[0][nt][2 * hr + e] = -INFINITY;
+                    }
+            }
+            float mx = row_max[hr];
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+                mx = fmaxf(mx, fmaxf(s[0][nt][2 * hr], s[0][nt][2 * hr + 1]));
+            mx = quad_max(mx);
+            const float shift = mx == -INFINITY ? 0.0f : mx * scale_log2;
+            const float alpha = exp2f(row_max[hr] * scale_log2 - shift);
+            row_max[hr] = mx;
+            float sum = 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const float pr = exp2f(fmaf(s[0][nt][2 * hr + e], scale_log2, -shift));
+                    s[0][nt][2 * hr + e] = pr;
+                    sum += pr;
+                }
+            row_sum[hr] = row_sum[hr] * alpha + sum;
+#pragma unroll
+            for (int dt = 0; dt < kDT; ++dt) {
+                acc[0][dt][2 * hr] *= alpha;
+                acc[0][dt][2 * hr + 1] *= alpha;
+            }
+        }
+        gemm_pb<kD, 1, 2, kDT, T>(acc, s, kt + Cfg::kTileKV + warp * 16 * kPitch * 2, 0, lane);
+    }
+
+    /* Merge the warps: each writes its accumulators, max (log2 units) and sum to shared
+     * memory past the Q tile. */
+    cp_async_wait<0>();
+    __syncthreads();
+    float *red = reinterpret_cast<float *>(smem + Cfg::kTileQ); /* [warps][rows][kRedPitch] */
+    float *red_max = red + kDecodeWarps * kDecodeRows * Cfg::kRedPitch; /* [warps][rows] */
+    float *red_sum = red_max + kDecodeWarps * kDecodeRows;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        const int r = g + hr * 8;
+        float *dst = red + (warp * kDecodeRows + r) * Cfg::kRedPitch;
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt)
+            *reinterpret_cast<float2 *>(dst + dt * 8 + 2 * t) =
+                make_float2(acc[0][dt][2 * hr], acc[0][dt][2 * hr + 1]);
+        const float sum = quad_sum(row_sum[hr]);
+        if (t == 0) {
+            red_max[warp * kDecodeRows + r] =
+                row_max[hr] == -INFINITY ? -INFINITY : row_max[hr] * scale_log2;
+            red_sum[warp * kDecodeRows + r] = sum;
+        }
+    }
+    __syncthreads();
+
+    const int valid_rows = min(kDecodeRows, rows_total - r0);
+    float *ws = static_cast<float *>(p.workspace);
+    const int64_t rec = decode_record_floats(d);
+    /* 8 threads per row, 4 columns each per step. */
+    for (int r = threadIdx.x / 8; r < valid_rows; r += kThreads / 8) {
+        float m = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < kDecodeWarps; ++w) m = fmaxf(m, red_max[w * kDecodeRows + r]);
+        float wgt[kDecodeWarps], total = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kDecodeWarps; ++w) {
+            const float mw = red_max[w * kDecodeRows + r];
+            wgt[w] = mw == -INFINITY ? 0.0f : exp2f(mw - m);
+            total += wgt[w] * red_sum[w * kDecodeRows + r];
+        }
+        const bool empty = !(total > 0.0f);
+        const float inv = empty ? 0.0f : 1.0f / total;
+        const float lse2 = empty ? -INFINITY : m + log2f(total);
+        const int ridx = r0 + r, h = kv_head * group + ridx / seq.sq, i = ridx % seq.sq;
+        const int64_t lse_index =
+            b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start + i;
+        if (num_splits == 1) {
+            T *out = static_cast<T *>(p.out) + b * p.out_batch_stride +
+                     ((int64_t)seq.q_start + i) * p.out_row_stride + h * p.out_head_stride;
+            for (int c = (threadIdx.x % 8) * 4; c < d; c += 32) {
+                float o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                for (int w = 0; w < kDecodeWarps; ++w) {
+                    const float4 a = *reinterpret_cast<const float4 *>(
+                        red + (w * kDecodeRows + r) * Cfg::kRedPitch + c);
+                    o[0] += wgt[w] * a.x, o[1] += wgt[w] * a.y;
+                    o[2] += wgt[w] * a.z, o[3] += wgt[w] * a.w;
+                }
+                *reinterpret_cast<uint32_t *>(out + c) = Elem<T>::pack(o[0] * inv, o[1] * inv);
+                *reinterpret_cast<uint32_t *>(out + c + 2) =
+                    Elem<T>::pack(o[2] * inv, o[3] * inv);
+            }
+            if (threadIdx.x % 8 == 0) p.lse[lse_index] = empty ? -INFINITY : lse2 * kLn2;
+        } else {
+            float *dst = ws + (lse_index * num_splits + split) * rec;
+            for (int c = (threadIdx.x % 8) * 4; c < d; c += 32) {
+                float o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                for (int w = 0; w < kDecodeWarps; ++w) {
+                    const float4 a = *reinterpret_cast<const float4 *>(
+                        red + (w * kDecodeRows + r) * Cfg::kRedPitch + c);
+                    o[0] += wgt[w] * a.x, o[1] += wgt[w] * a.y;
+                    o[2] += wgt[w] * a.z, o[3] += wgt[w] * a.w;
+                }
+                *reinterpret_cast<float4 *>(dst + c) =
+                    make_float4(o[0] * inv, o[1] * inv, o[2] * inv, o[3] * inv);
+            }
+            if (threadIdx.x % 8 == 0) dst[rec - 4] = lse2;
+        }
+    }
+}
+
+/* Merges the splits of one (query row, batch, head) per warp: weights 2^(lse_s - max). */
+template <typename T>
+__global__ void __launch_bounds__(128) attn_decode_combine_kernel(const attention_fwd_params p,
+                                                                  int num_splits) {
+    const int b = blockIdx.y, h = blockIdx.z, lane = threadIdx.x % 32;
+    const Sequence seq(p, b);
+    const int i = blockIdx.x * 4 + threadIdx.x / 32;
+    if (i >= seq.sq) return;
+    const int d = (int)p.head_dim;
+    const int64_t rec = decode_record_floats(d);
+    const int64_t lse_index = b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start + i;
+    const float *src = static_cast<const float *>(p.workspace) + lse_index * num_splits * rec;
+    float m = -INFINITY;
+    for (int s = lane; s < num_splits; s += 32) m = fmaxf(m, src[s * rec + rec - 4]);
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    float total = 0.0f;
+    for (int s = lane; s < num_splits; s += 32) {
+        const float l = src[s * rec + rec - 4];
+        total += l == -INFINITY ? 0.0f : exp2f(l - m);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) total += __shfl_xor_sync(0xffffffffu, total, off);
+    const bool empty = !(total > 0.0f);
+    const float inv = empty ? 0.0f : 1.0f / total;
+    T *out = static_cast<T *>(p.out) + b * p.out_batch_stride +
+             ((int64_t)seq.q_start + i) * p.out_row_stride + h * p.out_head_stride;
+    for (int c = lane * 4; c < d; c += 128) {
+        float o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int s = 0; s < num_splits; ++s) {
+            const float l = src[s * rec + rec - 4];
+            if (l == -INFINITY) continue; /* an empty split's o is never written */
+            const float w = exp2f(l - m);
+            const float4 a = *reinterpret_cast<const float4 *>(src + s * rec + c);
+            o[0] += w * a.x, o[1] += w * a.y, o[2] += w * a.z, o[3] += w * a.w;
+        }
+        *reinterpret_cast<uint32_t *>(out + c) = Elem<T>::pack(o[0] * inv, o[1] * inv);
+        *reinterpret_cast<uint32_t *>(out + c + 2) = Elem<T>::pack(o[2] * inv, o[3] * inv);
+    }
+    if (lane == 0) p.lse[lse_index] = empty ? -INFINITY : (m + log2f(total)) * kLn2;
+}
+
+/* Key splits of the decode path, 0 where it does not apply (more than 16 query rows). Enough
+ * CTAs for two per SM of an H100 (132 SMs), at least 2 key blocks (128 keys) per split, at
+ * most 128 splits. A pure function of the shapes: csrc/attention.c sizes the workspace with
+ * it (attention_cuda_decode_workspace_bytes). */
+__host__ __device__ inline int decode_splits(int64_t batch, int64_t heads_q, int64_t heads_kv,
+                                             int64_t seqlen_q, int64_t seqlen_k) {
+    if (seqlen_q < 1 || seqlen_q > 16 || heads_kv < 1 || batch < 1) return 0;
+    const int64_t rows = heads_q / heads_kv * seqlen_q;
+    const int64_t ctas = batch * heads_kv * ((rows + kDecodeRows - 1) / kDecodeRows);
+    const int64_t blocks = (seqlen_k + kDecodeBN - 1) / kDecodeBN;
+    int64_t splits = (264 + ctas - 1) / ctas;
+    splits = splits < (blocks + 1) / 2 ? splits : (blocks + 1) / 2;
+    splits = splits < 128 ? splits : 128;
+    return splits < 1 ? 1 : (int)splits;
+}
+
+template <int kD, typename T> cudaError_t run_attn_decode(const attention_fwd_params &p,
+                                                          int splits, cudaStream_t stream) {
+    using Cfg = DecodeConfig<kD>;
+    auto kernel = attn_decode_kernel<kD, T>;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           Cfg::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    const int64_t rows = p.heads_q / p.heads_kv * p.seqlen_q;
+    const dim3 grid((unsigned)((rows + kDecodeRows - 1) / kDecodeRows * splits),
+                    (unsigned)p.batch, (unsigned)p.heads_kv);
+    kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, splits);
+    err = cudaGetLastError();
+    if (err != cudaSuccess || splits == 1) return err;
+    const dim3 cgrid((unsigned)((p.seqlen_q + 3) / 4), (unsigned)p.batch, (unsigned)p.heads_q);
+    attn_decode_combine_kernel<T><<<cgrid, 128, 0, stream>>>(p, splits);
+    return cudaGetLastError();
+}
+
+/* The forward: the decode path for up to 16 query rows with plain scores (auto, variant 0,
+ * when the workspace holds its records), else the tiled kernel. */
 template <int kD, typename T> cudaError_t run_attn_fwd(const attention_fwd_params &p,
                                                        cudaStream_t stream) {
     const bool extras = p.softcap > 0.0f || p.alibi_slopes != nullptr || p.dropout_p > 0.0f;
-    constexpr int kBM = 128, kBN = kD <= 32 ? 128 : 64, kWarps = kD <= 128 ? 4 : 8;
-    return extras ? launch_attn_fwd<kD, kBM, kBN, kWarps, T, true>(p, stream)
-                  : launch_attn_fwd<kD, kBM, kBN, kWarps, T, false>(p, stream);
+    const int splits = decode_splits(p.batch, p.heads_q, p.heads_kv, p.seqlen_q, p.seqlen_k);
+    if (!extras && p.variant == 0 && splits > 0 && p.seqlen_k > 0) {
+        /* the largest lse index + 1: lse is (B, Hq, Sq) or (Hq, total_q), contiguous */
+        const int64_t rows = p.cu_seqlens_q ? p.heads_q * p.lse_head_stride
+                                            : p.batch * p.lse_batch_stride;
+        const int64_t need =
+            splits == 1 ? 0 : rows * splits * decode_record_floats(p.head_dim) * 4;
+        if (p.workspace_bytes >= need) return run_attn_decode<kD, T>(p, splits, stream);
+    }
+    return run_attn_fwd_tiles<kD, T>(p, stream);
 }
 
 /* ---------------------------------------------------------------------------------------- */

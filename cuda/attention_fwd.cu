@@ -36,6 +36,18 @@ extern "C" int attention_cuda_padded_head_dim(int64_t head_dim) {
                                                                                               : 256;
 }
 
+/* Bytes of the workspace the forward's decode path needs (0 where it does not apply or needs
+ * none): one record of decode_record_floats(d) floats per (lse row, key split). total_q is
+ * B * Sq for dense inputs and the row count of varlen q. */
+extern "C" int64_t attention_cuda_forward_workspace_bytes(int64_t batch, int64_t heads_q,
+                                                          int64_t heads_kv, int64_t seqlen_q,
+                                                          int64_t seqlen_k, int64_t head_dim,
+                                                          int64_t total_q) {
+    const int splits = attn::decode_splits(batch, heads_q, heads_kv, seqlen_q, seqlen_k);
+    if (splits <= 1) return 0;
+    return heads_q * total_q * splits * attn::decode_record_floats(head_dim) * 4;
+}
+
 extern "C" int attention_forward_cuda(const attention_fwd_params *p, void *stream) {
     if (p->batch == 0 || p->heads_q == 0 || p->seqlen_q == 0) return 0;
     if (p->batch > 65535 || p->heads_q > 65535) return (int)cudaErrorInvalidConfiguration;

@@ -28,7 +28,7 @@ int path_override() {
     return -1;
 }
 
-constexpr int64_t LUT_MAX_M = 2;    // fp16/bf16: lut up to this m (H100: faster than mma at 2)
+constexpr int64_t LUT_MAX_M = 4;    // fp16/bf16: lut (lutgemm_lut1.cu) up to this m (H100: m = 8 mma)
 constexpr int64_t SPLIT_MAX_M = 64; // k is split (fp32 workspace) only up to this many rows
 
 struct Plan {
@@ -48,16 +48,17 @@ int choose_path(const lutgemm_params *p) {
                                       : PATH_MMA;
 }
 
-/* m = 1 with ≤ 4 bit-planes: the conflict-free single-row kernel (lutgemm_lut1.cu). */
-bool lut1_applies(const lutgemm_params *p) { return p->m == 1 && p->bits <= 4; }
+/* m ≤ 8 with ≤ 4 bit-planes: the conflict-free table kernel (lutgemm_lut1.cu). */
+bool lut1_applies(const lutgemm_params *p) { return p->m <= LUT1_MAX_M && p->bits <= 4; }
 
 Plan make_plan(const lutgemm_params *p, int path) {
     Plan plan = {};
     const int64_t n_pad = bcq_padded_rows(p->n), words = bcq_words_per_row(p->k);
     plan.path = path;
     if (plan.path == PATH_LUT && lut1_applies(p)) {
-        plan.m_tile = 1;
-        plan.tiles = (n_pad + 15) / 16;  // ≥ the row tiles of lutgemm_lut1.cu
+        plan.m_tile = lutgemm_lut1_rows(p->m);
+        // ≥ the (row tile, m tile) pairs of lutgemm_lut1.cu
+        plan.tiles = (n_pad + 15) / 16 * ((p->m + plan.m_tile - 1) / plan.m_tile);
     } else if (plan.path == PATH_LUT) {
         plan.m_tile = 4;
         plan.tiles = (n_pad + LUT_ROWS - 1) / LUT_ROWS * ((p->m + plan.m_tile - 1) / plan.m_tile);
@@ -112,7 +113,7 @@ cudaError_t run_lut(const lutgemm_params *p, const Plan &plan, cudaStream_t stre
     a.mode = p->mode, a.x_type = p->x_type, a.meta_type = p->meta_type;
     if (lut1_applies(p)) {
         a.sm_count = sm_count();
-        if (lutgemm_lut1_slabs(words) > 1) {
+        if (lutgemm_lut1_slabs(p->m, words) > 1) {
             a.counters = (unsigned *)p->workspace;
             a.acc = (float *)((char *)p->workspace + plan.counters_bytes);
             cudaError_t err = cudaMemsetAsync(p->workspace, 0,

@@ -73,8 +73,11 @@ __host__ __device__ inline int mma_smem_bytes(int bm, int bits, int nm, int meta
  * the kernel instance. */
 cudaError_t lutgemm_lut_launch(int bits, int m_tile, const LutArgs &a, dim3 grid,
                                cudaStream_t stream);
-/* m = 1, bits ≤ 4 (lutgemm_lut1.cu): k in slabs of 512, split over gridDim.y when > 1. */
-int64_t lutgemm_lut1_slabs(int64_t words);
+/* m ≤ LUT1_MAX_M, bits ≤ 4 (lutgemm_lut1.cu): activation rows in tiles of lutgemm_lut1_rows(m)
+ * (gridDim.z), k in slabs of 512 (m = 1) or 256 words, split over gridDim.y when > 1. */
+constexpr int64_t LUT1_MAX_M = 8;
+int lutgemm_lut1_rows(int64_t m);
+int64_t lutgemm_lut1_slabs(int64_t m, int64_t words);
 cudaError_t lutgemm_lut1_launch(int bits, const LutArgs &a, cudaStream_t stream);
 cudaError_t lutgemm_mma_launch(int x_type, int bm, const MmaArgs &a, dim3 grid,
                                cudaStream_t stream);

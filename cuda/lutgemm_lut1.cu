@@ -17,6 +17,9 @@
  * fp32 atomics into the workspace (zeroed by the launcher); the last block of a row tile
  * writes the output. Grid: (row tiles G, slabs), with G·slabs ≈ the resident blocks of one
  * wave; row sets of 16 rows go round-robin to the G tiles and then to the block's 8 warps. */
+#include <stdio.h>
+#include <stdlib.h>
+
 #include <type_traits>
 
 #include "lutgemm_cuda.cuh"
@@ -27,15 +30,14 @@ constexpr int THREADS = 256;
 constexpr int SLAB_WORDS = 16;
 constexpr int TABLES = SLAB_WORDS * 4;           // 64
 constexpr int TABLE_BYTES = 256 * TABLES * 4;    // 64 KB
-constexpr int SMEM_BYTES = TABLE_BYTES + SLAB_WORDS * 4;  // tables, then Σx per word
 
 __host__ __device__ constexpr int ctz(int v) { return v & 1 ? 0 : 1 + ctz(v >> 1); }
 
 /* One pipeline stage of a lane: BITS plane words and the raw metadata of 4 rows. */
-template <int BITS, bool META32> struct Stage {
+template <int BITS, bool META32, int NM = BITS + 1> struct Stage {
     using Raw = typename std::conditional<META32, uint4, uint2>::type;
     uint4 planes[BITS];
-    Raw meta[BITS + 1];
+    Raw meta[NM];  // general: α_0 .. α_{q-1}, z; uniform: s, z
 };
 
 template <bool META32>
@@ -55,35 +57,64 @@ __device__ __forceinline__ void raw_to_float(const typename Stage<1, META32>::Ra
     }
 }
 
-template <int BITS, bool META32>
-__global__ void __launch_bounds__(THREADS, 2) lut1_kernel(LutArgs a) {
-    using St = Stage<BITS, META32>;
+constexpr int DEPTH4_REGS = 0;   // m = 1: 4 stages in flight up to this stage size (0: off;
+                                 // 20 measured slower on H100: 47.0 vs 44.1 µs, 12288² 3-bit)
+constexpr int DEPTH3_REGS = 20;  // m = 2: 3 stages
+
+/* Registers of one stage (planes + the largest metadata set) decide the pipeline depth. */
+template <int BITS, bool META32, bool GEN> __host__ __device__ constexpr int stage_regs() {
+    return 4 * BITS + (GEN ? BITS + 1 : 2) * (META32 ? 4 : 2);
+}
+/* Stages in flight per warp: a multiple of the items per row set (HALVES). */
+template <int BITS, bool META32, bool GEN, int M> __host__ __device__ constexpr int depth() {
+    return M == 1 ? (stage_regs<BITS, META32, GEN>() <= DEPTH4_REGS ? 4 : 2)
+                  : (M == 2 ? (stage_regs<BITS, META32, GEN>() <= DEPTH3_REGS ? 3 : 2) : 2);
+}
+/* Table slots: 32 tables (8 words × 4 bytes) each; a pair of slots fills 64 KB. */
+template <int M> __host__ __device__ constexpr int slots() { return M == 1 ? 2 : M; }
+template <int M> __host__ __device__ constexpr int smem_bytes() {
+    return slots<M>() / 2 * TABLE_BYTES + slots<M>() * 8 * 4;
+}
+
+template <int BITS, bool META32, bool GEN, int M>
+__global__ void __launch_bounds__(THREADS, M >= 4 ? 1 : 2) lut1_kernel(LutArgs a) {
+    constexpr int NM = GEN ? BITS + 1 : 2;
+    using St = Stage<BITS, META32, NM>;
     using Raw = typename St::Raw;
+    constexpr int HALVES = M == 1 ? 2 : 1;  // items (8-word halves) per row set
+    constexpr int SW = 8 * HALVES;          // words per slab
+    constexpr int S = slots<M>();
+    constexpr int D = depth<BITS, META32, GEN, M>();
+    static_assert(D % HALVES == 0, "whole row sets per round");
     extern __shared__ float4 lut1_smem[];
     float *tables = (float *)lut1_smem;
-    float *xsum = tables + 256 * TABLES;
+    float *xsum = tables + S / 2 * 256 * TABLES;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int w = lane >> 2, q = lane & 3;
-    const int w0 = blockIdx.y * SLAB_WORDS;
+    const int w0 = blockIdx.y * SW;
     const int64_t row_sets = (a.n_pad + 15) / 16;
-    const int nm = a.nm;
-    const bool general = a.mode == BCQ_MODE_GENERAL;
     const int meta_size = META32 ? 4 : 2;
+    // This block's activation rows: z·M .. z·M + mz − 1 (mz ≤ M)
+    const int64_t row0 = (int64_t)blockIdx.z * M;
+    const int mz = a.m - row0 < M ? (int)(a.m - row0) : M;
+    float *wacc = a.acc + row0 * a.n_pad;
+    unsigned *counter = a.counters + (int64_t)blockIdx.z * gridDim.x + blockIdx.x;
 
-    // The two words of this lane (halves h = 0, 1 of the slab) and their groups.
-    int word[2], group[2];
-    bool valid[2];
+    // The words of this lane (halves h) and their groups.
+    int word[HALVES], group[HALVES];
+    bool valid[HALVES];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < HALVES; ++h) {
         word[h] = w0 + h * 8 + w;
         valid[h] = word[h] < a.words;
         group[h] = valid[h] ? (int)(32 * (int64_t)word[h] / a.group_size) : 0;
     }
 
-    // Row sets of this block: blockIdx.x + gridDim.x · (warp + 8 j).
+    // Row sets of this warp: blockIdx.x + gridDim.x · (warp + 8 j); item it = (j, half).
     const int64_t rs_step = (int64_t)gridDim.x * 8;
-    int64_t rs = blockIdx.x + (int64_t)gridDim.x * warp;
+    const int64_t rs0 = blockIdx.x + (int64_t)gridDim.x * warp;
+    auto item_rs = [&](int it) { return rs0 + (int64_t)(it / HALVES) * rs_step; };
 
     auto load = [&](St &st, int64_t set, int h) {
         const int64_t row = set * 16 + 4 * q;
@@ -94,30 +125,37 @@ __global__ void __launch_bounds__(THREADS, 2) lut1_kernel(LutArgs a) {
                                                       ((int64_t)word[h] * BITS + i) * a.n_pad + row))
                               : make_uint4(0, 0, 0, 0);
 #pragma unroll
-        for (int j = 0; j < BITS + 1; ++j) {
-            if (j >= nm) break;
+        for (int j = 0; j < NM; ++j) {
             st.meta[j] = ok ? __ldg((const Raw *)((const char *)a.meta +
-                                                  (((int64_t)group[h] * nm + j) * a.n_pad + row) *
+                                                  (((int64_t)group[h] * NM + j) * a.n_pad + row) *
                                                       meta_size))
                             : Raw{};
         }
     };
 
-    // First stage's loads go out before the tables are built.
-    St s0, s1;
-    load(s0, rs, 0);
+    // The first D items' loads go out before the tables are built.
+    St st[D];
+#pragma unroll
+    for (int j = 0; j < D; ++j) load(st[j], item_rs(j), j % HALVES);
 
-    {  // Tables: thread builds entries 64·(tid >> 6) .. +63 of table t = tid & 63, Gray order.
-        const int t = tid & 63, hi = tid >> 6;
-        const int64_t col0 = (int64_t)w0 * 32 + 8 * t;
+    // Tables: slot pair p holds tables T = 0..63 (slot 2p + T / 32, table T % 32 of it); thread
+    // builds entries 64·(tid >> 6) .. +63 of table T = tid & 63, Gray order. Slot σ is half σ
+    // of the slab (M = 1) or activation row σ (M > 1).
+#pragma unroll
+    for (int p = 0; p < S / 2; ++p) {
+        const int T = tid & 63, hi = tid >> 6, sigma = 2 * p + (T >> 5);
+        const int r = M == 1 ? 0 : sigma;
+        const int64_t col0 = (int64_t)w0 * 32 + 8 * (M == 1 ? T : T & 31);
         float x[8];
 #pragma unroll
         for (int j = 0; j < 8; ++j)
-            x[j] = col0 + j < a.k ? load_scalar(a.x, col0 + j, a.x_type) : 0.0f;
+            x[j] = r < mz && col0 + j < a.k
+                       ? load_scalar(a.x, (row0 + r) * a.ldx + col0 + j, a.x_type)
+                       : 0.0f;
         float v = (hi & 1 ? x[6] : -x[6]) + (hi & 2 ? x[7] : -x[7]);
 #pragma unroll
         for (int j = 0; j < 6; ++j) v -= x[j];
-        float *tab = tables + hi * 64 * TABLES + t;
+        float *tab = tables + p * 256 * TABLES + hi * 64 * TABLES + T;
         tab[0] = v;
 #pragma unroll
         for (int i = 1; i < 64; ++i) {
@@ -129,11 +167,13 @@ __global__ void __launch_bounds__(THREADS, 2) lut1_kernel(LutArgs a) {
             float s = ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
             s += __shfl_xor_sync(0xffffffffu, s, 1);
             s += __shfl_xor_sync(0xffffffffu, s, 2);
-            if ((t & 3) == 0) xsum[t >> 2] = s;
+            if ((T & 3) == 0) xsum[2 * p * 8 + (T >> 2)] = s;
         }
     }
     __syncthreads();
-    const float xs[2] = {xsum[w], xsum[8 + w]};
+    float xs[S];  // Σx of this lane's word, per slot
+#pragma unroll
+    for (int s = 0; s < S; ++s) xs[s] = xsum[s * 8 + w];
 
     // Per lookup slot s: PRMT selector (byte s ^ q of the word into bits 8..15, 4t below it)
     // and the register holding 4t in its low byte.
@@ -145,12 +185,11 @@ __global__ void __launch_bounds__(THREADS, 2) lut1_kernel(LutArgs a) {
         base[s] = 4u * (4 * w + b);
     }
 
-    float acc[4];
-    // Σ over the stage's 4 rows of Σ_i α_i · (table sums) + z · Σx.
+    float acc[M][4];
+    // Σ over the stage's 4 rows of Σ_i α_i · (table sums) + z · Σx, for every activation row.
     auto consume = [&](const St &st, int h) {
-        const char *tab = (const char *)tables + h * 128;
         float alpha[BITS][4], z[4];
-        if (general) {
+        if constexpr (GEN) {
             raw_to_float<META32>(st.meta[BITS], a.meta_type, z);
 #pragma unroll
             for (int i = 0; i < BITS; ++i) raw_to_float<META32>(st.meta[i], a.meta_type, alpha[i]);
@@ -165,94 +204,154 @@ __global__ void __launch_bounds__(THREADS, 2) lut1_kernel(LutArgs a) {
         }
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-            float sum = z[c] * xs[h];
+            float sum[M];
+#pragma unroll
+            for (int r = 0; r < M; ++r) sum[r] = z[c] * xs[M == 1 ? h : r];
 #pragma unroll
             for (int i = 0; i < BITS; ++i) {
                 const uint32_t u = (&st.planes[i].x)[c];
-                float tsum = 0.0f;
+                uint32_t off[4];
 #pragma unroll
-                for (int s = 0; s < 4; ++s)
-                    tsum += *(const float *)(tab + __byte_perm(u, base[s], sel[s]));
-                sum += alpha[i][c] * tsum;
+                for (int s = 0; s < 4; ++s) off[s] = __byte_perm(u, base[s], sel[s]);
+#pragma unroll
+                for (int r = 0; r < M; ++r) {
+                    const int sigma = M == 1 ? h : r;
+                    const char *tab = (const char *)tables + (sigma >> 1) * TABLE_BYTES +
+                                      (sigma & 1) * 128;
+                    float tsum = 0.0f;
+#pragma unroll
+                    for (int s = 0; s < 4; ++s) tsum += *(const float *)(tab + off[s]);
+                    sum[r] += alpha[i][c] * tsum;
+                }
             }
-            acc[c] += sum;
+#pragma unroll
+            for (int r = 0; r < M; ++r) acc[r][c] += sum[r];
         }
     };
 
-    for (; rs < row_sets; rs += rs_step) {
-        acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
-        load(s1, rs, 1);
-        consume(s0, 0);
-        load(s0, rs + rs_step, 0);
-        consume(s1, 1);
-
-        // Reduce over the 8 lanes of equal q: lane (w, q) ends with row 4q + ((w >> 1) & 3).
+    // Reduce over the 8 lanes of equal q: lane (w, q) ends with row 4q + ((w >> 1) & 3).
+    auto finish = [&](int64_t rs) {
         const bool b16 = lane & 16, b8 = lane & 8;
-        const float v0 = __shfl_xor_sync(0xffffffffu, b16 ? acc[0] : acc[2], 16);
-        const float v1 = __shfl_xor_sync(0xffffffffu, b16 ? acc[1] : acc[3], 16);
-        const float a0 = (b16 ? acc[2] : acc[0]) + v0, a1 = (b16 ? acc[3] : acc[1]) + v1;
-        float r = (b8 ? a1 : a0) + __shfl_xor_sync(0xffffffffu, b8 ? a0 : a1, 8);
-        r += __shfl_xor_sync(0xffffffffu, r, 4);
         const int64_t row = rs * 16 + 4 * q + ((w >> 1) & 3);
-        if ((w & 1) == 0 && row < a.n_pad) {
-            if (gridDim.y > 1) atomicAdd(a.acc + row, r);
-            else if (row < a.n)
-                store_scalar(a.out, row, a.x_type,
-                             r + (a.bias ? load_scalar(a.bias, row, a.x_type) : 0.0f));
+#pragma unroll
+        for (int r = 0; r < M; ++r) {
+            const float v0 = __shfl_xor_sync(0xffffffffu, b16 ? acc[r][0] : acc[r][2], 16);
+            const float v1 = __shfl_xor_sync(0xffffffffu, b16 ? acc[r][1] : acc[r][3], 16);
+            const float a0 = (b16 ? acc[r][2] : acc[r][0]) + v0;
+            const float a1 = (b16 ? acc[r][3] : acc[r][1]) + v1;
+            float v = (b8 ? a1 : a0) + __shfl_xor_sync(0xffffffffu, b8 ? a0 : a1, 8);
+            v += __shfl_xor_sync(0xffffffffu, v, 4);
+            if ((w & 1) == 0 && row < a.n_pad && r < mz) {
+                if (gridDim.y > 1) atomicAdd(wacc + r * a.n_pad + row, v);
+                else if (row < a.n)
+                    store_scalar(a.out, (row0 + r) * a.ldo + row, a.x_type,
+                                 v + (a.bias ? load_scalar(a.bias, row, a.x_type) : 0.0f));
+            }
+        }
+    };
+
+    // Rounds of D items: consume item j, refill its registers with item j + D.
+    for (int it0 = 0; item_rs(it0) < row_sets; it0 += D) {
+#pragma unroll
+        for (int j = 0; j < D; ++j) {
+            const int h = j % HALVES;
+            const int64_t rs = item_rs(it0 + j);
+            if (h == 0) {
+                if (rs >= row_sets) break;
+#pragma unroll
+                for (int r = 0; r < M; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.0f;
+            }
+            consume(st[j], h);
+            load(st[j], item_rs(it0 + j + D), h);
+            if (h == HALVES - 1) finish(rs);
         }
     }
 
-    if (gridDim.y > 1 && last_block_of_tile(a.counters + blockIdx.x, gridDim.y)) {
-        // This tile's rows: row sets blockIdx.x + gridDim.x · j.
-        for (int64_t e = tid; e < ((row_sets - blockIdx.x + gridDim.x - 1) / gridDim.x) * 16;
-             e += THREADS) {
-            const int64_t row = (blockIdx.x + gridDim.x * (e / 16)) * 16 + e % 16;
+    if (gridDim.y > 1 && last_block_of_tile(counter, gridDim.y)) {
+        // This tile's rows: row sets blockIdx.x + gridDim.x · j, for each activation row.
+        const int64_t tile_rows = ((row_sets - blockIdx.x + gridDim.x - 1) / gridDim.x) * 16;
+        for (int64_t e = tid; e < tile_rows * mz; e += THREADS) {
+            const int r = (int)(e / tile_rows);
+            const int64_t f = e - r * tile_rows;
+            const int64_t row = (blockIdx.x + gridDim.x * (f / 16)) * 16 + f % 16;
             if (row < a.n)
-                store_scalar(a.out, row, a.x_type,
-                             __ldcg(a.acc + row) + (a.bias ? load_scalar(a.bias, row, a.x_type) : 0.0f));
+                store_scalar(a.out, (row0 + r) * a.ldo + row, a.x_type,
+                             __ldcg(wacc + r * a.n_pad + row) +
+                                 (a.bias ? load_scalar(a.bias, row, a.x_type) : 0.0f));
         }
     }
 }
 
-template <int BITS, bool META32>
-cudaError_t launch(const LutArgs &a, int64_t slabs, cudaStream_t stream) {
+template <int BITS, bool META32, bool GEN, int M>
+cudaError_t launch(const LutArgs &a, cudaStream_t stream) {
+    constexpr int SMEM = smem_bytes<M>();
     static int resident = 0;  // blocks per SM, once per instance
     if (resident == 0) {
-        cudaError_t err = cudaFuncSetAttribute(lut1_kernel<BITS, META32>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               SMEM_BYTES);
+        cudaError_t err = cudaFuncSetAttribute(lut1_kernel<BITS, META32, GEN, M>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM);
         if (err != cudaSuccess) return err;
+        // LUTFLASH_LUT1_CARVEOUT=percent: shared-memory carveout preference (experiment knob;
+        // unset leaves the driver's choice).
+        if (const char *c = getenv("LUTFLASH_LUT1_CARVEOUT")) {
+            err = cudaFuncSetAttribute(lut1_kernel<BITS, META32, GEN, M>,
+                                       cudaFuncAttributePreferredSharedMemoryCarveout, atoi(c));
+            if (err != cudaSuccess) return err;
+        }
         int v = 0;
-        err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, lut1_kernel<BITS, META32>,
-                                                            THREADS, SMEM_BYTES);
+        err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, lut1_kernel<BITS, META32, GEN, M>,
+                                                            THREADS, SMEM);
         if (err != cudaSuccess) return err;
         resident = v > 0 ? v : 1;
+        if (getenv("LUTFLASH_LUT1_DEBUG"))
+            fprintf(stderr, "lut1<%d,%d,%d,%d>: %d blocks/SM, depth %d, smem %d\n", BITS,
+                    (int)META32, (int)GEN, M, resident, depth<BITS, META32, GEN, M>(), SMEM);
     }
+    const int64_t slabs = lutgemm_lut1_slabs(a.m, a.words);
+    const int64_t z = (a.m + M - 1) / M;
     const int64_t row_sets = (a.n_pad + 15) / 16;
-    int64_t tiles = (int64_t)resident * a.sm_count / slabs;
+    int64_t tiles = (int64_t)resident * a.sm_count / (slabs * z);
     tiles = tiles < 1 ? 1 : tiles > row_sets ? row_sets : tiles;
-    const dim3 grid((unsigned)tiles, (unsigned)slabs);
-    lut1_kernel<BITS, META32><<<grid, THREADS, SMEM_BYTES, stream>>>(a);
+    const dim3 grid((unsigned)tiles, (unsigned)slabs, (unsigned)z);
+    lut1_kernel<BITS, META32, GEN, M><<<grid, THREADS, SMEM, stream>>>(a);
     return cudaGetLastError();
 }
 
-template <bool META32>
-cudaError_t launch_bits(int bits, const LutArgs &a, int64_t slabs, cudaStream_t stream) {
+template <bool META32, bool GEN, int M>
+cudaError_t launch_bits(int bits, const LutArgs &a, cudaStream_t stream) {
     switch (bits) {
-    case 1: return launch<1, META32>(a, slabs, stream);
-    case 2: return launch<2, META32>(a, slabs, stream);
-    case 3: return launch<3, META32>(a, slabs, stream);
-    case 4: return launch<4, META32>(a, slabs, stream);
+    case 1: return launch<1, META32, GEN, M>(a, stream);
+    case 2: return launch<2, META32, GEN, M>(a, stream);
+    case 3: return launch<3, META32, GEN, M>(a, stream);
+    case 4: return launch<4, META32, GEN, M>(a, stream);
     default: return cudaErrorInvalidValue;
+    }
+}
+
+template <bool META32, int M>
+cudaError_t launch_mode(int bits, const LutArgs &a, cudaStream_t stream) {
+    return a.mode == BCQ_MODE_GENERAL ? launch_bits<META32, true, M>(bits, a, stream)
+                                      : launch_bits<META32, false, M>(bits, a, stream);
+}
+
+template <bool META32>
+cudaError_t launch_m(int bits, const LutArgs &a, cudaStream_t stream) {
+    switch (lutgemm_lut1_rows(a.m)) {
+    case 1: return launch_mode<META32, 1>(bits, a, stream);
+    case 2: return launch_mode<META32, 2>(bits, a, stream);
+    default: return launch_mode<META32, 4>(bits, a, stream);
     }
 }
 
 }  // namespace
 
-int64_t lutgemm_lut1_slabs(int64_t words) { return (words + SLAB_WORDS - 1) / SLAB_WORDS; }
+int lutgemm_lut1_rows(int64_t m) { return m <= 1 ? 1 : m == 2 ? 2 : 4; }
+
+int64_t lutgemm_lut1_slabs(int64_t m, int64_t words) {
+    const int64_t sw = m <= 1 ? 16 : 8;
+    return (words + sw - 1) / sw;
+}
 
 cudaError_t lutgemm_lut1_launch(int bits, const LutArgs &a, cudaStream_t stream) {
-    const int64_t slabs = lutgemm_lut1_slabs(a.words);
-    return a.meta_type == LF_SCALAR_F32 ? launch_bits<true>(bits, a, slabs, stream)
-                                        : launch_bits<false>(bits, a, slabs, stream);
+    return a.meta_type == LF_SCALAR_F32 ? launch_m<true>(bits, a, stream)
+                                        : launch_m<false>(bits, a, stream);
 }

@@ -17,7 +17,9 @@ CASES = [  # (path, m, n, k, bits, group_size, mode, dtype)
     ("lut", 1, 1030, 4096, 3, 128, "uniform", torch.bfloat16),  # split k, 2 row blocks
     ("lut", 3, 9, 31, 2, None, "general", torch.float16),       # k < one word
     ("lut", 5, 77, 320, 4, 64, "uniform", torch.float32),
-    ("lut", 1, 77, 600, 4, 64, "general", torch.float32),       # m = 1 kernel: fp32 meta, partial slab
+    ("lut", 1, 77, 640, 4, 64, "general", torch.float32),       # m = 1 kernel: fp32 meta, partial slab
+    ("lut", 6, 77, 640, 3, 32, "uniform", torch.float16),       # m tiles of 4 rows (lut1, gridDim.z = 2)
+    ("lut", 2, 203, 1056, 4, 96, "general", torch.bfloat16),    # 2-row lut1, partial slab
     ("mma", 2, 37, 96, 1, 32, "uniform", torch.float16),
     ("mma", 16, 201, 1056, 3, 96, "general", torch.bfloat16),   # split k
     ("mma", 40, 130, 197, 2, None, "general", torch.float16),   # odd k, g = k

@@ -255,3 +255,117 @@ def test_opcheck():
                                                               torch.float16, 10))
     args = (q, k, v, 1 / math.sqrt(32), 0.0, -1, 0, None, 0.0, None)
     torch.library.opcheck(lutflash.attention._flash_attention_op, args)
+
+
+# Decode (split-KV, cuda/attention_cuda.cuh attn_decode_kernel): up to 16 query rows, plain
+# scores. The cases reach one split (direct write) and many (workspace records + combine),
+# several row groups, GQA groups and masks that leave whole splits empty.
+DECODE_CASES = [  # (batch, Sq, Sk, Hq, Hkv, d, dtype, causal, window)
+    (1, 1, 5000, 8, 2, 128, torch.bfloat16, False, (-1, -1)),
+    (2, 4, 3000, 8, 1, 64, torch.float16, True, (-1, -1)),
+    (1, 16, 1000, 4, 4, 96, torch.bfloat16, False, (100, 0)),
+    (3, 1, 200, 6, 6, 256, torch.float16, False, (-1, -1)),
+    (1, 2, 777, 4, 2, 40, torch.bfloat16, True, (-1, -1)),
+    (1, 3, 4100, 32, 8, 128, torch.float16, False, (-1, 2)),
+    (2, 1, 20000, 4, 1, 32, torch.bfloat16, False, (-1, -1)),
+]
+
+
+@pytest.fixture
+def poison_all(monkeypatch):
+    """Like poison, and the byte workspace filled with 0xff (float32 NaN) too, so that a
+    workspace record the combine reads without the decode kernel writing it shows."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(math.nan)
+        elif t.dtype == torch.uint8:
+            t.fill_(255)
+        return t
+
+    monkeypatch.setattr(lutflash.attention.torch, "empty", empty)
+
+
+@pytest.mark.parametrize("n", range(len(DECODE_CASES)))
+def test_decode_matches_reference(poison_all, n):
+    batch, sq, sk, hq, hkv, d, dtype, causal, window = DECODE_CASES[n]
+    q, k, v = make_case(batch, sq, sk, hq, hkv, d, dtype, seed=100 + n)
+    out, lse = flash_attention(q.cuda(), k.cuda(), v.cuda(), causal=causal, window=window,
+                               return_lse=True)
+    ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), causal=causal,
+                                       window=window)
+    naive, _ = reference_attention(q.float(), k.float(), v.float(), causal=causal,
+                                   window=window)
+    assert_lowp_close(out, naive.to(dtype), ref, "out")
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    assert torch.allclose(lse.cpu().double()[finite], ref_lse[finite], atol=2e-3, rtol=1e-3)
+    # the tiled kernel (variant 1 skips the decode path) agrees too
+    tiled, tiled_lse = lutflash.attention._forward(
+        q.cuda(), k.cuda(), v.cuda(), None, None, 0, 0, 1.0 / math.sqrt(d), 0.0,
+        window[0], 0 if causal else window[1], None, 0.0, None, variant=1)
+    assert_lowp_close(tiled, naive.to(dtype), ref, "tiled")
+    assert torch.allclose(tiled_lse[finite.cuda()], lse[finite.cuda()], atol=1e-3, rtol=1e-4)
+
+
+def test_decode_varlen(poison_all):
+    lengths_q, lengths_k = [1, 0, 3, 16, 2], [3000, 5, 0, 700, 1]
+    heads_q, heads_kv, d, dtype = 8, 2, 128, torch.bfloat16
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(sum(lengths_q), heads_q, d, generator=g).to(dtype)
+    k = torch.randn(sum(lengths_k), heads_kv, d, generator=g).to(dtype)
+    v = torch.randn(sum(lengths_k), heads_kv, d, generator=g).to(dtype)
+    cu_q = torch.tensor([0, *torch.tensor(lengths_q).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lengths_k).cumsum(0).tolist()], dtype=torch.int32)
+    for causal in (False, True):
+        out, lse = flash_attention_varlen(q.cuda(), k.cuda(), v.cuda(), cu_q.cuda(), cu_k.cuda(),
+                                          max(lengths_q), max(lengths_k), causal=causal,
+                                          return_lse=True)
+        out, lse = out.cpu(), lse.cpu()
+        for b in range(len(lengths_q)):
+            qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+            if lengths_q[b] == 0:
+                continue
+            ref, ref_lse = reference_attention(q[qs].double()[None], k[ks].double()[None],
+                                               v[ks].double()[None], causal=causal)
+            naive, _ = reference_attention(q[qs].float()[None], k[ks].float()[None],
+                                           v[ks].float()[None], causal=causal)
+            assert_lowp_close(out[qs][None], naive.to(dtype), ref, f"b={b}")
+            got = lse[:, qs].double()
+            finite = torch.isfinite(ref_lse[0])
+            assert torch.equal(torch.isfinite(got), finite), b
+            assert torch.allclose(got[finite], ref_lse[0][finite], atol=2e-3, rtol=1e-3), b
+            assert torch.all(out[qs][~finite.T] == 0)
+
+
+def test_decode_cuda_graph():
+    q, k, v = (t.cuda() for t in make_case(1, 1, 8192, 16, 4, 128, torch.bfloat16, 11))
+    eager = flash_attention(q, k, v)
+    graph = torch.cuda.CUDAGraph()
+    warm = torch.cuda.Stream()
+    warm.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(warm):
+        flash_attention(q, k, v)
+    torch.cuda.current_stream().wait_stream(warm)
+    with torch.cuda.graph(graph):
+        out = flash_attention(q, k, v)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("variant", [1, 2, 3])
+@pytest.mark.parametrize("d", [64, 128])
+def test_forward_tile_variants(variant, d):
+    """The alternative tile shapes (csrc/attention.c passes the variant to the CUDA forward)."""
+    q, k, v = make_case(2, 300, 333, 4, 2, d, torch.float16, seed=variant * 7 + d)
+    for causal in (False, True):
+        out, lse = lutflash.attention._forward(q.cuda(), k.cuda(), v.cuda(), None, None, 0, 0,
+                                               1.0 / math.sqrt(d), 0.0, -1, 0 if causal else -1,
+                                               None, 0.0, None, variant=variant)
+        ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), causal=causal)
+        naive, _ = reference_attention(q.float(), k.float(), v.float(), causal=causal)
+        assert_lowp_close(out, naive.to(torch.float16), ref, f"variant={variant}")
+        assert torch.allclose(lse.cpu().double(), ref_lse, atol=2e-3, rtol=1e-3)

@@ -228,3 +228,28 @@ def test_non_default_stream():
     stream.synchronize()
     for x, out in zip(xs, outs, strict=True):
         assert_close_to_reference(out, lutgemm_reference(x, qweight), naive(x, qweight, None))
+
+
+@pytest.mark.parametrize("path", ["lut", "auto"], indirect=True)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8])
+@pytest.mark.parametrize("mode", MODES)
+def test_lut1_rows(m, mode, path):
+    # lutgemm_lut1.cu: m ≤ 8 in activation-row tiles of 1, 2 or 4 (gridDim.z for m > 4);
+    # n = 203 (odd, a partial 16-row set), k = 1056 (33 words: a partial slab), every group size
+    # kind, every bit count, poisoned outputs (check), fp32 and 16-bit metadata
+    for bits, group_size, meta_dtype in ((1, 32, torch.float16), (2, 96, torch.float32),
+                                         (3, None, torch.bfloat16), (4, 352, torch.float16),
+                                         (3, 32, torch.float32)):
+        qweight = weight(203, 1056, bits, group_size, mode, meta_dtype, seed=17 * m + bits)
+        dtype = torch.bfloat16 if bits % 2 else torch.float16
+        check(torch.randn(m, 1056, dtype=dtype, device=DEVICE), qweight,
+              torch.randn(203, dtype=dtype, device=DEVICE) if m % 2 else None)
+
+
+@pytest.mark.parametrize("m", [1, 2, 4, 6])
+def test_lut1_split_k_rows(m):
+    # long k, few rows: many slabs reduced through the workspace, several m tiles for m = 6
+    qweight = weight(40, 12288, 3, 128, "general", torch.float16, seed=m)
+    check(torch.randn(m, 12288, dtype=torch.float16, device=DEVICE), qweight, None)
+    x = torch.randn(m, 12288, dtype=torch.float32, device=DEVICE)  # fp32 x takes lut1 too
+    check(x, qweight, None)

@@ -45,12 +45,18 @@ def _inner_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-def _workspace(q: torch.Tensor, cu_seqlens_q, backward: bool, threads: int) -> torch.Tensor:
+def _workspace(q: torch.Tensor, cu_seqlens_q, backward: bool, threads: int, k=None,
+               max_seqlen_q: int = 0, max_seqlen_k: int = 0) -> torch.Tensor:
     varlen = cu_seqlens_q is not None
     batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
     total_q = q.shape[0] if varlen else q.shape[0] * q.shape[1]
-    size = _C.attention_workspace_bytes(q.device.type == "cuda", q.shape[-1], backward, threads,
-                                        q.shape[-2], batch, total_q)
+    args = [q.device.type == "cuda", q.shape[-1], backward, threads, q.shape[-2], batch, total_q]
+    if k is not None and q.device.type == "cuda" and not backward:
+        # the CUDA forward's decode path (split-KV partial outputs and lse) sizes by the shapes
+        seqlen_q = max_seqlen_q if varlen else q.shape[1]
+        seqlen_k = max_seqlen_k if varlen else k.shape[1]
+        args += [k.shape[-2], seqlen_q, seqlen_k]
+    size = _C.attention_workspace_bytes(*args)
     return torch.empty(size, dtype=torch.uint8, device=q.device)
 
 
@@ -89,7 +95,9 @@ def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, so
         lse.fill_(-math.inf)
     threads = max(1, torch.get_num_threads())
     _C.attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state, out, lse,
-                         _workspace(q, cu_seqlens_q, False, threads), max_seqlen_q, max_seqlen_k,
+                         _workspace(q, cu_seqlens_q, False, threads, k, max_seqlen_q,
+                                    max_seqlen_k),
+                         max_seqlen_q, max_seqlen_k,
                          softmax_scale, softcap, window_left, window_right, dropout_p, threads,
                          variant, _stream_of(q.device))
     if out.shape[-1] != d:
