@@ -11,6 +11,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# the build puts the extension in python/lutflash (see the build step); a later call on a
+# warm machine can skip the build
+export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(build test sanitize bench-lutgemm bench-attention)
@@ -41,7 +44,6 @@ for step in "${steps[@]}"; do
         # imports from the tree whichever way the machine's pip handles editable installs
         run_step build $PY -m pip install --no-build-isolation -q -e . \
             --config-settings editable_mode=compat
-        export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
         run_step import $PY -c "import lutflash; assert lutflash.built_with_cuda, 'built without CUDA'; print('lutflash', lutflash.__version__, 'from', lutflash.__file__)" ;;
     test)
         run_step test $PY -m pytest -q -m cuda -p no:cacheprovider tests ;;
