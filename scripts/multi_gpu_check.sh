@@ -28,6 +28,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/multi_gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY=${PYTHON:-python3}
 read -r -a train_args <<< "${TRAIN_ARGS:-}"
@@ -67,7 +68,9 @@ for step in "${steps[@]}"; do
             LUTFLASH_CUDA_ARCHS=$($PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability(0))")
             export LUTFLASH_CUDA_ARCHS
         fi
-        run_step build $PY -m pip install --no-build-isolation -q -e . ;;
+        # compat mode builds the extension in place (see scripts/gpu_check.sh)
+        run_step build $PY -m pip install --no-build-isolation -q -e . \
+            --config-settings editable_mode=compat ;;
     test-cuda1)
         hardcoded=$(grep -lE 'DEVICE *= *"cuda"|device *= *"cuda"|\.cuda\(\)' tests/test_*.py | tr '\n' ' ')
         [ -n "$hardcoded" ] && echo "note: these files put tensors on the current device (cuda:0), not on" \

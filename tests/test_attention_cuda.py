@@ -2,6 +2,7 @@
 dropout mask, and torch's CUDA machinery (streams, graphs, autograd)."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -10,7 +11,10 @@ from test_attention import dropout_keep, poisoned_empty, reference_attention
 import lutflash
 from lutflash import flash_attention, flash_attention_varlen
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("cuda_device")]
+
+# scripts/multi_gpu_check.sh runs this file with LUTFLASH_TEST_DEVICE=cuda:1, cuda:0 current
+DEVICE = os.environ.get("LUTFLASH_TEST_DEVICE", "cuda")
 
 DTYPES = [torch.float16, torch.bfloat16]
 
@@ -82,8 +86,8 @@ def grid_inputs(case, seed):
 def test_forward_and_gradients_match_reference(poison, n):
     case = GRID[n]
     q, k, v, alibi, kwargs, ref_kwargs = grid_inputs(case, seed=n)
-    qc, kc, vc = (t.cuda().requires_grad_() for t in (q, k, v))
-    out, lse = flash_attention(qc, kc, vc, alibi_slopes=alibi.cuda() if alibi is not None
+    qc, kc, vc = (t.to(DEVICE).requires_grad_() for t in (q, k, v))
+    out, lse = flash_attention(qc, kc, vc, alibi_slopes=alibi.to(DEVICE) if alibi is not None
                                else None, return_lse=True, **kwargs)
     assert out.dtype == case["dtype"] and out.shape == q.shape
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
@@ -97,7 +101,7 @@ def test_forward_and_gradients_match_reference(poison, n):
     assert torch.allclose(lse.cpu().double()[finite], ref_lse[finite], atol=2e-3, rtol=1e-3)
 
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(n)).to(case["dtype"])
-    out.backward(grad.cuda())
+    out.backward(grad.to(DEVICE))
     ref.backward(grad.double())
     naive.backward(grad)
     for name, ours, low, exact in (("dq", qc.grad, ql.grad, q64.grad),
@@ -112,7 +116,7 @@ def test_forward_and_gradients_match_reference(poison, n):
 def test_long_sequences(dtype, d):
     q, k, v = make_case(1, 1000, 1100, 2, 1, d, dtype, seed=d)
     for causal in (False, True):
-        out = flash_attention(q.cuda(), k.cuda(), v.cuda(), causal=causal)
+        out = flash_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), causal=causal)
         ref, _ = reference_attention(q.double(), k.double(), v.double(), causal=causal)
         naive, _ = reference_attention(q.float(), k.float(), v.float(), causal=causal)
         assert_lowp_close(out, naive.to(dtype), ref, f"causal={causal}")
@@ -132,7 +136,7 @@ def test_dropout_mask_matches_cpu_kernel(seqlens):
     cpu_keep = (cpu != 0).permute(0, 2, 1, 3)
     assert torch.equal(cpu_keep, dropout_keep(99, 5, batch, heads, seqlen_q, seqlen_k, p))
     for dtype in DTYPES:
-        gpu = flash_attention(q.cuda().to(dtype), k.cuda().to(dtype), v.cuda().to(dtype), **kw)
+        gpu = flash_attention(q.to(DEVICE).to(dtype), k.to(DEVICE).to(dtype), v.to(DEVICE).to(dtype), **kw)
         assert torch.equal((gpu != 0).permute(0, 2, 1, 3).cpu(), cpu_keep), dtype
         assert torch.allclose(gpu.float().cpu(), cpu, atol=2e-2, rtol=2e-2)
 
@@ -142,14 +146,14 @@ def test_varlen_matches_dense_per_sequence(poison, causal, window):
     lengths_q, lengths_k = [5, 0, 170, 33], [9, 4, 165, 33]
     heads_q, heads_kv, d, dtype = 4, 2, 64, torch.bfloat16
     g = torch.Generator().manual_seed(8)
-    q = torch.randn(sum(lengths_q), heads_q, d, generator=g).to(dtype).cuda().requires_grad_()
-    k = torch.randn(sum(lengths_k), heads_kv, d, generator=g).to(dtype).cuda().requires_grad_()
-    v = torch.randn(sum(lengths_k), heads_kv, d, generator=g).to(dtype).cuda().requires_grad_()
+    q = torch.randn(sum(lengths_q), heads_q, d, generator=g).to(dtype).to(DEVICE).requires_grad_()
+    k = torch.randn(sum(lengths_k), heads_kv, d, generator=g).to(dtype).to(DEVICE).requires_grad_()
+    v = torch.randn(sum(lengths_k), heads_kv, d, generator=g).to(dtype).to(DEVICE).requires_grad_()
     cu_q = torch.tensor([0, *torch.tensor(lengths_q).cumsum(0).tolist()], dtype=torch.int32)
     cu_k = torch.tensor([0, *torch.tensor(lengths_k).cumsum(0).tolist()], dtype=torch.int32)
-    alibi = torch.rand(len(lengths_q), heads_q).cuda()
+    alibi = torch.rand(len(lengths_q), heads_q).to(DEVICE)
     kw = dict(causal=causal, window=window, dropout_p=0.2, seed=4)
-    out, lse = flash_attention_varlen(q, k, v, cu_q.cuda(), cu_k.cuda(), max(lengths_q),
+    out, lse = flash_attention_varlen(q, k, v, cu_q.to(DEVICE), cu_k.to(DEVICE), max(lengths_q),
                                       max(lengths_k), alibi_slopes=alibi, return_lse=True, **kw)
     grad = torch.randn_like(out)
     out.backward(grad)
@@ -174,14 +178,14 @@ def test_varlen_matches_dense_per_sequence(poison, causal, window):
 
 def test_fully_masked_rows_and_empty(poison):
     # Causal with Sq > Sk: the first Sq - Sk rows see no key.
-    q, k, v = (t.cuda().requires_grad_() for t in make_case(1, 90, 40, 2, 2, 64, torch.float16, 2))
+    q, k, v = (t.to(DEVICE).requires_grad_() for t in make_case(1, 90, 40, 2, 2, 64, torch.float16, 2))
     out, lse = flash_attention(q, k, v, causal=True, return_lse=True)
     assert torch.all(out[:, :50] == 0) and torch.all(lse[:, :, :50] == -math.inf)
     assert torch.isfinite(out).all() and torch.isfinite(lse[:, :, 50:]).all()
     out.sum().backward()
     assert torch.all(q.grad[:, :50] == 0) and torch.isfinite(k.grad).all()
     for sq, sk in ((0, 5), (5, 0)):
-        q, k, v = (t.cuda().requires_grad_() for t in make_case(2, sq, sk, 2, 1, 32,
+        q, k, v = (t.to(DEVICE).requires_grad_() for t in make_case(2, sq, sk, 2, 1, 32,
                                                                   torch.bfloat16, 3))
         out = flash_attention(q, k, v)
         assert out.shape == q.shape and torch.all(out == 0)
@@ -190,7 +194,7 @@ def test_fully_masked_rows_and_empty(poison):
 
 
 def test_deterministic_backward():
-    q, k, v = (t.cuda().requires_grad_() for t in make_case(2, 300, 300, 4, 2, 128,
+    q, k, v = (t.to(DEVICE).requires_grad_() for t in make_case(2, 300, 300, 4, 2, 128,
                                                               torch.bfloat16, 4))
     grads = []
     for _ in range(2):
@@ -202,7 +206,7 @@ def test_deterministic_backward():
 
 
 def test_strided_inputs_and_unaligned_head_dim():
-    qkv = torch.randn(2, 50, 3, 4, 72, dtype=torch.float16, device="cuda")
+    qkv = torch.randn(2, 50, 3, 4, 72, dtype=torch.float16, device=DEVICE)
     q, k, v = qkv.unbind(2)
     out = flash_attention(q, k, v, causal=True)
     ref = flash_attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True)
@@ -215,28 +219,28 @@ def test_strided_inputs_and_unaligned_head_dim():
 
 
 def test_non_default_stream_and_cuda_graph():
-    q, k, v = (t.cuda() for t in make_case(2, 256, 256, 4, 4, 64, torch.float16, 5))
+    q, k, v = (t.to(DEVICE) for t in make_case(2, 256, 256, 4, 4, 64, torch.float16, 5))
     eager = flash_attention(q, k, v, causal=True)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
+    stream = torch.cuda.Stream(device=DEVICE)
+    stream.wait_stream(torch.cuda.current_stream(DEVICE))
     with torch.cuda.stream(stream):
         side = flash_attention(q, k, v, causal=True)
-    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.current_stream(DEVICE).wait_stream(stream)
     assert torch.equal(side, eager)
 
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-    warm = torch.cuda.Stream()
-    warm.wait_stream(torch.cuda.current_stream())
+    warm = torch.cuda.Stream(device=DEVICE)
+    warm.wait_stream(torch.cuda.current_stream(DEVICE))
     with torch.cuda.stream(warm):
         flash_attention(qg, kg, vg, causal=True).sum().backward()
-    torch.cuda.current_stream().wait_stream(warm)
+    torch.cuda.current_stream(DEVICE).wait_stream(warm)
     qg.grad = kg.grad = vg.grad = None
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.device(DEVICE), torch.cuda.graph(graph):
         out = flash_attention(qg, kg, vg, causal=True)
         out.sum().backward()
     graph.replay()
-    torch.cuda.synchronize()
+    torch.cuda.synchronize(DEVICE)
     assert torch.equal(out, eager)
     ref = [t.clone().requires_grad_() for t in (q, k, v)]
     flash_attention(*ref, causal=True).sum().backward()
@@ -245,13 +249,13 @@ def test_non_default_stream_and_cuda_graph():
 
 
 def test_float32_is_refused():
-    q, k, v = (t.cuda() for t in make_case(1, 8, 8, 2, 2, 16, torch.float32, 1))
+    q, k, v = (t.to(DEVICE) for t in make_case(1, 8, 8, 2, 2, 16, torch.float32, 1))
     with pytest.raises(NotImplementedError, match="CUDA"):
         flash_attention(q, k, v)
 
 
 def test_opcheck():
-    q, k, v = (t.cuda().requires_grad_() for t in make_case(1, 20, 24, 4, 2, 32,
+    q, k, v = (t.to(DEVICE).requires_grad_() for t in make_case(1, 20, 24, 4, 2, 32,
                                                               torch.float16, 10))
     args = (q, k, v, 1 / math.sqrt(32), 0.0, -1, 0, None, 0.0, None)
     torch.library.opcheck(lutflash.attention._flash_attention_op, args)
@@ -292,7 +296,7 @@ def poison_all(monkeypatch):
 def test_decode_matches_reference(poison_all, n):
     batch, sq, sk, hq, hkv, d, dtype, causal, window = DECODE_CASES[n]
     q, k, v = make_case(batch, sq, sk, hq, hkv, d, dtype, seed=100 + n)
-    out, lse = flash_attention(q.cuda(), k.cuda(), v.cuda(), causal=causal, window=window,
+    out, lse = flash_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), causal=causal, window=window,
                                return_lse=True)
     ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), causal=causal,
                                        window=window)
@@ -304,10 +308,10 @@ def test_decode_matches_reference(poison_all, n):
     assert torch.allclose(lse.cpu().double()[finite], ref_lse[finite], atol=2e-3, rtol=1e-3)
     # the tiled kernel (variant 1 skips the decode path) agrees too
     tiled, tiled_lse = lutflash.attention._forward(
-        q.cuda(), k.cuda(), v.cuda(), None, None, 0, 0, 1.0 / math.sqrt(d), 0.0,
+        q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), None, None, 0, 0, 1.0 / math.sqrt(d), 0.0,
         window[0], 0 if causal else window[1], None, 0.0, None, variant=1)
     assert_lowp_close(tiled, naive.to(dtype), ref, "tiled")
-    assert torch.allclose(tiled_lse[finite.cuda()], lse[finite.cuda()], atol=1e-3, rtol=1e-4)
+    assert torch.allclose(tiled_lse[finite.to(DEVICE)], lse[finite.to(DEVICE)], atol=1e-3, rtol=1e-4)
 
 
 def test_decode_varlen(poison_all):
@@ -320,7 +324,7 @@ def test_decode_varlen(poison_all):
     cu_q = torch.tensor([0, *torch.tensor(lengths_q).cumsum(0).tolist()], dtype=torch.int32)
     cu_k = torch.tensor([0, *torch.tensor(lengths_k).cumsum(0).tolist()], dtype=torch.int32)
     for causal in (False, True):
-        out, lse = flash_attention_varlen(q.cuda(), k.cuda(), v.cuda(), cu_q.cuda(), cu_k.cuda(),
+        out, lse = flash_attention_varlen(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), cu_q.to(DEVICE), cu_k.to(DEVICE),
                                           max(lengths_q), max(lengths_k), causal=causal,
                                           return_lse=True)
         out, lse = out.cpu(), lse.cpu()
@@ -341,18 +345,18 @@ def test_decode_varlen(poison_all):
 
 
 def test_decode_cuda_graph():
-    q, k, v = (t.cuda() for t in make_case(1, 1, 8192, 16, 4, 128, torch.bfloat16, 11))
+    q, k, v = (t.to(DEVICE) for t in make_case(1, 1, 8192, 16, 4, 128, torch.bfloat16, 11))
     eager = flash_attention(q, k, v)
     graph = torch.cuda.CUDAGraph()
-    warm = torch.cuda.Stream()
-    warm.wait_stream(torch.cuda.current_stream())
+    warm = torch.cuda.Stream(device=DEVICE)
+    warm.wait_stream(torch.cuda.current_stream(DEVICE))
     with torch.cuda.stream(warm):
         flash_attention(q, k, v)
-    torch.cuda.current_stream().wait_stream(warm)
-    with torch.cuda.graph(graph):
+    torch.cuda.current_stream(DEVICE).wait_stream(warm)
+    with torch.cuda.device(DEVICE), torch.cuda.graph(graph):
         out = flash_attention(q, k, v)
     graph.replay()
-    torch.cuda.synchronize()
+    torch.cuda.synchronize(DEVICE)
     assert torch.equal(out, eager)
 
 
@@ -362,7 +366,7 @@ def test_forward_tile_variants(variant, d):
     """The alternative tile shapes (csrc/attention.c passes the variant to the CUDA forward)."""
     q, k, v = make_case(2, 300, 333, 4, 2, d, torch.float16, seed=variant * 7 + d)
     for causal in (False, True):
-        out, lse = lutflash.attention._forward(q.cuda(), k.cuda(), v.cuda(), None, None, 0, 0,
+        out, lse = lutflash.attention._forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), None, None, 0, 0,
                                                1.0 / math.sqrt(d), 0.0, -1, 0 if causal else -1,
                                                None, 0.0, None, variant=variant)
         ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), causal=causal)

@@ -211,7 +211,7 @@ def test_cuda_graph(m):
     for _ in range(3):
         static_x.copy_(torch.randn(m, 512, dtype=torch.float16, device=DEVICE))
         graph.replay()
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(DEVICE)
         expect = layer(static_x)
         assert_close_to_reference(static_out, lutgemm_reference(static_x, layer.qweight, layer.bias),
                                   naive(static_x, layer.qweight, layer.bias))
@@ -222,7 +222,7 @@ def test_non_default_stream():
     qweight = weight(200, 1024, 3, 128, "uniform", torch.float16, seed=9)
     stream = torch.cuda.Stream(device=DEVICE)
     xs = [torch.randn(m, 1024, dtype=torch.float16, device=DEVICE) for m in (1, 16, 130)]
-    torch.cuda.synchronize()
+    torch.cuda.synchronize(DEVICE)
     with torch.cuda.stream(stream):
         outs = [lutflash.lutgemm(x, qweight) for x in xs]
     stream.synchronize()
