@@ -324,7 +324,8 @@ def test_decode_varlen(poison_all):
     cu_q = torch.tensor([0, *torch.tensor(lengths_q).cumsum(0).tolist()], dtype=torch.int32)
     cu_k = torch.tensor([0, *torch.tensor(lengths_k).cumsum(0).tolist()], dtype=torch.int32)
     for causal in (False, True):
-        out, lse = flash_attention_varlen(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), cu_q.to(DEVICE), cu_k.to(DEVICE),
+        out, lse = flash_attention_varlen(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE),
+                                          cu_q.to(DEVICE), cu_k.to(DEVICE),
                                           max(lengths_q), max(lengths_k), causal=causal,
                                           return_lse=True)
         out, lse = out.cpu(), lse.cpu()
