@@ -63,7 +63,9 @@ Plan make_plan(const lutgemm_params *p, int path) {
         plan.m_tile = 4;
         plan.tiles = (n_pad + LUT_ROWS - 1) / LUT_ROWS * ((p->m + plan.m_tile - 1) / plan.m_tile);
     } else {
-        plan.m_tile = p->m <= 16 ? 16 : p->m <= 32 ? 32 : p->m <= 64 ? 64 : 128;
+        // (a 32-row tile failed to launch on the H100 at m = 32, 12288 x 12288: until that is
+        // understood, m in (16, 64] takes the 64-row tile, which the tests cover)
+        plan.m_tile = p->m <= 16 ? 16 : p->m <= 64 ? 64 : 128;
         plan.m_pad = (p->m + plan.m_tile - 1) / plan.m_tile * plan.m_tile;
         plan.k_pad = words * 32;
         plan.tiles = (n_pad + MMA_BN - 1) / MMA_BN * (plan.m_pad / plan.m_tile);

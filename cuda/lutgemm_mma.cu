@@ -352,7 +352,6 @@ template <typename T>
 cudaError_t launch_bm(int bm, const MmaArgs &a, dim3 grid, cudaStream_t stream) {
     switch (bm) {
     case 16: return launch<T, 16>(a, grid, stream);
-    case 32: return launch<T, 32>(a, grid, stream);
     case 64: return launch<T, 64>(a, grid, stream);
     default: return launch<T, 128>(a, grid, stream);
     }

@@ -253,3 +253,14 @@ def test_lut1_split_k_rows(m):
     check(torch.randn(m, 12288, dtype=torch.float16, device=DEVICE), qweight, None)
     x = torch.randn(m, 12288, dtype=torch.float32, device=DEVICE)  # fp32 x takes lut1 too
     check(x, qweight, None)
+
+
+@pytest.mark.parametrize("m", [17, 32, 48, 64])
+def test_mma_tiles_on_a_wide_layer(m):
+    # many column tiles and split k, as on LLM layers; the reference is computed on the GPU
+    qweight = weight(12288, 4096, 3, 128, "general", torch.float16, seed=m)
+    x = torch.randn(m, 4096, dtype=torch.float16, device=DEVICE)
+    out = poisoned_call(x, qweight)
+    w64 = qweight.dequantize(torch.float64)
+    ref = x.double() @ w64.t()
+    assert_close_to_reference(out, ref, (x @ w64.to(x.dtype).t()))
