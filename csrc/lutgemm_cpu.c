@@ -24,6 +24,7 @@
 #define LF_ROW_TILE 512  /* output rows per work item */
 #define LF_X_PASS 4      /* activation rows sharing one pass over a tile's weights */
 #define LF_X_BLOCK 64    /* activation rows whose tables are built at once */
+#define LF_PARALLEL_MIN_LOOKUPS (1 << 15) /* word lookups below which one thread is faster */
 #define LF_CHUNK_K 4     /* activations per table */
 #define LF_TABLE 16      /* entries per table */
 #define LF_CHUNKS_PER_WORD (BCQ_WORD_K / LF_CHUNK_K)
@@ -80,20 +81,34 @@ static void build_tables(const lutgemm_params *p, const void *x_row, float *tabl
     }
 }
 
-/* Metadata entry j of group g for rows [r0, r0 + rows), as float32, times `scale`. */
+/* Metadata entry j of group g for rows [r0, r0 + rows), as float32, times `scale`. One loop
+ * per type, so that the float32 one vectorizes. */
 static void load_meta(const lutgemm_params *p, int64_t g, int j, int64_t r0, int64_t rows,
-                      float scale, float *dst) {
+                      float scale, float *restrict dst) {
     const int64_t base = (g * bcq_meta_per_group(p->bits, p->mode) + j) * bcq_padded_rows(p->n) + r0;
-    for (int64_t r = 0; r < rows; ++r) dst[r] = scale * lf_load(p->meta, base + r, p->meta_type);
+    if (p->meta_type == LF_SCALAR_F32) {
+        const float *restrict src = (const float *)p->meta + base;
+        for (int64_t r = 0; r < rows; ++r) dst[r] = scale * src[r];
+    } else if (p->meta_type == LF_SCALAR_F16) {
+        const uint16_t *restrict src = (const uint16_t *)p->meta + base;
+        for (int64_t r = 0; r < rows; ++r) dst[r] = scale * lf_f16_to_f32(src[r]);
+    } else {
+        const uint16_t *restrict src = (const uint16_t *)p->meta + base;
+        for (int64_t r = 0; r < rows; ++r) dst[r] = scale * lf_bf16_to_f32(src[r]);
+    }
 }
 
 /* sum[r] += Σ_c table[c][nibble c of words[r]] for r < rows (a multiple of 8): the 8 lookups
- * of one packed word for a run of contiguous rows. */
+ * of one packed word for a run of contiguous rows. `next` is the run the caller reads next,
+ * prefetched meanwhile: runs are a plane-row apart, too far for the hardware prefetcher. */
 typedef void word_lookup_fn(const uint32_t *restrict words, int64_t rows,
-                            const float *restrict table, float *restrict sum);
+                            const float *restrict table, float *restrict sum,
+                            const uint32_t *next);
 
 static void word_lookup_portable(const uint32_t *restrict words, int64_t rows,
-                                 const float *restrict table, float *restrict sum) {
+                                 const float *restrict table, float *restrict sum,
+                                 const uint32_t *next) {
+    (void)next;
     for (int64_t r = 0; r < rows; ++r) {
         uint32_t bits = words[r];
         float s = 0.0f;
@@ -115,13 +130,14 @@ static void word_lookup_portable(const uint32_t *restrict words, int64_t rows,
 
 __attribute__((target("avx2,fma"))) static void word_lookup_avx2(
     const uint32_t *restrict words, int64_t rows, const float *restrict table,
-    float *restrict sum) {
+    float *restrict sum, const uint32_t *next) {
     __m256 lo[LF_CHUNKS_PER_WORD], hi[LF_CHUNKS_PER_WORD];
     for (int c = 0; c < LF_CHUNKS_PER_WORD; ++c) {
         lo[c] = _mm256_load_ps(table + c * LF_TABLE);
         hi[c] = _mm256_load_ps(table + c * LF_TABLE + 8);
     }
     for (int64_t r = 0; r < rows; r += 8) {
+        if (next && (r & 15) == 0) _mm_prefetch((const char *)(next + r), _MM_HINT_T0);
         const __m256i w = _mm256_loadu_si256((const __m256i *)(words + r));
         __m256 s0 = _mm256_add_ps(LF_AVX2_LOOKUP(0), LF_AVX2_LOOKUP(1));
         __m256 s1 = _mm256_add_ps(LF_AVX2_LOOKUP(2), LF_AVX2_LOOKUP(3));
@@ -137,10 +153,11 @@ __attribute__((target("avx2,fma"))) static void word_lookup_avx2(
 
 __attribute__((target("avx512f"))) static void word_lookup_avx512(
     const uint32_t *restrict words, int64_t rows, const float *restrict table,
-    float *restrict sum) {
+    float *restrict sum, const uint32_t *next) {
     __m512 t[LF_CHUNKS_PER_WORD];
     for (int c = 0; c < LF_CHUNKS_PER_WORD; ++c) t[c] = _mm512_load_ps(table + c * LF_TABLE);
     for (int64_t r = 0; r < rows; r += 16) {
+        if (next) _mm_prefetch((const char *)(next + r), _MM_HINT_T0);
         const __mmask16 mask = rows - r >= 16 ? (__mmask16)0xffff : (__mmask16)0x00ff;
         const __m512i w = _mm512_maskz_loadu_epi32(mask, words + r);
         __m512 s0 = _mm512_add_ps(LF_AVX512_LOOKUP(0), LF_AVX512_LOOKUP(1));
@@ -180,8 +197,16 @@ static void row_tile(const lutgemm_params *p, word_lookup_fn *word_lookup, int64
             for (int64_t i = 0; i < xs; ++i) memset(sum[i], 0, sizeof(float) * rows);
             for (int64_t w = g * words_per_group; w < (g + 1) * words_per_group; ++w) {
                 const uint32_t *words = p->planes + (w * p->bits + plane) * padded + r0;
+                /* the run read after this one: next word of the group, else the next plane */
+                const int64_t after = w + 1 < (g + 1) * words_per_group
+                                          ? ((w + 1) * p->bits + plane) * padded
+                                          : plane + 1 < p->bits
+                                                ? (g * words_per_group * p->bits + plane + 1) * padded
+                                                : -1;
+                const uint32_t *next = after >= 0 ? p->planes + after + r0 : NULL;
                 for (int64_t i = 0; i < xs; ++i)
-                    word_lookup(words, rows, tables + i * per_x_row + w * word_floats, sum[i]);
+                    word_lookup(words, rows, tables + i * per_x_row + w * word_floats, sum[i],
+                                i + 1 == xs ? next : NULL);
             }
             if (p->mode == BCQ_MODE_UNIFORM) load_meta(p, g, 0, r0, rows, ldexpf(1.0f, plane - 1), meta);
             else load_meta(p, g, plane, r0, rows, 1.0f, meta);
@@ -210,9 +235,12 @@ void lutgemm_cpu(const lutgemm_params *p, int variant) {
     const int64_t tiles = (bcq_padded_rows(p->n) + LF_ROW_TILE - 1) / LF_ROW_TILE;
     const int x_elem = p->x_type == LF_SCALAR_F32 ? 4 : 2;
     float *workspace = (float *)p->workspace;
+    /* Waking the OpenMP team costs ~10 us: small products run on the calling thread. */
+    const int64_t lookups = p->m * bcq_padded_rows(p->n) * bcq_words_per_row(p->k) * p->bits;
+    const int parallel = lookups >= LF_PARALLEL_MIN_LOOKUPS;
     for (int64_t x0 = 0; x0 < p->m; x0 += LF_X_BLOCK) {
         const int64_t xs = p->m - x0 < LF_X_BLOCK ? p->m - x0 : LF_X_BLOCK;
-#pragma omp parallel
+#pragma omp parallel if (parallel)
         {
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < xs; ++i) {
