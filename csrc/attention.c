@@ -240,6 +240,8 @@ static int check_inputs(lf_tensor *t, call_options *o, attention_fwd_params *p,
         p->cu_seqlens_k = o->offsets[1] ? o->offsets[1] : (const int32_t *)cu_k->data;
         p->seqlen_q = o->max_seqlen_q;
         p->seqlen_k = o->max_seqlen_k;
+        p->total_q = q->shape[0];
+        p->total_k = k->shape[0];
         lse_shape[0] = heads_q, lse_shape[1] = q->shape[0];
         *lse_ndim = 2;
         p->lse_batch_stride = 0;

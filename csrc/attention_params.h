@@ -27,6 +27,8 @@ typedef struct {
 
     const int32_t *cu_seqlens_q; /* (B + 1,) or NULL for dense inputs */
     const int32_t *cu_seqlens_k;
+    int64_t total_q, total_k; /* varlen: rows of the packed q and k; the CUDA kernels clamp
+                                 offsets (unchecked on the GPU) to them */
     int64_t batch;
     int64_t seqlen_q; /* dense: Sq; varlen: max_seqlen_q */
     int64_t seqlen_k;

@@ -243,10 +243,15 @@ struct Sequence {
     __device__ __forceinline__ Sequence(const attention_fwd_params &p, int b) {
         q_start = 0, k_start = 0, sq = (int)p.seqlen_q, sk = (int)p.seqlen_k;
         if (p.cu_seqlens_q != nullptr) {
-            q_start = p.cu_seqlens_q[b];
-            k_start = p.cu_seqlens_k[b];
-            sq = max(0, min(p.cu_seqlens_q[b + 1] - q_start, sq));
-            sk = max(0, min(p.cu_seqlens_k[b + 1] - k_start, sk));
+            /* GPU offsets were never checked on the host: clamp them into the packed tensors
+             * so that bad offsets give wrong rows, never accesses outside them. */
+            const int64_t q0 = min(max((int64_t)p.cu_seqlens_q[b], (int64_t)0), p.total_q);
+            const int64_t k0 = min(max((int64_t)p.cu_seqlens_k[b], (int64_t)0), p.total_k);
+            const int64_t q1 = min((int64_t)p.cu_seqlens_q[b + 1], p.total_q);
+            const int64_t k1 = min((int64_t)p.cu_seqlens_k[b + 1], p.total_k);
+            q_start = (int)q0, k_start = (int)k0;  // offsets are int32, so these fit
+            sq = (int)max((int64_t)0, min(q1 - q0, (int64_t)sq));
+            sk = (int)max((int64_t)0, min(k1 - k0, (int64_t)sk));
         }
         wl = (int)p.window_left, wr = (int)p.window_right;
     }

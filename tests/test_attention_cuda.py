@@ -374,3 +374,15 @@ def test_forward_tile_variants(variant, d):
         naive, _ = reference_attention(q.float(), k.float(), v.float(), causal=causal)
         assert_lowp_close(out, naive.to(torch.float16), ref, f"variant={variant}")
         assert torch.allclose(lse.cpu().double(), ref_lse, atol=2e-3, rtol=1e-3)
+
+
+def test_gpu_offsets_outside_the_packed_tensors_are_clamped():
+    # cu_seqlens on the GPU are not read on the host (that would synchronize): offsets outside
+    # [0, total] must neither crash nor touch memory outside the tensors
+    q, k, v = (torch.randn(40, 2, 64, device=DEVICE, dtype=torch.float16, requires_grad=True)
+               for _ in range(3))
+    bad = torch.tensor([-7, 20, 100000], dtype=torch.int32, device=DEVICE)
+    out = flash_attention_varlen(q, k, v, bad, bad, 100000, 100000)
+    out.backward(torch.ones_like(out))
+    torch.cuda.synchronize(DEVICE)
+    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
