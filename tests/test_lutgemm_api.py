@@ -162,3 +162,13 @@ def test_quantize_model_names_the_failing_layer():
     model = nn.Sequential(nn.Linear(64, 8), nn.Linear(8, 8))
     with pytest.raises(ValueError, match=r"^1: group_size"):
         lutflash.quantize_model(model, bits=3, group_size=32, progress=False)
+
+
+def test_gradient_of_a_layer_wider_than_one_dequantization_chunk(monkeypatch, generator):
+    monkeypatch.setattr(lutflash.ops, "_GRAD_ROWS_PER_CHUNK", 16)  # 3 chunks, the last partial
+    qweight = random_bcq_weight(40, 64, 2, 32, "general", generator=generator)
+    x = torch.randn(3, 64, generator=generator, requires_grad=True)
+    grad_out = torch.randn(3, 40, generator=generator)
+    lutflash.lutgemm(x, qweight).backward(grad_out)
+    expected = grad_out.double() @ qweight.dequantize(torch.float64)
+    assert relative_error(x.grad, expected) < 1e-5

@@ -66,14 +66,29 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+_GRAD_ROWS_PER_CHUNK = 4096
+
+
+def _grad_input(grad_out, planes, meta, n, k, bits, group_size, mode):
+    """grad_out · Ŵ, dequantizing Ŵ a chunk of rows at a time so that a large layer's backward
+    never holds the whole dense weight; partial products are summed in float32."""
+    grad = grad_out.reshape(-1, n)
+    total = None
+    for r0 in range(0, n, _GRAD_ROWS_PER_CHUNK):
+        r1 = min(n, r0 + _GRAD_ROWS_PER_CHUNK)
+        weight = dequantize_packed(planes[:, :, r0:r1], meta[:, :, r0:r1], r1 - r0, k, bits,
+                                   group_size, mode, dtype=grad_out.dtype)
+        part = (grad[:, r0:r1] @ weight).float()
+        total = part if total is None else total + part
+    return total.to(grad_out.dtype).reshape(*grad_out.shape[:-1], k)
+
+
 def _backward(ctx, grad_out):
     planes, meta = ctx.saved_tensors
     n, k, bits, group_size, mode = ctx.layout
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        weight = dequantize_packed(planes, meta, n, k, bits, group_size, MODES[mode],
-                                   dtype=grad_out.dtype)
-        grad_x = grad_out @ weight
+        grad_x = _grad_input(grad_out, planes, meta, n, k, bits, group_size, MODES[mode])
     if ctx.has_bias and ctx.needs_input_grad[3]:
         grad_bias = grad_out.reshape(-1, n).sum(0)
     return grad_x, None, None, grad_bias, None, None, None, None, None
