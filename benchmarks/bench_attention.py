@@ -67,8 +67,7 @@ def sdpa_fn(q, k, v, causal, backward, backend=None):
     return run
 
 
-def peers(device):
-    return [("sdpa_cpu", None)]
+PEERS = [("sdpa_cpu", None)]  # the CUDA comparison (bench_cuda) names its own backends
 
 
 def peak_memory_subprocess(s: int, h: int, d: int) -> dict:
@@ -221,7 +220,7 @@ def main():
         results["gpu"] = torch.cuda.get_device_name()
     modes = [False] if args.no_backward else [False, True]
     header = (f"{'pass':<8} {'D':>4} {'S':>6} {'causal':>6} {'lutflash ms':>12} "
-              + " ".join(f"{name + ' ms':>14}" for name, _ in peers(device)) + f" {'ratio':>6}")
+              + " ".join(f"{name + ' ms':>14}" for name, _ in PEERS) + f" {'ratio':>6}")
     print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} torch={torch.__version__}")
     print(header)
     for backward in modes:
@@ -236,13 +235,13 @@ def main():
                     except RuntimeError as error:  # no GPU kernel yet
                         ours, row["lutflash_error"] = None, str(error).splitlines()[0]
                     row["lutflash_s"] = ours
-                    for name, backend in peers(device):
+                    for name, backend in PEERS:
                         try:
                             row[name + "_s"] = median_seconds(
                                 sdpa_fn(q, k, v, causal, backward, backend), args.reps)
                         except RuntimeError as error:
                             row[name + "_s"], row[name + "_error"] = None, str(error)[:200]
-                    peer_times = [row[n + "_s"] for n, _ in peers(device) if row[n + "_s"]]
+                    peer_times = [row[n + "_s"] for n, _ in PEERS if row[n + "_s"]]
                     best_peer = min(peer_times) if peer_times else None
                     row["ratio_vs_best_peer"] = ours / best_peer if ours and best_peer else None
                     flops = attention_flops(s, args.heads, d, causal, backward)
@@ -253,7 +252,7 @@ def main():
                         return f"{x * 1e3:.2f}" if x else "-"
                     ratio = row["ratio_vs_best_peer"]
                     print(f"{row['pass']:<8} {d:>4} {s:>6} {str(causal):>6} {fmt(ours):>12} "
-                          + " ".join(f"{fmt(row[n + '_s']):>14}" for n, _ in peers(device))
+                          + " ".join(f"{fmt(row[n + '_s']):>14}" for n, _ in PEERS)
                           + f" {f'{ratio:.2f}' if ratio else '-':>6}", flush=True)
     errors = {r["lutflash_error"] for r in results["rows"] if r.get("lutflash_error")}
     for error in errors:

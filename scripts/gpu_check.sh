@@ -17,20 +17,7 @@ export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(build test sanitize bench-lutgemm bench-attention)
-failed=0
-summary=()
-
-run_step() {  # name, command...
-    local name=$1; shift
-    local start=$SECONDS
-    echo "=== $name: $*"
-    if "$@" 2>&1 | tee -a "$OUT/$name.log"; then
-        summary+=("$name: ok ($((SECONDS - start)) s)")
-    else
-        summary+=("$name: FAILED ($((SECONDS - start)) s, see $name.log)")
-        failed=$((failed + 1))
-    fi
-}
+source scripts/run_step.sh  # after the cd above
 
 for step in "${steps[@]}"; do
     case $step in

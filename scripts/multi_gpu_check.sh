@@ -34,20 +34,7 @@ PY=${PYTHON:-python3}
 read -r -a train_args <<< "${TRAIN_ARGS:-}"
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(build test-cuda1 ddp)
-failed=0
-summary=()
-
-run_step() {  # name, command...
-    local name=$1; shift
-    local start=$SECONDS
-    echo "=== $name: $*" | tee -a "$OUT/$name.log"
-    if "$@" 2>&1 | tee -a "$OUT/$name.log"; then
-        summary+=("$name: ok ($((SECONDS - start)) s)")
-    else
-        summary+=("$name: FAILED ($((SECONDS - start)) s, see $name.log)")
-        failed=$((failed + 1))
-    fi
-}
+source scripts/run_step.sh  # after the cd above
 
 gpus=$($PY -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 gpu_names=$($PY -c "import torch; print(', '.join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())))" 2>/dev/null)
