@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import time
@@ -54,6 +55,9 @@ def copy_bandwidth(timer: CudaTimer, device="cuda") -> float:
 
 
 def git_commit() -> str:
+    """HEAD's short hash, or $LUTFLASH_COMMIT where the tree was copied without .git."""
+    if os.environ.get("LUTFLASH_COMMIT"):
+        return os.environ["LUTFLASH_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True, cwd=Path(__file__).parent).stdout.strip()

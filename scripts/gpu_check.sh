@@ -3,6 +3,10 @@
 # $OUT (default ./gpu_out). Usage:
 #   scripts/gpu_check.sh [steps...]     steps: build test sanitize bench-lutgemm bench-attention
 #                                       (default: all of them, in that order)
+# LUTFLASH_PREBUILT=DIR: DIR holds cuda/*.o built elsewhere for this GPU
+# (LUTFLASH_CUDA_ARCHS=90 python setup.py build_ext --inplace --build-temp DIR); the build
+# step then reuses them instead of running nvcc. LUTFLASH_COMMIT names the commit in the
+# summary where the tree has no .git.
 # The build targets only the GPU in hand (LUTFLASH_CUDA_ARCHS from its compute capability,
 # unless set). Every step runs even if an earlier one failed; the exit code is the number of
 # failed steps.
@@ -29,8 +33,16 @@ for step in "${steps[@]}"; do
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
         # compat mode builds the extension in place (python/lutflash/_C*.so), so the package
         # imports from the tree whichever way the machine's pip handles editable installs
-        run_step build $PY -m pip install --no-build-isolation -q -e . \
-            --config-settings editable_mode=compat
+        if [ -n "${LUTFLASH_PREBUILT:-}" ]; then
+            # CUDA objects compiled on another machine for this GPU's arch and carried here
+            # (the device tool's `carry`): mark them current, compile only the C files
+            rm -rf "$LUTFLASH_PREBUILT/csrc"
+            find "$LUTFLASH_PREBUILT" -name '*.o' -exec touch {} +
+            run_step build $PY setup.py -q build_ext --inplace --build-temp "$LUTFLASH_PREBUILT"
+        else
+            run_step build $PY -m pip install --no-build-isolation -q -e . \
+                --config-settings editable_mode=compat
+        fi
         run_step import $PY -c "import lutflash; assert lutflash.built_with_cuda, 'built without CUDA'; print('lutflash', lutflash.__version__, 'from', lutflash.__file__)" ;;
     test)
         run_step test $PY -m pytest -q -m cuda -p no:cacheprovider tests ;;
@@ -53,6 +65,6 @@ for step in "${steps[@]}"; do
 done
 
 echo
-echo "=== summary ($(cat "$OUT/gpu.txt" 2>/dev/null), commit $(git rev-parse --short HEAD 2>/dev/null))"
+echo "=== summary ($(cat "$OUT/gpu.txt" 2>/dev/null), commit ${LUTFLASH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)})"
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
 exit $failed
