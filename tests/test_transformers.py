@@ -356,3 +356,96 @@ def test_patch_model_options():
 
     with pytest.raises(TypeError, match="linear"):
         lutflash.patch_model(plain, linear=3)
+
+
+# ------------------------------------------------------------------------------------------
+# The same models on the GPU in fp16 and bf16 (the CUDA kernels; fp32 attention is CPU-only).
+# Yardstick as in test_attention_cuda.py: against the model run by eager attention in float32,
+# lutflash's relative error is at most twice eager's own error in the same dtype, plus a floor.
+# (float32, not float64: eager attention adds finfo(dtype).min to masked scores, which
+# overflows to -inf in float64 and turns left-padded rows into NaN that leaks through V. The
+# float32 error is ~1e-7, far below the fp16/bf16 errors measured here.)
+
+GPU_DTYPES = [torch.float16, torch.bfloat16]
+
+
+def relative_error(out, ref, scale=0.0):
+    """|out - ref| / max(|ref|, scale) in the 2-norm."""
+    return ((out.double() - ref.double()).norm() / max(ref.double().norm().item(), scale, 1e-30)).item()
+
+
+def assert_within_naive(out, naive, ref, what, floor=1e-3, scale=0.0):
+    err, naive_err = relative_error(out, ref, scale), relative_error(naive, ref, scale)
+    assert err <= 2 * naive_err + floor, f"{what}: error {err:.3g}, eager in the same dtype {naive_err:.3g}"
+
+
+def gpu_pair(family, device, dtype):
+    """The same weights in float32 (the reference) and in `dtype`, both on `device`."""
+    return (build(family).to(device=device, dtype=torch.float32),
+            build(family).to(device=device, dtype=dtype))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_gpu_logits_match_eager(family, padding, dtype, cuda_device):
+    model32, model = gpu_pair(family, cuda_device, dtype)
+    ids, mask = (t.to(cuda_device) for t in padded_batch(padding))
+    for inputs in (dict(input_ids=ids, attention_mask=mask), dict(input_ids=ids)):
+        real = mask.bool() if "attention_mask" in inputs else torch.ones_like(mask, dtype=torch.bool)
+        ref = logits_under(model32, "eager", **inputs)[real]
+        naive = logits_under(model, "eager", **inputs)[real]
+        out = logits_under(model, "lutflash", **inputs)[real]
+        assert torch.isfinite(out).all()
+        assert_within_naive(out, naive, ref, f"logits, mask={'attention_mask' in inputs}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("family", DECODERS)
+def test_gpu_greedy_generate_logits(family, dtype, cuda_device):
+    """8 greedy steps with a KV cache (prefill, then Sq = 1 decode calls, sliding windows with
+    a cropped cache): each step's logits against a float32 eager run over the generated tokens."""
+    model32, model = gpu_pair(family, cuda_device, dtype)
+    ids = torch.randint(3, VOCAB, (3, 10), generator=torch.Generator().manual_seed(1)).to(cuda_device)
+    model.set_attn_implementation("lutflash")
+    with torch.no_grad():
+        generated = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                                   output_logits=True, return_dict_in_generate=True)
+    tokens = generated.sequences
+    assert tokens.shape == (3, 18)
+    steps = torch.stack(generated.logits, dim=1)  # the logits that chose tokens 10..17
+    ref = logits_under(model32, "eager", input_ids=tokens)[:, 9:17]
+    naive = logits_under(model, "eager", input_ids=tokens)[:, 9:17]
+    assert torch.isfinite(steps).all()
+    assert_within_naive(steps, naive, ref, "generation logits")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "bert"])
+def test_gpu_training_gradients_match_eager(family, dtype, cuda_device):
+    """One training step on a right-padded batch (the varlen backward)."""
+    ids, mask = (t.to(cuda_device) for t in padded_batch("right"))
+    labels = ids.masked_fill(mask == 0, -100)
+    models = dict(zip(("ref", "naive"), gpu_pair(family, cuda_device, dtype)))
+    results = {}
+    for run, (key, implementation) in {"ref": ("ref", "eager"), "naive": ("naive", "eager"),
+                                       "out": ("naive", "lutflash")}.items():
+        model = models[key].train()
+        model.set_attn_implementation(implementation)
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        results[run] = (loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()
+                                        if p.grad is not None})
+    (ref_loss, ref), (naive_loss, naive), (loss, out) = results["ref"], results["naive"], results["out"]
+    assert_within_naive(loss.reshape(1), naive_loss.reshape(1), ref_loss.reshape(1), "loss")
+    assert out.keys() == ref.keys()
+    # A gradient that is zero in exact arithmetic (a key bias: softmax ignores it) is judged
+    # against 1% of the whole gradient's norm rather than its own.
+    scale = 0.01 * torch.stack([g.double().norm() for g in ref.values()]).norm().item()
+    for name in ref:
+        assert torch.isfinite(out[name]).all(), name
+        assert_within_naive(out[name], naive[name], ref[name], name, scale=scale)
