@@ -21,6 +21,7 @@ import json
 import subprocess
 import sys
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -101,12 +102,12 @@ print(status("VmHWM:") - before)
 
 def bench_cuda(args) -> dict:
     """The FlashAttention benchmark grid (16k tokens per batch, hidden 2048) and decode."""
-    from timing import CudaTimer, copy_bandwidth
+    from timing import CudaTimer, copy_bandwidth, git_commit
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     timer = CudaTimer()
     results = {"device": "cuda", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "rows": [], "decode": []}
+               "commit": git_commit(), "rows": [], "decode": []}
     backends = {"fa2": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
     print(f"{'dtype':>8} {'D':>4} {'S':>6} {'B':>3} {'causal':>6} | TFLOP/s fwd: "
           f"{'lutflash':>8} {'fa2':>6} {'cudnn':>6} | fwd+bwd: {'lutflash':>8} {'fa2':>6} {'cudnn':>6}")
@@ -184,6 +185,62 @@ def bench_cuda(args) -> dict:
     return results
 
 
+def plot_cuda(results: dict, prefix: str) -> None:
+    """PNG plots of a bench_cuda result: PREFIX_fwd.png and PREFIX_fwdbwd.png (TFLOP/s against
+    seqlen, one panel per dtype x head dim x causal) and PREFIX_decode.png (decode bandwidth as
+    a share of the copy, lutflash and fa2, against Sk)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plots")
+        return
+    rows = results.get("rows", [])
+    panels = list(dict.fromkeys((r["dtype"], r["head_dim"], r["causal"]) for r in rows))
+    for index, name in ((0, "fwd"), (1, "fwdbwd")):
+        if not panels:
+            break
+        cols = 4
+        fig, axes = plt.subplots((len(panels) + cols - 1) // cols, cols, squeeze=False,
+                                 figsize=(4.5 * cols, 3.6 * ((len(panels) + cols - 1) // cols)))
+        for ax, (dtype, d, causal) in zip(axes.flat, panels, strict=False):
+            mine = [r for r in rows if (r["dtype"], r["head_dim"], r["causal"]) == (dtype, d, causal)]
+            for impl in ("lutflash", "fa2", "cudnn"):
+                points = [(r["seqlen"], r[impl][index]) for r in mine if r[impl][index]]
+                if points:
+                    ax.plot(*zip(*points, strict=True), marker="o", label=impl)
+            ax.set(title=f"{dtype} D={d} {'causal' if causal else 'full'}", xscale="log",
+                   xlabel="seqlen", ylabel="TFLOP/s " + ("fwd" if index == 0 else "fwd+bwd"))
+            ax.set_ylim(bottom=0)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{results.get('gpu', '')} {results.get('commit', '')}")
+        fig.tight_layout()
+        fig.savefig(f"{prefix}_{name}.png", dpi=90)
+        plt.close(fig)
+        print(f"wrote {prefix}_{name}.png")
+    decode = results.get("decode", [])
+    if decode and results.get("copy_bandwidth"):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        configs = dict.fromkeys((r["batch"], r["heads_kv"]) for r in decode)
+        for color, (batch, heads_kv) in enumerate(configs):
+            mine = [r for r in decode if (r["batch"], r["heads_kv"]) == (batch, heads_kv)]
+            for impl, style in (("lutflash", "-"), ("fa2", ":")):
+                points = [(r["seqlen_k"], 100 * r["bytes"] / (r[impl + "_us"] * 1e-6)
+                           / results["copy_bandwidth"]) for r in mine if r.get(impl + "_us")]
+                if points:
+                    ax.plot(*zip(*points, strict=True), marker="o", linestyle=style,
+                            color=f"C{color}", label=f"{impl} B={batch} Hkv={heads_kv}")
+        ax.axhline(85, color="gray", linewidth=0.8)
+        ax.set(title=f"decode, Sq=1 D=128 Hq=32 fp16 ({results.get('gpu', '')})", xscale="log",
+               xlabel="Sk", ylabel="% of copy bandwidth")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(f"{prefix}_decode.png", dpi=90)
+        plt.close(fig)
+        print(f"wrote {prefix}_decode.png")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -196,11 +253,19 @@ def main():
     parser.add_argument("--no-backward", action="store_true")
     parser.add_argument("--memory-seqlen", type=int, default=16384)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--plot", help="GPU: write PNG plots PLOT_fwd.png, PLOT_fwdbwd.png, "
+                        "PLOT_decode.png")
+    parser.add_argument("--replot", metavar="JSON",
+                        help="only draw --plot from a JSON file an earlier --device cuda run wrote")
     parser.add_argument("--cuda-seqlens", type=int, nargs="+",
                         default=[512, 1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--cuda-dtypes", nargs="+", default=["float16", "bfloat16"])
     parser.add_argument("--no-decode", dest="decode", action="store_false")
     args = parser.parse_args()
+    if args.replot:
+        with open(args.replot) as f:
+            plot_cuda(json.load(f), args.plot or str(Path(args.replot).with_suffix("")))
+        return
     if args.device == "cuda":
         if not torch.cuda.is_available():
             sys.exit("--device cuda: no GPU visible to torch")
@@ -208,6 +273,8 @@ def main():
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=2)
+        if args.plot:
+            plot_cuda(results, args.plot)
         return
 
     device = args.device
