@@ -58,7 +58,7 @@ for step in "${steps[@]}"; do
             --json "$OUT/lutgemm_cuda.json" --plot "$OUT/lutgemm_cuda.png" ;;
     bench-attention)
         run_step bench-attention $PY benchmarks/bench_attention.py --device cuda \
-            --json "$OUT/attention_cuda.json" ;;
+            --json "$OUT/attention_cuda.json" --plot "$OUT/attention_cuda" ;;
     *)
         echo "unknown step: $step"; failed=$((failed + 1)) ;;
     esac
