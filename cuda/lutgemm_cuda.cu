@@ -1,7 +1,8 @@
 /* LUT-GEMM on the GPU: out = x · Ŵᵀ (+ bias) for a packed BCQ weight Ŵ (csrc/bcq_format.h).
  * The plan and the C entry points; the kernels are in lutgemm_lut.cu (decode: tables of
  * activation partial sums indexed by the weight bits) and lutgemm_mma.cu (prefill: tensor cores
- * fed by weight tiles dequantized in registers). lutgemm_cuda picks the path from m.
+ * fed by weight tiles dequantized in registers: pipe_kernel for bits ≤ 4, the older mma_kernel
+ * otherwise). lutgemm_cuda picks the path from m.
  *
  * Both paths split k over blocks when there are too few tiles to fill the GPU; then partial
  * sums go to an fp32 workspace with atomics and the last block of a tile (a counter per tile)

@@ -2,7 +2,9 @@
  * x is first copied to the workspace with each 32-k word's columns permuted (permute_x_kernel)
  * so that the 8 weights a thread needs for its mma B fragments come from bits (p, p + 16) of a
  * plane word: one shift brings a pair to the sign bits of a half2 and one lop3 turns it into
- * (±α, ±α). The weight tile is dequantized in registers and never written anywhere. */
+ * (±α, ±α). The weight tile is dequantized in registers and never written anywhere.
+ * Two kernels: pipe_kernel (bits ≤ 4, the default: 256-row CTA tiles, one barrier per stage,
+ * metadata once per group) and the older mma_kernel (bits 5..8, or LUTFLASH_LUTGEMM_MMA=old). */
 #include <type_traits>
 
 #include "lutgemm_cuda.cuh"
