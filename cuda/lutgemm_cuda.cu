@@ -1,7 +1,8 @@
 /* LUT-GEMM on the GPU: out = x · Ŵᵀ (+ bias) for a packed BCQ weight Ŵ (csrc/bcq_format.h).
  * The plan and the C entry points; the kernels are in lutgemm_lut.cu (decode: tables of
  * activation partial sums indexed by the weight bits) and lutgemm_mma.cu (prefill: tensor cores
- * fed by weight tiles dequantized in registers). lutgemm_cuda picks the path from m.
+ * fed by weight tiles dequantized in registers: pipe_kernel for bits ≤ 4, the older mma_kernel
+ * otherwise). lutgemm_cuda picks the path from m.
  *
  * Both paths split k over blocks when there are too few tiles to fill the GPU; then partial
  * sums go to an fp32 workspace with atomics and the last block of a tile (a counter per tile)
@@ -11,6 +12,11 @@
 #include <string.h>
 
 #include "lutgemm_cuda.cuh"
+
+/* In lutgemm_mma.cu (declared here to leave the shared header, and so every CUDA object,
+ * untouched): the pipelined kernel, or with blocks_per_sm non-null its occupancy. */
+cudaError_t lutgemm_mma_pipe_launch(int x_type, int bm, const MmaArgs &a, dim3 grid,
+                                    cudaStream_t stream, int *blocks_per_sm);
 
 namespace {
 
@@ -26,6 +32,22 @@ int path_override() {
     if (s && !strcmp(s, "lut")) return PATH_LUT;
     if (s && !strcmp(s, "mma")) return PATH_MMA;
     return -1;
+}
+
+/* The pipelined tensor-core kernel (lutgemm_mma.cu, pipe_kernel): bits ≤ 4. These must match
+ * PIPE_BN / PIPE_WORDS / PIPE_STAGES there. */
+constexpr int PIPE_BN = 256, PIPE_WORDS = 2, PIPE_STAGES = 4;
+constexpr int64_t PIPE_SPLIT_MAX_M = 1024;  // above SPLIT_MAX_M, k is split only when the
+constexpr int64_t PIPE_SPLIT_MAX_TILES = 264;  // (m, n) tiles are fewer than this (2 × 132 SMs)
+
+/* LUTFLASH_LUTGEMM_MMA=old keeps the previous mma kernel (before/after benchmarks). */
+bool pipe_applies(const lutgemm_params *p) {
+    const char *s = getenv("LUTFLASH_LUTGEMM_MMA");
+    return p->bits <= 4 && !(s && !strcmp(s, "old"));
+}
+
+int64_t pipe_tiles(const lutgemm_params *p, int bm) {
+    return (bcq_padded_rows(p->n) + PIPE_BN - 1) / PIPE_BN * ((p->m + bm - 1) / bm);
 }
 
 constexpr int64_t LUT_MAX_M = 4;    // fp16/bf16: lut (lutgemm_lut1.cu) up to this m (H100: m = 8 mma)
@@ -71,7 +93,9 @@ Plan make_plan(const lutgemm_params *p, int path) {
         plan.tiles = (n_pad + MMA_BN - 1) / MMA_BN * (plan.m_pad / plan.m_tile);
         plan.xp_bytes = plan.m_pad * plan.k_pad * 2;
     }
-    if (p->m <= SPLIT_MAX_M) {
+    const bool pipe_split = path == PATH_MMA && p->m <= PIPE_SPLIT_MAX_M &&
+                            pipe_tiles(p, plan.m_tile) < PIPE_SPLIT_MAX_TILES;
+    if (p->m <= SPLIT_MAX_M || pipe_split) {
         plan.counters_bytes = align256(plan.tiles * 4);
         plan.acc_bytes = align256(p->m * n_pad * 4);
     }
@@ -152,6 +176,60 @@ cudaError_t run_lut(const lutgemm_params *p, const Plan &plan, cudaStream_t stre
     return cudaSuccess;
 }
 
+/* The pipelined kernel: same workspace (counters, fp32 partial sums, permuted x) and args. */
+cudaError_t run_mma_pipe(const lutgemm_params *p, const Plan &plan, MmaArgs a,
+                         cudaStream_t stream) {
+    const int64_t n_pad = bcq_padded_rows(p->n), words = bcq_words_per_row(p->k);
+    // Experiment knobs: LUTFLASH_PIPE_BM (16 or 64, at most the plan's tile: the permuted x
+    // is padded to plan.m_tile rows) and LUTFLASH_PIPE_SPLITS (a fixed number of k splits).
+    int bm = plan.m_tile;
+    const char *knob = getenv("LUTFLASH_PIPE_BM");
+    if (knob && (atoi(knob) == 16 || atoi(knob) == 64) && atoi(knob) <= bm) bm = atoi(knob);
+    int blocks_per_sm = 0;
+    cudaError_t err = lutgemm_mma_pipe_launch(p->x_type, bm, a, dim3(), stream, &blocks_per_sm);
+    if (err != cudaSuccess) return err;
+    // Split k when the (m, n) tiles are less than one wave: the fewest splits that fill the
+    // waves best (blocks / (waves × slots)), each split ≥ 2 pipeline rings of words.
+    const int64_t n_tiles = (n_pad + PIPE_BN - 1) / PIPE_BN, m_tiles = plan.m_pad / bm;
+    const int64_t tiles = n_tiles * m_tiles;
+    const int64_t slots = (int64_t)sm_count() * (blocks_per_sm > 0 ? blocks_per_sm : 1);
+    int64_t splits = 1;
+    if (plan.acc_bytes > 0 && tiles < slots) {
+        const int64_t most = words / (2 * PIPE_STAGES * PIPE_WORDS);
+        double best = 0.0;
+        for (int64_t s = 1; s <= most && s * tiles <= 4 * slots; ++s) {
+            const int64_t blocks = s * tiles, waves = (blocks + slots - 1) / slots;
+            const double fill = (double)blocks / (double)(waves * slots);
+            if (fill > best + 0.02) best = fill, splits = s;
+        }
+    }
+    knob = getenv("LUTFLASH_PIPE_SPLITS");
+    if (knob && atoi(knob) >= 1 && (plan.acc_bytes > 0 || atoi(knob) == 1)) splits = atoi(knob);
+    if (tiles > plan.tiles) splits = 1;  // counters are sized for plan.tiles (a BM knob)
+    int64_t per = (words + splits - 1) / splits;
+    per = (per + PIPE_WORDS - 1) / PIPE_WORDS * PIPE_WORDS;
+    a.words_per_split = (int)per;
+    splits = (words + per - 1) / per;
+    if (splits > 1) {
+        a.counters = (unsigned *)p->workspace;
+        a.acc = (float *)((char *)p->workspace + plan.counters_bytes);
+        err = cudaMemsetAsync(p->workspace, 0, plan.counters_bytes + plan.acc_bytes, stream);
+        if (err != cudaSuccess) return err;
+    }
+    for (int64_t y0 = 0; y0 < m_tiles; y0 += 65535) {  // grid.y limit
+        const int64_t ys = m_tiles - y0 < 65535 ? m_tiles - y0 : 65535;
+        MmaArgs c = a;
+        c.xp = a.xp + y0 * bm * plan.k_pad;
+        c.out = (char *)p->out + y0 * bm * p->ldo * 2;
+        c.m = p->m - y0 * bm;
+        if (splits > 1) c.acc = a.acc + y0 * bm * n_pad, c.counters = a.counters + y0 * n_tiles;
+        const dim3 grid((unsigned)n_tiles, (unsigned)ys, (unsigned)splits);
+        err = lutgemm_mma_pipe_launch(p->x_type, bm, c, grid, stream, nullptr);
+        if (err != cudaSuccess) return err;
+    }
+    return cudaSuccess;
+}
+
 cudaError_t run_mma(const lutgemm_params *p, const Plan &plan, cudaStream_t stream) {
     const int64_t n_pad = bcq_padded_rows(p->n), words = bcq_words_per_row(p->k);
     uint16_t *xp = (uint16_t *)((char *)p->workspace + plan.counters_bytes + plan.acc_bytes);
@@ -162,6 +240,7 @@ cudaError_t run_mma(const lutgemm_params *p, const Plan &plan, cudaStream_t stre
     a.ldo = p->ldo, a.m = p->m, a.n = p->n, a.n_pad = n_pad, a.k_pad = plan.k_pad;
     a.words = (int)words, a.bits = p->bits, a.group_size = p->group_size;
     a.nm = bcq_meta_per_group(p->bits, p->mode), a.mode = p->mode, a.meta_type = p->meta_type;
+    if (pipe_applies(p)) return run_mma_pipe(p, plan, a, stream);
     const int bm = plan.m_tile;
     // small tiles (128 threads, little smem) fit ~4 per SM; ≥ 4 stages of k per split
     const int splits = choose_splits(plan.tiles, words, p->m, bm <= 32 ? 4 : 2,

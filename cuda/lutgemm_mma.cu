@@ -2,7 +2,9 @@
  * x is first copied to the workspace with each 32-k word's columns permuted (permute_x_kernel)
  * so that the 8 weights a thread needs for its mma B fragments come from bits (p, p + 16) of a
  * plane word: one shift brings a pair to the sign bits of a half2 and one lop3 turns it into
- * (±α, ±α). The weight tile is dequantized in registers and never written anywhere. */
+ * (±α, ±α). The weight tile is dequantized in registers and never written anywhere.
+ * Two kernels: pipe_kernel (bits ≤ 4, the default: 256-row CTA tiles, one barrier per stage,
+ * metadata once per group) and the older mma_kernel (bits 5..8, or LUTFLASH_LUTGEMM_MMA=old). */
 #include <type_traits>
 
 #include "lutgemm_cuda.cuh"
@@ -336,10 +338,337 @@ __global__ void __launch_bounds__(MmaConfig<T, BM>::THREADS, MmaConfig<T, BM>::M
             }
 }
 
+/* ---------------------------------------------------------------------------------------- */
+/* The pipelined kernel (bits ≤ 4): one __syncthreads per k-stage, metadata converted once    */
+/* per group, compile-time bits and mode, no divisions in the main loop.                      */
+/* ---------------------------------------------------------------------------------------- */
+/* The CTA is 8 warps side by side along n; each warp owns 32 weight rows (output columns) and
+ * all BM activation rows, so a weight is dequantized once per CTA and feeds BM / 16 mmas. Per
+ * stage (2 words = 64 k) a cp.async ring brings the x tile, the plane words and, for the
+ * words that open a group, the raw metadata. Within a warp, B-fragment column g of n-tile nt
+ * is weight row 4g + nt: a thread's 4 n-tiles are 4 consecutive rows, one LDS.128 per plane
+ * word, and its outputs are runs of 4 consecutive columns (float4 atomics when k is split).
+ * These constants must match PIPE_BN / PIPE_WORDS in lutgemm_cuda.cu. */
+constexpr int PIPE_WARPS = 8, PIPE_THREADS = 32 * PIPE_WARPS;
+constexpr int PIPE_BN = 32 * PIPE_WARPS;  // weight rows per CTA
+constexpr int PIPE_WORDS = 2;             // words of k per stage (BK = 64)
+constexpr int PIPE_STAGES = 4;
+constexpr unsigned PIPE_GROUP_M = 8;      // m-tiles per block-order group (L2 reuse)
+
+template <int BITS, bool GEN>
+struct PipeShape {
+    static constexpr int NM = GEN ? BITS + 1 : 2;  // metadata rows per group
+    static __host__ __device__ int x_bytes(int bm) { return bm * 32 * PIPE_WORDS * 2; }
+    static constexpr int PLANE_BYTES = PIPE_WORDS * BITS * PIPE_BN * 4;
+    static __host__ __device__ int stage_bytes(int bm, int meta_size) {
+        return x_bytes(bm) + PLANE_BYTES + PIPE_WORDS * NM * PIPE_BN * meta_size;
+    }
+    static __host__ __device__ int smem_bytes(int bm, int meta_size) {
+        return PIPE_STAGES * stage_bytes(bm, meta_size);
+    }
+};
+
+template <int BM>
+struct PipeCfg {
+    static constexpr int M_TILES = BM / 16;
+    static constexpr int MIN_BLOCKS = BM >= 64 ? 1 : 2;  // ≤ 128 registers spills at BM = 64
+};
+
+/* 2^i as a broadcast pair of T (the α_i of the uniform mode, up to the scale s / 2). */
+template <typename T>
+__host__ __device__ constexpr uint32_t pow2_pair(int i) {
+    return std::is_same<T, __half>::value ? (uint32_t)((15 + i) << 10) * 0x10001u
+                                          : (uint32_t)((127 + i) << 7) * 0x10001u;
+}
+
+template <typename T, int BITS, bool GEN, int BM>
+__global__ void __launch_bounds__(PIPE_THREADS, PipeCfg<BM>::MIN_BLOCKS)
+    pipe_kernel(MmaArgs a) {
+    using Shape = PipeShape<BITS, GEN>;
+    constexpr int NM = Shape::NM, M_TILES = PipeCfg<BM>::M_TILES;
+    extern __shared__ uint4 pipe_smem[];
+    unsigned char *smem = (unsigned char *)pipe_smem;
+    const int meta_size = a.meta_type == LF_SCALAR_F32 ? 4 : 2;
+    const int stage_bytes = Shape::stage_bytes(BM, meta_size);
+    const int x_bytes = Shape::x_bytes(BM);
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    // Tiles in groups of PIPE_GROUP_M m-tiles: consecutive blocks sweep n inside a group, so a
+    // wave reuses a few x tiles and a few weight tiles from L2 (large m).
+    const unsigned tile = blockIdx.y * gridDim.x + blockIdx.x;
+    const unsigned per_group = PIPE_GROUP_M * gridDim.x, first_m = tile / per_group * PIPE_GROUP_M;
+    const unsigned group_m = min(PIPE_GROUP_M, gridDim.y - first_m), in_group = tile % per_group;
+    const int64_t n0 = (int64_t)(in_group / group_m) * PIPE_BN;
+    const int64_t m0 = (int64_t)(first_m + in_group % group_m) * BM;
+    const int w_begin = blockIdx.z * a.words_per_split;
+    const int w_end = min(a.words, w_begin + a.words_per_split);
+    const int stages = (w_end - w_begin + PIPE_WORDS - 1) / PIPE_WORDS;
+    // words per group: g is a multiple of 32, or g = k (one group)
+    const int wpg = a.group_size % 32 == 0 ? a.group_size / 32 : a.words;
+
+    auto load_stage = [&](int s) {
+        unsigned char *base = smem + (s % PIPE_STAGES) * stage_bytes;
+        const int w0 = w_begin + s * PIPE_WORDS;
+        // x: BM rows × 8 chunks of 16 bytes, chunk index swizzled by the row (ldmatrix)
+        uint16_t *xs = (uint16_t *)base;
+#pragma unroll
+        for (int c0 = 0; c0 < BM * 8; c0 += PIPE_THREADS) {
+            const int c = c0 + tid;
+            if (BM * 8 % PIPE_THREADS == 0 || c < BM * 8) {
+                const int r = c >> 3, ch = c & 7;
+                const bool valid = w0 + (ch >> 2) < w_end;
+                const uint16_t *src = a.xp + (m0 + r) * a.k_pad + (int64_t)w0 * 32 + ch * 8;
+                cp_async16(xs + r * 64 + ((ch ^ (r & 7)) * 8), valid ? src : a.xp, valid);
+            }
+        }
+        // plane words: PIPE_WORDS × BITS rows (word-major, as in memory) × PIPE_BN words
+        uint32_t *ps = (uint32_t *)(base + x_bytes);
+        constexpr int P_CHUNKS = PIPE_WORDS * BITS * (PIPE_BN / 4);
+#pragma unroll
+        for (int c0 = 0; c0 < P_CHUNKS; c0 += PIPE_THREADS) {
+            const int c = c0 + tid;
+            if (P_CHUNKS % PIPE_THREADS == 0 || c < P_CHUNKS) {
+                const int wi = c / (PIPE_BN / 4), ch = c % (PIPE_BN / 4);
+                const int64_t rr = n0 + ch * 4;
+                const bool valid = w0 + wi / BITS < w_end && rr < a.n_pad;
+                const uint32_t *src = a.planes + ((int64_t)w0 * BITS + wi) * a.n_pad + rr;
+                cp_async16(ps + wi * PIPE_BN + ch * 4, valid ? src : a.planes, valid);
+            }
+        }
+        // raw metadata, only for the words whose group differs from the previous word's
+        unsigned char *ms = base + x_bytes + Shape::PLANE_BYTES;
+        const int chunks = PIPE_BN * meta_size / 16;  // per metadata row
+#pragma unroll
+        for (int kw = 0; kw < PIPE_WORDS; ++kw) {
+            const int w = w0 + kw;
+            if (w >= w_end || (w != w_begin && w % wpg != 0)) continue;
+            const int64_t grp = w / wpg;
+            for (int c = tid; c < NM * chunks; c += PIPE_THREADS) {
+                const int j = c / chunks, ch = c - j * chunks;
+                const int64_t rr = n0 + ch * 16 / meta_size;
+                const bool valid = rr < a.n_pad;
+                const unsigned char *src =
+                    (const unsigned char *)a.meta + ((grp * NM + j) * a.n_pad + rr) * meta_size;
+                cp_async16(ms + (kw * NM + j) * PIPE_BN * meta_size + ch * 16,
+                           valid ? src : a.meta, valid);
+            }
+        }
+    };
+
+    float acc[M_TILES][4][4];
+#pragma unroll
+    for (int i = 0; i < M_TILES; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+    // The current group's metadata for this thread's 4 weight rows (converted once per group):
+    // uniform: s / 2 and z as broadcast pairs of T; general: α_i and z in fp32.
+    uint32_t scale2[4], zpair[4];
+    float alf[GEN ? BITS : 1][4], zf[4];
+    const int row0 = warp * 32 + 4 * g;  // this thread's first weight row in the CTA tile
+
+#pragma unroll
+    for (int s = 0; s < PIPE_STAGES - 1; ++s) {
+        if (s < stages) load_stage(s);
+        cp_async_commit();
+    }
+    int wig = w_begin % wpg;  // word index inside its group
+    for (int s = 0; s < stages; ++s) {
+        cp_async_wait<PIPE_STAGES - 2>();
+        __syncthreads();  // stage s landed; everyone is done with stage s - 1's buffer
+        if (s + PIPE_STAGES - 1 < stages) load_stage(s + PIPE_STAGES - 1);
+        cp_async_commit();
+
+        const unsigned char *base = smem + (s % PIPE_STAGES) * stage_bytes;
+        const uint16_t *xs = (const uint16_t *)base;
+        const uint32_t *ps = (const uint32_t *)(base + x_bytes);
+        const unsigned char *ms = base + x_bytes + Shape::PLANE_BYTES;
+        const int w0 = w_begin + s * PIPE_WORDS;
+#pragma unroll
+        for (int kw = 0; kw < PIPE_WORDS; ++kw) {
+            if (w0 + kw >= w_end) break;
+            if (w0 + kw == w_begin || wig == 0) {  // a new group: its metadata is in slot kw
+                const unsigned char *raw = ms + kw * NM * PIPE_BN * meta_size;
+                auto entry = [&](int j, int nt) {
+                    const int idx = j * PIPE_BN + row0 + nt;
+                    if (a.meta_type == LF_SCALAR_F32) return ((const float *)raw)[idx];
+                    const uint16_t h = ((const uint16_t *)raw)[idx];
+                    return a.meta_type == LF_SCALAR_F16 ? __half2float(__ushort_as_half(h))
+                                                        : __uint_as_float((uint32_t)h << 16);
+                };
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt) {
+                    if constexpr (GEN) {
+#pragma unroll
+                        for (int i = 0; i < BITS; ++i) alf[i][nt] = entry(i, nt);
+                        zf[nt] = entry(BITS, nt);
+                    } else {
+                        scale2[nt] = Pair<T>::from_float(0.5f * entry(0, nt));
+                        zpair[nt] = Pair<T>::from_float(entry(1, nt));
+                    }
+                }
+            }
+            wig = wig + 1 == wpg ? 0 : wig + 1;
+
+            // This thread's plane words: rows row0 .. row0 + 3 (n-tiles 0..3), one LDS.128 each.
+            uint4 pw[BITS];
+#pragma unroll
+            for (int i = 0; i < BITS; ++i)
+                pw[i] = *(const uint4 *)(ps + (kw * BITS + i) * PIPE_BN + row0);
+            uint32_t b[4][4];
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+                if constexpr (GEN) {
+                    // Σ_i ±α_i + z in fp32, rounded once to T (see mma_kernel)
+                    float lo[4] = {zf[nt], zf[nt], zf[nt], zf[nt]};
+                    float hi[4] = {zf[nt], zf[nt], zf[nt], zf[nt]};
+#pragma unroll
+                    for (int i = 0; i < BITS; ++i) {
+                        const uint32_t word = (&pw[i].x)[nt];
+                        const uint32_t al_i = __float_as_uint(alf[i][nt]);
+                        const uint32_t ylo = word << (28 - 4 * t), yhi = word << (12 - 4 * t);
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) {
+                            lo[r] += signed_alpha_f32(ylo << (3 - r), al_i);
+                            hi[r] += signed_alpha_f32(yhi << (3 - r), al_i);
+                        }
+                    }
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) b[nt][r] = Pair<T>::pack(lo[r], hi[r]);
+                } else {
+                    // Σ_i ±2^i: an exact odd integer in T; then one fma with s / 2 and z
+                    uint32_t sum[4];
+#pragma unroll
+                    for (int i = BITS - 1; i >= 0; --i) {
+                        const uint32_t y = (&pw[i].x)[nt] << (12 - 4 * t);  // 4t+3, 4t+19 → 15, 31
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) {
+                            const uint32_t v = signed_alpha(y << (3 - r), pow2_pair<T>(i));
+                            sum[r] = i == BITS - 1 ? v : add2<T>(sum[r], v);
+                        }
+                    }
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) b[nt][r] = fma2<T>(sum[r], scale2[nt], zpair[nt]);
+                }
+            }
+#pragma unroll
+            for (int s16 = 0; s16 < 2; ++s16) {
+#pragma unroll
+                for (int mt = 0; mt < M_TILES; ++mt) {
+                    const int r = mt * 16 + (lane & 15);
+                    const int ch = kw * 4 + s16 * 2 + (lane >> 4);
+                    uint32_t af[4];
+                    ldmatrix_x4(af, xs + r * 64 + ((ch ^ (r & 7)) * 8));
+#pragma unroll
+                    for (int nt = 0; nt < 4; ++nt)
+                        mma16816<T>(acc[mt][nt], af, b[nt][2 * s16], b[nt][2 * s16 + 1]);
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    // acc[mt][nt][2h + e]: activation row mt·16 + g + 8h, weight row warp·32 + 8t + 4e + nt
+    // (the mma's output column 2t + e of n-tile nt is B column 2t + e → row 4(2t + e) + nt).
+    const T *bias = (const T *)a.bias;
+    T *out = (T *)a.out;
+    const int64_t c_base = n0 + warp * 32 + 8 * t;
+    if (gridDim.z > 1) {
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int64_t r = m0 + mt * 16 + g + 8 * h, c = c_base + 4 * e;
+                    if (r < a.m && c < a.n_pad)
+                        atomic_add4(a.acc + r * a.n_pad + c,
+                                    make_float4(acc[mt][0][2 * h + e], acc[mt][1][2 * h + e],
+                                                acc[mt][2][2 * h + e], acc[mt][3][2 * h + e]));
+                }
+        if (!last_block_of_tile(a.counters + tile, gridDim.z)) return;
+        for (int e = tid; e < BM * PIPE_BN; e += PIPE_THREADS) {
+            const int64_t r = m0 + e / PIPE_BN, c = n0 + e % PIPE_BN;
+            if (r >= a.m || c >= a.n) continue;
+            const float v = __ldcg(a.acc + r * a.n_pad + c) + (bias ? (float)bias[c] : 0.0f);
+            out[r * a.ldo + c] = (T)v;
+        }
+        return;
+    }
+    float bv[2][4];
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+            const int64_t c = c_base + 4 * e + nt;
+            bv[e][nt] = bias && c < a.n ? (float)bias[c] : 0.0f;
+        }
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int64_t r = m0 + mt * 16 + g + 8 * h;
+            if (r >= a.m) continue;
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt) {
+                    const int64_t c = c_base + 4 * e + nt;
+                    if (c < a.n) out[r * a.ldo + c] = (T)(acc[mt][nt][2 * h + e] + bv[e][nt]);
+                }
+        }
+}
+
+template <typename T, int BITS, bool GEN, int BM>
+cudaError_t pipe_launch(const MmaArgs &a, dim3 grid, cudaStream_t stream, int *blocks_per_sm) {
+    // Always raise the dynamic limit: the 48 KB default counts static smem too (the split-k
+    // flag of last_block_of_tile), so a ring of exactly 48 KB fails to launch without it.
+    const int smem = PipeShape<BITS, GEN>::smem_bytes(BM, a.meta_type == LF_SCALAR_F32 ? 4 : 2);
+    cudaError_t err = cudaFuncSetAttribute(pipe_kernel<T, BITS, GEN, BM>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+    if (blocks_per_sm)  // a query, no launch
+        return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            blocks_per_sm, pipe_kernel<T, BITS, GEN, BM>, PIPE_THREADS, smem);
+    pipe_kernel<T, BITS, GEN, BM><<<grid, PIPE_THREADS, smem, stream>>>(a);
+    return cudaGetLastError();
+}
+
+template <typename T, int BITS, bool GEN>
+cudaError_t pipe_launch_bm(int bm, const MmaArgs &a, dim3 grid, cudaStream_t stream,
+                        int *blocks_per_sm) {
+    switch (bm) {
+    case 16: return pipe_launch<T, BITS, GEN, 16>(a, grid, stream, blocks_per_sm);
+    case 64: return pipe_launch<T, BITS, GEN, 64>(a, grid, stream, blocks_per_sm);
+    default: return pipe_launch<T, BITS, GEN, 128>(a, grid, stream, blocks_per_sm);
+    }
+}
+
+template <typename T, bool GEN>
+cudaError_t pipe_launch_bits(int bm, const MmaArgs &a, dim3 grid, cudaStream_t stream,
+                        int *blocks_per_sm) {
+    switch (a.bits) {
+    case 1: return pipe_launch_bm<T, 1, GEN>(bm, a, grid, stream, blocks_per_sm);
+    case 2: return pipe_launch_bm<T, 2, GEN>(bm, a, grid, stream, blocks_per_sm);
+    case 3: return pipe_launch_bm<T, 3, GEN>(bm, a, grid, stream, blocks_per_sm);
+    default: return pipe_launch_bm<T, 4, GEN>(bm, a, grid, stream, blocks_per_sm);
+    }
+}
+
+template <typename T>
+cudaError_t pipe_launch_mode(int bm, const MmaArgs &a, dim3 grid, cudaStream_t stream,
+                        int *blocks_per_sm) {
+    return a.mode == BCQ_MODE_GENERAL ? pipe_launch_bits<T, true>(bm, a, grid, stream, blocks_per_sm)
+                                      : pipe_launch_bits<T, false>(bm, a, grid, stream, blocks_per_sm);
+}
+
 template <typename T, int BM>
 cudaError_t launch(const MmaArgs &a, dim3 grid, cudaStream_t stream) {
     const int smem = mma_smem_bytes(BM, a.bits, a.nm, a.meta_type == LF_SCALAR_F32 ? 4 : 2);
-    if (smem > 48 * 1024) {
+    if (smem > 46 * 1024) {  // 48 KB is dynamic + static (last_block_of_tile's flag)
         cudaError_t err = cudaFuncSetAttribute(
             mma_kernel<T, BM>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
         if (err != cudaSuccess) return err;
@@ -371,4 +700,12 @@ cudaError_t lutgemm_permute_x(const void *x, int64_t ldx, uint16_t *xp, int64_t 
     permute_x_kernel<<<(unsigned)(blocks < 65536 ? blocks : 65536), 256, 0, stream>>>(
         (const uint16_t *)x, ldx, xp, m, m_pad, k, k_pad);
     return cudaGetLastError();
+}
+
+/* The pipelined kernel (bits 1..4, BM ∈ {16, 64, 128}). With blocks_per_sm non-null it
+ * launches nothing and stores how many blocks of that instance fit on one SM. */
+cudaError_t lutgemm_mma_pipe_launch(int x_type, int bm, const MmaArgs &a, dim3 grid,
+                                    cudaStream_t stream, int *blocks_per_sm) {
+    return x_type == LF_SCALAR_F16 ? pipe_launch_mode<__half>(bm, a, grid, stream, blocks_per_sm)
+                                   : pipe_launch_mode<__nv_bfloat16>(bm, a, grid, stream, blocks_per_sm);
 }

@@ -24,6 +24,8 @@ CASES = [  # (path, m, n, k, bits, group_size, mode, dtype)
     ("mma", 16, 201, 1056, 3, 96, "general", torch.bfloat16),   # split k
     ("mma", 40, 130, 197, 2, None, "general", torch.float16),   # odd k, g = k
     ("mma", 300, 260, 512, 4, 128, "uniform", torch.float16),   # several m and n tiles
+    ("mma", 130, 520, 2048, 3, 128, "general", torch.float16),  # split k at m > 64, partial tiles
+    ("mma", 17, 300, 1600, 2, 32, "uniform", torch.bfloat16),   # g = 32, odd words, split k
 ]
 
 

@@ -264,3 +264,26 @@ def test_mma_tiles_on_a_wide_layer(m):
     w64 = qweight.dequantize(torch.float64)
     ref = x.double() @ w64.t()
     assert_close_to_reference(out, ref, (x @ w64.to(x.dtype).t()))
+
+
+@pytest.mark.parametrize("path", ["mma"], indirect=True)
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("m", [80, 256])
+def test_mma_split_k_large_m(m, mode, bits, path):
+    # few (m, n) tiles at m > 64: the pipelined kernel splits k (fp32 workspace, float4
+    # atomics); n = 520 leaves a partial 256-row tile, m = 80 a partial 128-row tile
+    dtype = LOWP[(bits + m) % 2]
+    qweight = weight(520, 2048, bits, 128, mode, dtype, seed=bits + m)
+    check(torch.randn(m, 2048, dtype=dtype, device=DEVICE), qweight,
+          torch.randn(520, dtype=dtype, device=DEVICE))
+
+
+@pytest.mark.parametrize("path", ["mma"], indirect=True)
+@pytest.mark.parametrize("meta_dtype", [torch.float32, torch.bfloat16])
+def test_mma_groups_and_odd_words(meta_dtype, path):
+    # g = 32: a new group every word; k = 1600 = 50 words: a last stage with one word;
+    # m = 130: two 128-row tiles, the second with 2 rows
+    for bits, mode in ((2, "general"), (3, "uniform")):
+        qweight = weight(264, 1600, bits, 32, mode, meta_dtype, seed=bits)
+        check(torch.randn(130, 1600, dtype=torch.bfloat16, device=DEVICE), qweight, None)
