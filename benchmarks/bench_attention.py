@@ -2,6 +2,7 @@
 
     python benchmarks/bench_attention.py --device cpu [--json out.json] [--reps 5]
     python benchmarks/bench_attention.py --device cuda   # SDPA FLASH_ATTENTION and CUDNN_ATTENTION
+    python benchmarks/bench_attention.py --device cuda --decode-only   # only the decode section
 
 CPU: B=1, H=8, D in {64, 128}, S in {512, 1024, 2048, 4096}, causal and not; forward and
 forward+backward; the median of --reps repetitions after one warm-up. It also measures the peak
