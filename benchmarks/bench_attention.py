@@ -2,6 +2,7 @@
 
     python benchmarks/bench_attention.py --device cpu [--json out.json] [--reps 5]
     python benchmarks/bench_attention.py --device cuda   # SDPA FLASH_ATTENTION and CUDNN_ATTENTION
+    python benchmarks/bench_attention.py --device cuda --decode-only   # only the decode section
 
 CPU: B=1, H=8, D in {64, 128}, S in {512, 1024, 2048, 4096}, causal and not; forward and
 forward+backward; the median of --reps repetitions after one warm-up. It also measures the peak
@@ -111,7 +112,7 @@ def bench_cuda(args) -> dict:
     backends = {"fa2": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
     print(f"{'dtype':>8} {'D':>4} {'S':>6} {'B':>3} {'causal':>6} | TFLOP/s fwd: "
           f"{'lutflash':>8} {'fa2':>6} {'cudnn':>6} | fwd+bwd: {'lutflash':>8} {'fa2':>6} {'cudnn':>6}")
-    for dtype in args.cuda_dtypes:
+    for dtype in ([] if args.decode_only else args.cuda_dtypes):
         dt = getattr(torch, dtype)
         for d in args.head_dims:
             heads = 2048 // d
@@ -154,7 +155,10 @@ def bench_cuda(args) -> dict:
                         f"{'-':>{8 if n == 'lutflash' else 6}}" for n in ("lutflash", "fa2", "cudnn"))
                     print(f"{dtype:>8} {d:>4} {s:>6} {batch:>3} {str(causal):>6} | {'':12}"
                           f"{cells(0)} | {'':9}{cells(1)}", flush=True)
-    if args.decode:
+    if args.decode or args.decode_only:
+        # a ~1 ms spin: a decode call is a few to a few hundred us of GPU time, and the host's
+        # Python path must never show through (B = 1 timings jumped 2-4x with the 100 us spin)
+        timer = CudaTimer(spin_cycles=2_000_000)
         results["copy_bandwidth"] = bandwidth = copy_bandwidth(timer)
         print(f"decode (Sq = 1, D = 128, Hq = 32): copy bandwidth {bandwidth / 1e12:.2f} TB/s")
         print(f"{'B':>3} {'Hkv':>4} {'Sk':>6} | {'lutflash us':>11} {'GB/s':>6} {'% copy':>7} | "
@@ -261,6 +265,8 @@ def main():
                         default=[512, 1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--cuda-dtypes", nargs="+", default=["float16", "bfloat16"])
     parser.add_argument("--no-decode", dest="decode", action="store_false")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="only the decode section (skips the FlashAttention grid)")
     args = parser.parse_args()
     if args.replot:
         with open(args.replot) as f:

@@ -28,8 +28,9 @@ class CudaTimer:
     the timed call, so the host's per-call overhead (measured on its own by
     bench_overhead.py) does not show in the measurement."""
 
-    def __init__(self, device="cuda"):
+    def __init__(self, device="cuda", spin_cycles: int = 200_000):
         self.flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+        self.spin_cycles = spin_cycles
 
     def __call__(self, fn, reps: int, warmup: int = 3) -> float:
         for _ in range(warmup):
@@ -38,7 +39,7 @@ class CudaTimer:
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         for start, end in zip(starts, ends, strict=True):
             self.flush.zero_()
-            torch.cuda._sleep(200_000)  # about 100 us of GPU clock cycles
+            torch.cuda._sleep(self.spin_cycles)  # 200k cycles: about 100 us
             start.record()
             fn()
             end.record()

@@ -34,6 +34,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "attention_params.h"
 #include "philox.h"
@@ -563,6 +565,16 @@ template <int kD, typename T> cudaError_t run_attn_fwd_tiles(const attention_fwd
 /* otherwise a record (o normalized in fp32, lse in log2 units) per (row, split) goes to the  */
 /* workspace and attn_decode_combine_kernel merges the splits by lse. Plain scores only       */
 /* (no softcap, ALiBi or dropout); masks and varlen as in the forward.                       */
+/*                                                                                           */
+/* Splits (decode_splits) come from the SM count, queried once per device: about one CTA per */
+/* SM, at least 4 key blocks each (B = 1 with 32 kv heads on an H100 used to run 288 CTAs on */
+/* 264 slots, a 9% second wave). On sm_90 the combine is launched with programmatic dependent */
+/* launch: its CTAs start while the decode kernel's last CTAs run and wait in                */
+/* griddepcontrol.wait for its results, which hides the second launch's latency.             */
+/* Benchmark switches (read per call): LUTFLASH_DECODE=old (the previous split rule and      */
+/* serial combine, no PDL), =serial (that combine, no PDL), =nopdl, =waves (splits filling   */
+/* whole waves of 2 CTAs per SM); LUTFLASH_DECODE_SPLITS=n forces n splits (clamped to what  */
+/* the workspace holds).                                                                     */
 
 constexpr int kDecodeRows = 16, kDecodeBN = 64, kDecodeWarps = 4;
 
@@ -590,6 +602,12 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
     constexpr int kThreads = Cfg::kThreads, kPitch = Cfg::kPitch, kStages = Cfg::kStages;
     constexpr int kDT = kD / 8, kChunks = kD / 8;
     extern __shared__ __align__(16) unsigned char smem[];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    /* The combine (launched with programmatic stream serialization) may start its CTAs once
+     * every CTA here got this far; it still waits for this grid to finish (griddepcontrol.wait)
+     * before it reads anything. Without a dependent launch this does nothing. */
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
     const uint32_t q_tile = smem_addr(smem);
     const uint32_t kv_tiles = q_tile + Cfg::kTileQ; /* [kStages][K, V] */
 
@@ -798,10 +816,11 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
     }
 }
 
-/* Merges the splits of one (query row, batch, head) per warp: weights 2^(lse_s - max). */
+/* The previous combine (LUTFLASH_DECODE=old, kept to time against): one warp per (query row,
+ * batch, head), the splits visited one after the other. */
 template <typename T>
-__global__ void __launch_bounds__(128) attn_decode_combine_kernel(const attention_fwd_params p,
-                                                                  int num_splits) {
+__global__ void __launch_bounds__(128) attn_decode_combine_serial_kernel(
+    const attention_fwd_params p, int num_splits) {
     const int b = blockIdx.y, h = blockIdx.z, lane = threadIdx.x % 32;
     const Sequence seq(p, b);
     const int i = blockIdx.x * 4 + threadIdx.x / 32;
@@ -840,15 +859,111 @@ __global__ void __launch_bounds__(128) attn_decode_combine_kernel(const attentio
     if (lane == 0) p.lse[lse_index] = empty ? -INFINITY : (m + log2f(total)) * kLn2;
 }
 
-/* Key splits of the decode path, 0 where it does not apply (more than 16 query rows). Enough
- * CTAs for two per SM of an H100 (132 SMs), at least 2 key blocks (128 keys) per split, at
- * most 128 splits. A pure function of the shapes: csrc/attention.c sizes the workspace with
- * it (attention_cuda_decode_workspace_bytes). */
-__host__ __device__ inline int decode_splits(int64_t batch, int64_t heads_q, int64_t heads_kv,
-                                             int64_t seqlen_q, int64_t seqlen_k) {
+constexpr int kDecodeMaxSplits = 128, kDecodeMaxD = 256;
+
+/* Merges the splits of one (head, query row) of one batch per CTA, weights 2^(lse_s - max).
+ * Every warp finds the max and the sum of the weights over all splits (lanes over splits);
+ * then warp w sums splits w, w + 4, ... for 4 columns a lane, 8 splits at a time with all
+ * their loads (o and lse) issued before any use, and the 4 partial sums meet in shared
+ * memory. A row thus costs a few L2 round trips, not one per split, spread over as many SMs
+ * as rows. Launched with programmatic stream serialization on sm_90: griddepcontrol.wait
+ * holds it until the decode kernel has finished and its records are visible. */
+template <typename T>
+__global__ void __launch_bounds__(128) attn_decode_combine_kernel(const attention_fwd_params p,
+                                                                  int num_splits) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+    constexpr int kPerLane = kDecodeMaxSplits / 32, kWarps = 4, kBatch = 8;
+    __shared__ __align__(16) float part[kWarps][kDecodeMaxD];
+    const int b = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int h = blockIdx.x / (int)p.seqlen_q, i = blockIdx.x % (int)p.seqlen_q;
+    const Sequence seq(p, b);
+    if (i >= seq.sq) return; /* the whole CTA */
+    const int d = (int)p.head_dim;
+    const int64_t rec = decode_record_floats(d);
+    const int64_t lse_index = b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start + i;
+    const float *src = static_cast<const float *>(p.workspace) + lse_index * num_splits * rec;
+    float l[kPerLane], m = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+        const int s = lane + 32 * k;
+        l[k] = s < num_splits ? src[s * rec + rec - 4] : -INFINITY;
+        m = fmaxf(m, l[k]);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    float total = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) total += l[k] == -INFINITY ? 0.0f : exp2f(l[k] - m);
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) total += __shfl_xor_sync(0xffffffffu, total, off);
+
+    for (int c = lane * 4; c < d; c += 128) {
+        float o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int s0 = warp; s0 < num_splits; s0 += kWarps * kBatch) {
+            float4 a[kBatch];
+            float ls[kBatch];
+#pragma unroll
+            for (int u = 0; u < kBatch; ++u) {
+                const int s = s0 + kWarps * u;
+                const bool ok = s < num_splits; /* every record is written (empty: 0, -inf) */
+                ls[u] = ok ? src[s * rec + rec - 4] : -INFINITY;
+                a[u] = ok ? *reinterpret_cast<const float4 *>(src + s * rec + c)
+                          : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            }
+#pragma unroll
+            for (int u = 0; u < kBatch; ++u) {
+                const float w = ls[u] == -INFINITY ? 0.0f : exp2f(ls[u] - m);
+                o[0] += w * a[u].x, o[1] += w * a[u].y, o[2] += w * a[u].z, o[3] += w * a[u].w;
+            }
+        }
+        *reinterpret_cast<float4 *>(&part[warp][c]) = make_float4(o[0], o[1], o[2], o[3]);
+    }
+    __syncthreads();
+    const bool empty = !(total > 0.0f);
+    const float inv = empty ? 0.0f : 1.0f / total;
+    T *out = static_cast<T *>(p.out) + b * p.out_batch_stride +
+             ((int64_t)seq.q_start + i) * p.out_row_stride + h * p.out_head_stride;
+    for (int c = threadIdx.x * 2; c < d; c += 2 * 128) {
+        float o0 = 0.0f, o1 = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) o0 += part[w][c], o1 += part[w][c + 1];
+        *reinterpret_cast<uint32_t *>(out + c) = Elem<T>::pack(o0 * inv, o1 * inv);
+    }
+    if (threadIdx.x == 0) p.lse[lse_index] = empty ? -INFINITY : (m + log2f(total)) * kLn2;
+}
+
+/* The CTAs of the decode grid without its splits: (row groups) x batch x kv heads, 0 where
+ * the decode path does not apply (more than 16 query rows). */
+__host__ __device__ inline int64_t decode_ctas(int64_t batch, int64_t heads_q, int64_t heads_kv,
+                                               int64_t seqlen_q) {
     if (seqlen_q < 1 || seqlen_q > 16 || heads_kv < 1 || batch < 1) return 0;
     const int64_t rows = heads_q / heads_kv * seqlen_q;
-    const int64_t ctas = batch * heads_kv * ((rows + kDecodeRows - 1) / kDecodeRows);
+    return batch * heads_kv * ((rows + kDecodeRows - 1) / kDecodeRows);
+}
+
+/* The most splits any GPU may use for these shapes (0: no decode path), a pure function of
+ * them: csrc/attention.c sizes the workspace with it (attention_cuda_forward_workspace_bytes).
+ * At most one split per key block, kDecodeMaxSplits, and enough CTAs for 1024 slots. */
+__host__ __device__ inline int decode_max_splits(int64_t batch, int64_t heads_q,
+                                                 int64_t heads_kv, int64_t seqlen_q,
+                                                 int64_t seqlen_k) {
+    const int64_t ctas = decode_ctas(batch, heads_q, heads_kv, seqlen_q);
+    if (ctas == 0) return 0;
+    const int64_t blocks = (seqlen_k + kDecodeBN - 1) / kDecodeBN;
+    int64_t splits = (1024 + ctas - 1) / ctas;
+    splits = splits < blocks ? splits : blocks;
+    splits = splits < kDecodeMaxSplits ? splits : kDecodeMaxSplits;
+    return splits < 1 ? 1 : (int)splits;
+}
+
+/* The previous rule (LUTFLASH_DECODE=old): enough CTAs for two per SM of an H100 (264), at
+ * least 2 key blocks per split, at most 128 splits. */
+inline int decode_splits_old(int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t seqlen_q,
+                             int64_t seqlen_k) {
+    const int64_t ctas = decode_ctas(batch, heads_q, heads_kv, seqlen_q);
+    if (ctas == 0) return 0;
     const int64_t blocks = (seqlen_k + kDecodeBN - 1) / kDecodeBN;
     int64_t splits = (264 + ctas - 1) / ctas;
     splits = splits < (blocks + 1) / 2 ? splits : (blocks + 1) / 2;
@@ -856,8 +971,79 @@ __host__ __device__ inline int decode_splits(int64_t batch, int64_t heads_q, int
     return splits < 1 ? 1 : (int)splits;
 }
 
+/* LUTFLASH_DECODE=waves: splits for a GPU that holds `slots` decode CTAs at once (SM count x
+ * occupancy), minimizing waves x (key blocks per split + 2): full waves of 2 CTAs per SM. */
+inline int decode_splits_waves(int64_t batch, int64_t heads_q, int64_t heads_kv,
+                               int64_t seqlen_q, int64_t seqlen_k, int64_t slots) {
+    const int most = decode_max_splits(batch, heads_q, heads_kv, seqlen_q, seqlen_k);
+    if (most == 0) return 0;
+    const int64_t ctas = decode_ctas(batch, heads_q, heads_kv, seqlen_q);
+    const int64_t blocks = (seqlen_k + kDecodeBN - 1) / kDecodeBN;
+    const int64_t top = (blocks + 1) / 2 < most ? (blocks + 1) / 2 : most;
+    slots = slots > 0 ? slots : 1;
+    int best = 1;
+    int64_t best_cost = INT64_MAX;
+    for (int64_t s = 1; s <= top; ++s) {
+        const int64_t waves = (ctas * s + slots - 1) / slots;
+        const int64_t cost = waves * ((blocks + s - 1) / s + 2);
+        if (cost < best_cost) best_cost = cost, best = (int)s;
+    }
+    return best;
+}
+
+/* Key splits on a GPU of `sms` SMs: one CTA per SM (rounded down, or up where rounding down
+ * would leave over a quarter of the SMs idle), each split at least kDecodeMinSplitBlocks key
+ * blocks. Measured on an H100 (benchmarks/NOTES_attention_cuda.md,
+ * forced split counts): one CTA per SM, with 64 KB of K/V in flight at d = 128, streams at the
+ * rate of two, and every extra split costs a CTA prologue/epilogue and combine work; short
+ * splits lose to their fixed cost (B = 1, Sk = 1k: 4 splits of 4 blocks beat 8 of 2). */
+constexpr int kDecodeMinSplitBlocks = 4;
+inline int decode_splits(int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t seqlen_q,
+                         int64_t seqlen_k, int64_t sms) {
+    const int most = decode_max_splits(batch, heads_q, heads_kv, seqlen_q, seqlen_k);
+    if (most == 0) return 0;
+    const int64_t ctas = decode_ctas(batch, heads_q, heads_kv, seqlen_q);
+    const int64_t blocks = (seqlen_k + kDecodeBN - 1) / kDecodeBN;
+    int64_t splits = sms / ctas;
+    if (4 * ctas * splits < 3 * sms) splits += 1;
+    const int64_t longest = (blocks + kDecodeMinSplitBlocks - 1) / kDecodeMinSplitBlocks;
+    splits = splits < longest ? splits : longest;
+    splits = splits < most ? splits : most;
+    return splits < 1 ? 1 : (int)splits;
+}
+
+/* Per device, once: the SM count, decode CTAs resident at once (SM count x occupancy of
+ * attn_decode_kernel) and whether programmatic dependent launch is there (compute capability
+ * 9.0+). Host queries only, so CUDA-graph capture is unaffected. */
+struct DecodeDevice {
+    int sms, slots, pdl;
+};
+template <int kD, typename T> DecodeDevice decode_device() {
+    static DecodeDevice cache[64];
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64)
+        return DecodeDevice{132, 264, 0};
+    if (cache[device].slots == 0) {
+        using Cfg = DecodeConfig<kD>;
+        int sms = 0, major = 0, per_sm = 0;
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+        auto kernel = attn_decode_kernel<kD, T>;
+        if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 Cfg::kSmemBytes) != cudaSuccess ||
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Cfg::kThreads,
+                                                          Cfg::kSmemBytes) != cudaSuccess)
+            per_sm = 0;
+        cudaGetLastError(); /* a failed query is not sticky; fall back below */
+        sms = sms > 0 ? sms : 132;
+        cache[device] = DecodeDevice{sms, sms * (per_sm > 0 ? per_sm : 1), major >= 9 ? 1 : 0};
+    }
+    return cache[device];
+}
+
 template <int kD, typename T> cudaError_t run_attn_decode(const attention_fwd_params &p,
-                                                          int splits, cudaStream_t stream) {
+                                                          int splits, bool serial, bool pdl,
+                                                          cudaStream_t stream) {
     using Cfg = DecodeConfig<kD>;
     auto kernel = attn_decode_kernel<kD, T>;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -869,7 +1055,23 @@ template <int kD, typename T> cudaError_t run_attn_decode(const attention_fwd_pa
     kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, splits);
     err = cudaGetLastError();
     if (err != cudaSuccess || splits == 1) return err;
-    const dim3 cgrid((unsigned)((p.seqlen_q + 3) / 4), (unsigned)p.batch, (unsigned)p.heads_q);
+    if (serial) {
+        const dim3 cgrid((unsigned)((p.seqlen_q + 3) / 4), (unsigned)p.batch,
+                         (unsigned)p.heads_q);
+        attn_decode_combine_serial_kernel<T><<<cgrid, 128, 0, stream>>>(p, splits);
+        return cudaGetLastError();
+    }
+    /* one CTA per (head, query row) of a batch */
+    const dim3 cgrid((unsigned)(p.heads_q * p.seqlen_q), (unsigned)p.batch, 1);
+    if (pdl) {
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        cudaLaunchConfig_t config = {};
+        config.gridDim = cgrid, config.blockDim = dim3(128), config.dynamicSmemBytes = 0;
+        config.stream = stream, config.attrs = attr, config.numAttrs = 1;
+        return cudaLaunchKernelEx(&config, attn_decode_combine_kernel<T>, p, splits);
+    }
     attn_decode_combine_kernel<T><<<cgrid, 128, 0, stream>>>(p, splits);
     return cudaGetLastError();
 }
@@ -879,14 +1081,28 @@ template <int kD, typename T> cudaError_t run_attn_decode(const attention_fwd_pa
 template <int kD, typename T> cudaError_t run_attn_fwd(const attention_fwd_params &p,
                                                        cudaStream_t stream) {
     const bool extras = p.softcap > 0.0f || p.alibi_slopes != nullptr || p.dropout_p > 0.0f;
-    const int splits = decode_splits(p.batch, p.heads_q, p.heads_kv, p.seqlen_q, p.seqlen_k);
-    if (!extras && p.variant == 0 && splits > 0 && p.seqlen_k > 0) {
+    const int most = decode_max_splits(p.batch, p.heads_q, p.heads_kv, p.seqlen_q, p.seqlen_k);
+    if (!extras && p.variant == 0 && most > 0 && p.seqlen_k > 0) {
+        const char *mode = getenv("LUTFLASH_DECODE"), *forced = getenv("LUTFLASH_DECODE_SPLITS");
+        const bool old = mode && !strcmp(mode, "old");
+        const bool serial = old || (mode && !strcmp(mode, "serial"));
+        const DecodeDevice dev = decode_device<kD, T>();
+        const bool pdl = dev.pdl && !serial && !(mode && !strcmp(mode, "nopdl"));
+        int splits =
+            old ? decode_splits_old(p.batch, p.heads_q, p.heads_kv, p.seqlen_q, p.seqlen_k)
+            : mode && !strcmp(mode, "waves")
+                ? decode_splits_waves(p.batch, p.heads_q, p.heads_kv, p.seqlen_q, p.seqlen_k,
+                                      dev.slots)
+                : decode_splits(p.batch, p.heads_q, p.heads_kv, p.seqlen_q, p.seqlen_k, dev.sms);
+        if (forced && atoi(forced) > 0) splits = atoi(forced);
+        splits = splits < most ? splits : most;
         /* the largest lse index + 1: lse is (B, Hq, Sq) or (Hq, total_q), contiguous */
         const int64_t rows = p.cu_seqlens_q ? p.heads_q * p.lse_head_stride
                                             : p.batch * p.lse_batch_stride;
         const int64_t need =
             splits == 1 ? 0 : rows * splits * decode_record_floats(p.head_dim) * 4;
-        if (p.workspace_bytes >= need) return run_attn_decode<kD, T>(p, splits, stream);
+        if (p.workspace_bytes >= need)
+            return run_attn_decode<kD, T>(p, splits, serial, pdl, stream);
     }
     return run_attn_fwd_tiles<kD, T>(p, stream);
 }

@@ -37,13 +37,14 @@ extern "C" int attention_cuda_padded_head_dim(int64_t head_dim) {
 }
 
 /* Bytes of the workspace the forward's decode path needs (0 where it does not apply or needs
- * none): one record of decode_record_floats(d) floats per (lse row, key split). total_q is
- * B * Sq for dense inputs and the row count of varlen q. */
+ * none): one record of decode_record_floats(d) floats per (lse row, key split), for the most
+ * splits any GPU may pick (decode_max_splits; the split count itself depends on the SM
+ * count). total_q is B * Sq for dense inputs and the row count of varlen q. */
 extern "C" int64_t attention_cuda_forward_workspace_bytes(int64_t batch, int64_t heads_q,
                                                           int64_t heads_kv, int64_t seqlen_q,
                                                           int64_t seqlen_k, int64_t head_dim,
                                                           int64_t total_q) {
-    const int splits = attn::decode_splits(batch, heads_q, heads_kv, seqlen_q, seqlen_k);
+    const int splits = attn::decode_max_splits(batch, heads_q, heads_kv, seqlen_q, seqlen_k);
     if (splits <= 1) return 0;
     return heads_q * total_q * splits * attn::decode_record_floats(head_dim) * 4;
 }

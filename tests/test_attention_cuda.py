@@ -345,9 +345,12 @@ def test_decode_varlen(poison_all):
             assert torch.all(out[qs][~finite.T] == 0)
 
 
-def test_decode_cuda_graph():
+@pytest.mark.parametrize("mode", ["", "nopdl", "old"])
+def test_decode_cuda_graph(monkeypatch, mode):
+    """Captured with many splits (the combine a programmatic dependent launch by default) and
+    replayed twice on new inputs: every replay recomputes from what the inputs hold then."""
+    monkeypatch.setenv("LUTFLASH_DECODE", mode)
     q, k, v = (t.to(DEVICE) for t in make_case(1, 1, 8192, 16, 4, 128, torch.bfloat16, 11))
-    eager = flash_attention(q, k, v)
     graph = torch.cuda.CUDAGraph()
     warm = torch.cuda.Stream(device=DEVICE)
     warm.wait_stream(torch.cuda.current_stream(DEVICE))
@@ -356,9 +359,31 @@ def test_decode_cuda_graph():
     torch.cuda.current_stream(DEVICE).wait_stream(warm)
     with torch.cuda.device(DEVICE), torch.cuda.graph(graph):
         out = flash_attention(q, k, v)
-    graph.replay()
-    torch.cuda.synchronize(DEVICE)
-    assert torch.equal(out, eager)
+    for seed in (12, 13):
+        for t, new in zip((q, k, v), make_case(1, 1, 8192, 16, 4, 128, torch.bfloat16, seed)):
+            t.copy_(new)
+        eager = flash_attention(q, k, v)
+        graph.replay()
+        torch.cuda.synchronize(DEVICE)
+        assert torch.equal(out, eager), seed
+
+
+@pytest.mark.parametrize("mode", ["", "nopdl", "serial", "waves", "old"])
+def test_decode_forced_split_counts(poison_all, monkeypatch, mode):
+    """LUTFLASH_DECODE_SPLITS forces the split count (clamped to what the workspace holds, 128
+    here): one split (direct write), uneven ones, empty trailing splits, and more than 32 so
+    the combine's lanes hold several weights each; in every mode."""
+    batch, sq, sk, hq, hkv, d, dtype = 1, 2, 9000, 8, 2, 128, torch.float16
+    q, k, v = make_case(batch, sq, sk, hq, hkv, d, dtype, seed=77)
+    ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), causal=True)
+    naive, _ = reference_attention(q.float(), k.float(), v.float(), causal=True)
+    monkeypatch.setenv("LUTFLASH_DECODE", mode)
+    for splits in (0, 1, 2, 3, 7, 33, 100, 141, 500):  # 0: the mode's own choice
+        monkeypatch.setenv("LUTFLASH_DECODE_SPLITS", str(splits))
+        out, lse = flash_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), causal=True,
+                                   return_lse=True)
+        assert_lowp_close(out, naive.to(dtype), ref, f"splits={splits}")
+        assert torch.allclose(lse.cpu().double(), ref_lse, atol=2e-3, rtol=1e-3), splits
 
 
 @pytest.mark.parametrize("variant", [1, 2, 3])
