@@ -6,7 +6,7 @@ import torch
 import lutflash
 from lutflash.testing import random_bcq_weight
 
-for shape in sys.argv[1:] or ["12288x12288"]:
+for shape in sys.argv[1:] or ["12288x12288"]:  # n x k
     n, k = (int(v) for v in shape.split("x"))
     gen = torch.Generator().manual_seed(0)
     w = random_bcq_weight(n, k, 3, 128, "uniform", torch.float16, generator=gen).to("cuda")

@@ -47,6 +47,10 @@ typedef struct {
     int64_t ldo;
     void *workspace;
     int64_t workspace_bytes;
+    /* Optional (NULL): a workspace that is all zero and that the kernels must leave all zero
+     * (the m <= 8 CUDA kernel uses it to skip zeroing its split-k sums and counters). */
+    void *clean_workspace;
+    int64_t clean_workspace_bytes;
     int64_t m, n, k;
     int bits;
     int group_size;

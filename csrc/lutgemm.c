@@ -122,18 +122,19 @@ static PyObject *py_lutgemm_cpu_variant(PyObject *self, PyObject *const *args, P
     return previous;
 }
 
-enum { ARG_X, ARG_PLANES, ARG_META, ARG_BIAS, ARG_OUT, ARG_WORKSPACE, ARG_COUNT };
+enum { ARG_X, ARG_PLANES, ARG_META, ARG_BIAS, ARG_OUT, ARG_WORKSPACE, ARG_CLEAN, ARG_COUNT };
 
 static PyObject *py_lutgemm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 12) {
+    if (nargs != 12 && nargs != 13) {
         PyErr_Format(PyExc_TypeError,
                      "lutgemm(x, planes, meta, bias, out, workspace, n, k, bits, group_size, "
-                     "mode, stream) takes 12 arguments, got %zd", nargs);
+                     "mode, stream[, clean_workspace]) takes 12 arguments (13 with "
+                     "clean_workspace), got %zd", nargs);
         return NULL;
     }
     static const char *const names[ARG_COUNT] = {"x", "planes", "meta", "bias", "out",
-                                                 "workspace"};
+                                                 "workspace", "clean_workspace"};
     lf_tensor t[ARG_COUNT];
     for (int i = 0; i < ARG_COUNT; ++i) lf_tensor_borrow_optional(NULL, names[i], &t[i]);
     PyObject *result = NULL;
@@ -144,11 +145,13 @@ static PyObject *py_lutgemm(PyObject *self, PyObject *const *args, Py_ssize_t na
                         &p.group_size, &p.mode) < 0 ||
         lf_parse_stream(args[11], &stream) < 0)
         goto done;
-    for (int i = 0; i < ARG_COUNT; ++i) {
+    for (int i = 0; i < ARG_CLEAN; ++i) {
         int rc = i == ARG_BIAS ? lf_tensor_borrow_optional(args[i], names[i], &t[i])
                                : lf_tensor_borrow(args[i], names[i], &t[i]);
         if (rc < 0) goto done;
     }
+    if (nargs == 13 && lf_tensor_borrow_optional(args[12], names[ARG_CLEAN], &t[ARG_CLEAN]) < 0)
+        goto done;
     lf_tensor *x = &t[ARG_X], *out = &t[ARG_OUT], *bias = &t[ARG_BIAS], *ws = &t[ARG_WORKSPACE];
     if (lf_check_supported_device(x) < 0 || lf_check_dtype(x, LF_DTYPES_FLOAT) < 0 ||
         lf_check_ndim(x, 2) < 0)
@@ -174,7 +177,8 @@ static PyObject *py_lutgemm(PyObject *self, PyObject *const *args, Py_ssize_t na
         lf_check_element_aligned(out) < 0 || lf_check_writable(out) < 0)
         goto done;
     for (int i = 0; i < ARG_COUNT; ++i) {
-        if (i != ARG_OUT && lf_check_no_overlap(out, &t[i]) < 0) goto done;
+        if (i != ARG_OUT && lf_tensor_present(&t[i]) && lf_check_no_overlap(out, &t[i]) < 0)
+            goto done;
     }
     p.m = m;
     p.x = x->data;
@@ -194,7 +198,22 @@ static PyObject *py_lutgemm(PyObject *self, PyObject *const *args, Py_ssize_t na
         lf_check_writable(ws) < 0)
         goto done;
     for (int i = 0; i < ARG_COUNT; ++i) {
-        if (i != ARG_WORKSPACE && lf_check_no_overlap(ws, &t[i]) < 0) goto done;
+        if (i != ARG_WORKSPACE && lf_tensor_present(&t[i]) && lf_check_no_overlap(ws, &t[i]) < 0)
+            goto done;
+    }
+    lf_tensor *clean = &t[ARG_CLEAN];
+    if (lf_tensor_present(clean)) {
+        if (lf_check_same_device(clean, x) < 0 || lf_check_dtype(clean, LF_DTYPE_U8) < 0 ||
+            lf_check_ndim(clean, 1) < 0 || lf_check_contiguous(clean) < 0 ||
+            lf_check_aligned(clean, 64) < 0 || lf_check_writable(clean) < 0)
+            goto done;
+        for (int i = 0; i < ARG_COUNT; ++i) {
+            if (i != ARG_CLEAN && lf_tensor_present(&t[i]) &&
+                lf_check_no_overlap(clean, &t[i]) < 0)
+                goto done;
+        }
+        p.clean_workspace = clean->data;
+        p.clean_workspace_bytes = clean->shape[0];
     }
     if (ws->shape[0] < need) {
         PyErr_Format(PyExc_ValueError, "workspace: expected at least %lld bytes, got %lld",

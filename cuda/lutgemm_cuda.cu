@@ -7,7 +7,9 @@
  * Both paths split k over blocks when there are too few tiles to fill the GPU; then partial
  * sums go to an fp32 workspace with atomics and the last block of a tile (a counter per tile)
  * writes the output. The workspace is zeroed with cudaMemsetAsync on the stream, so a call is
- * graph capturable: no allocation, no host synchronization. */
+ * graph capturable: no allocation, no host synchronization. The m <= 8 kernel (lut1) can skip
+ * that memset: given a clean workspace (zero, kept per stream by lutflash.ops) it leaves it
+ * zero again. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -140,11 +142,20 @@ cudaError_t run_lut(const lutgemm_params *p, const Plan &plan, cudaStream_t stre
     if (lut1_applies(p)) {
         a.sm_count = sm_count();
         if (lutgemm_lut1_slabs(p->m, words) > 1) {
-            a.counters = (unsigned *)p->workspace;
-            a.acc = (float *)((char *)p->workspace + plan.counters_bytes);
-            cudaError_t err = cudaMemsetAsync(p->workspace, 0,
-                                              plan.counters_bytes + p->m * n_pad * 4, stream);
-            if (err != cudaSuccess) return err;
+            // lut1 leaves its counters and sums zero when it ends, so a workspace that is
+            // zero (p->clean_workspace, kept per stream by lutflash.ops) needs no memset:
+            // one launch instead of two. LUTFLASH_LUT1_MEMSET=1 forces the memset (A/B runs).
+            const int64_t need = plan.counters_bytes + p->m * n_pad * 4;
+            const char *force = getenv("LUTFLASH_LUT1_MEMSET");
+            const bool clean = p->clean_workspace && p->clean_workspace_bytes >= need &&
+                               !(force && *force == '1');
+            char *ws = (char *)(clean ? p->clean_workspace : p->workspace);
+            a.counters = (unsigned *)ws;
+            a.acc = (float *)(ws + plan.counters_bytes);
+            if (!clean) {
+                cudaError_t err = cudaMemsetAsync(ws, 0, need, stream);
+                if (err != cudaSuccess) return err;
+            }
         }
         return lutgemm_lut1_launch(p->bits, a, stream);
     }

@@ -29,6 +29,7 @@ struct LutArgs {
     int words, words_per_split, chunk;
     int group_size, nm, mode, x_type, meta_type;
     int sm_count;
+    int flags;           // lutgemm_lut1.cu: experiment knobs (LUT1_NOALLOC, ...), 0 by default
 };
 
 /* Bytes of shared memory per activation row for a chunk of `chunk` words: x, tables, Σx. */

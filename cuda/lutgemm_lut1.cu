@@ -14,9 +14,11 @@
  *
  * Each lane's sums are for its word only; a row's total over the warp's 8 words is a
  * reduce-scatter over lanes 4, 8, 16 apart (4 shuffles for 16 rows). Slabs are reduced with
- * fp32 atomics into the workspace (zeroed by the launcher); the last block of a row tile
- * writes the output. Grid: (row tiles G, slabs), with G·slabs ≈ the resident blocks of one
- * wave; row sets of 16 rows go round-robin to the G tiles and then to the block's 8 warps. */
+ * fp32 atomics into a workspace that starts zero; the last block of a row tile writes the
+ * output and puts the workspace back to zero (sums and counter), so that a workspace kept per
+ * stream (lutflash.ops) needs no memset launch before the next call. Grid: (row tiles G,
+ * slabs), with G·slabs ≈ the resident blocks of one wave; runs of 8 consecutive row sets of 16
+ * rows go round-robin to the G tiles, one row set to each of the block's 8 warps. */
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -65,9 +67,11 @@ constexpr int DEPTH3_REGS = 20;  // m = 2: 3 stages
 template <int BITS, bool META32, bool GEN> __host__ __device__ constexpr int stage_regs() {
     return 4 * BITS + (GEN ? BITS + 1 : 2) * (META32 ? 4 : 2);
 }
-/* Stages in flight per warp: a multiple of the items per row set (HALVES). */
-template <int BITS, bool META32, bool GEN, int M> __host__ __device__ constexpr int depth() {
-    return M == 1 ? (stage_regs<BITS, META32, GEN>() <= DEPTH4_REGS ? 4 : 2)
+/* Stages in flight per warp: a multiple of the items per row set (HALVES). DEEP: 4 at m = 1
+ * whatever the stage size (experiment, LUTFLASH_LUT1_DEEP=1). */
+template <int BITS, bool META32, bool GEN, int M, bool DEEP = false>
+__host__ __device__ constexpr int depth() {
+    return M == 1 ? (DEEP || stage_regs<BITS, META32, GEN>() <= DEPTH4_REGS ? 4 : 2)
                   : (M == 2 ? (stage_regs<BITS, META32, GEN>() <= DEPTH3_REGS ? 3 : 2) : 2);
 }
 /* Table slots: 32 tables (8 words × 4 bytes) each; a pair of slots fills 64 KB. */
@@ -76,7 +80,54 @@ template <int M> __host__ __device__ constexpr int smem_bytes() {
     return slots<M>() / 2 * TABLE_BYTES + slots<M>() * 8 * 4;
 }
 
-template <int BITS, bool META32, bool GEN, int M>
+/* Knobs in LutArgs::flags (LUTFLASH_LUT1_FLAGS overrides LUT1_DEFAULT_FLAGS). */
+enum {
+    LUT1_NOALLOC = 1,   // plane loads with ld.global.nc.L1::no_allocate
+    LUT1_CHUNKED = 2,   // a tile's row sets in runs of 8 consecutive ones (one per warp)
+    LUT1_LOADONLY = 4,  // diagnostic: skip the lookups (wrong results), loads only
+    LUT1_L2_128 = 8,    // with NOALLOC: .L2::128B prefetch size on the plane loads
+    LUT1_L2_256 = 16,   // with NOALLOC: .L2::256B prefetch size on the plane loads
+};
+// H100, 12288², m = 1, 3-bit (benchmarks/NOTES_lutgemm_cuda.md section 6): no-allocate loads
+// and chunked row sets took the kernel from 44.5 to 38.2 µs (each helps on its own), the 256 B
+// L2 prefetch size to 37.2; a loads-only build of the kernel runs 36.2: the loads bound it.
+constexpr int LUT1_DEFAULT_FLAGS = LUT1_NOALLOC | LUT1_CHUNKED | LUT1_L2_256;
+
+/* 16-byte read-only load that does not keep its line in L1; L2PF 1/2: ask L2 to fetch the
+ * 128/256-byte block around it from DRAM (the neighbouring rows other warps read next). */
+template <int L2PF> __device__ __forceinline__ uint4 ldg_noalloc(const void *p) {
+    uint4 v;
+    if constexpr (L2PF == 2)
+        asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+            : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+            : "l"(p));
+    else if constexpr (L2PF == 1)
+        asm("ld.global.nc.L1::no_allocate.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];"
+            : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+            : "l"(p));
+    else
+        asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+            : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+            : "l"(p));
+    return v;
+}
+
+/* Row set of slot j of row tile x (G tiles): round robin (x + G·j), or with CHUNKED runs of 8
+ * consecutive row sets (8x + 8G·(j / 8) + j % 8), so a block's 8 warps read adjacent rows. */
+__device__ __forceinline__ int64_t tile_row_set(int64_t j, int x, int G, bool chunked) {
+    return chunked ? (j >> 3) * 8 * G + 8 * x + (j & 7) : x + (int64_t)G * j;
+}
+
+/* Number of row sets of tile x that exist (tile_row_set(j) < row_sets for j < this). */
+__device__ __forceinline__ int64_t tile_row_sets(int64_t row_sets, int x, int G, bool chunked) {
+    if (!chunked) return row_sets > x ? (row_sets - x + G - 1) / G : 0;
+    const int64_t rem = row_sets - 8 * (int64_t)x;
+    if (rem <= 0) return 0;
+    const int64_t periods = rem / (8 * (int64_t)G), tail = rem - periods * 8 * G;
+    return periods * 8 + (tail < 8 ? tail : 8);
+}
+
+template <int BITS, bool META32, bool GEN, int M, bool DEEP>
 __global__ void __launch_bounds__(THREADS, M >= 4 ? 1 : 2) lut1_kernel(LutArgs a) {
     constexpr int NM = GEN ? BITS + 1 : 2;
     using St = Stage<BITS, META32, NM>;
@@ -84,7 +135,7 @@ __global__ void __launch_bounds__(THREADS, M >= 4 ? 1 : 2) lut1_kernel(LutArgs a
     constexpr int HALVES = M == 1 ? 2 : 1;  // items (8-word halves) per row set
     constexpr int SW = 8 * HALVES;          // words per slab
     constexpr int S = slots<M>();
-    constexpr int D = depth<BITS, META32, GEN, M>();
+    constexpr int D = depth<BITS, META32, GEN, M, DEEP>();
     static_assert(D % HALVES == 0, "whole row sets per round");
     extern __shared__ float4 lut1_smem[];
     float *tables = (float *)lut1_smem;
@@ -111,19 +162,25 @@ __global__ void __launch_bounds__(THREADS, M >= 4 ? 1 : 2) lut1_kernel(LutArgs a
         group[h] = valid[h] ? (int)(32 * (int64_t)word[h] / a.group_size) : 0;
     }
 
-    // Row sets of this warp: blockIdx.x + gridDim.x · (warp + 8 j); item it = (j, half).
+    // Row sets of this warp: tile slots warp + 8 j (tile_row_set); item it = (j, half).
+    const bool chunked = a.flags & LUT1_CHUNKED, noalloc = a.flags & LUT1_NOALLOC;
+    const int l2pf = a.flags & LUT1_L2_256 ? 2 : a.flags & LUT1_L2_128 ? 1 : 0;
     const int64_t rs_step = (int64_t)gridDim.x * 8;
-    const int64_t rs0 = blockIdx.x + (int64_t)gridDim.x * warp;
+    const int64_t rs0 = tile_row_set(warp, blockIdx.x, gridDim.x, chunked);
     auto item_rs = [&](int it) { return rs0 + (int64_t)(it / HALVES) * rs_step; };
 
     auto load = [&](St &st, int64_t set, int h) {
         const int64_t row = set * 16 + 4 * q;
         const bool ok = set < row_sets && row < a.n_pad && valid[h];
 #pragma unroll
-        for (int i = 0; i < BITS; ++i)
-            st.planes[i] = ok ? __ldg((const uint4 *)(a.planes +
-                                                      ((int64_t)word[h] * BITS + i) * a.n_pad + row))
-                              : make_uint4(0, 0, 0, 0);
+        for (int i = 0; i < BITS; ++i) {
+            const uint4 *src = (const uint4 *)(a.planes + ((int64_t)word[h] * BITS + i) * a.n_pad + row);
+            st.planes[i] = !ok       ? make_uint4(0, 0, 0, 0)
+                           : !noalloc  ? __ldg(src)
+                           : l2pf == 2 ? ldg_noalloc<2>(src)
+                           : l2pf == 1 ? ldg_noalloc<1>(src)
+                                       : ldg_noalloc<0>(src);
+        }
 #pragma unroll
         for (int j = 0; j < NM; ++j) {
             st.meta[j] = ok ? __ldg((const Raw *)((const char *)a.meta +
@@ -188,6 +245,18 @@ __global__ void __launch_bounds__(THREADS, M >= 4 ? 1 : 2) lut1_kernel(LutArgs a
     float acc[M][4];
     // Σ over the stage's 4 rows of Σ_i α_i · (table sums) + z · Σx, for every activation row.
     auto consume = [&](const St &st, int h) {
+        if (a.flags & LUT1_LOADONLY) {  // diagnostic: keep the loads, drop the lookups
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                uint32_t u = 0;
+#pragma unroll
+                for (int i = 0; i < BITS; ++i) u ^= (&st.planes[i].x)[c];
+#pragma unroll
+                for (int j = 0; j < NM; ++j) u ^= (&st.meta[j].x)[c & 1];
+                acc[0][c] += (float)(u & 0xffu);
+            }
+            return;
+        }
         float alpha[BITS][4], z[4];
         if constexpr (GEN) {
             raw_to_float<META32>(st.meta[BITS], a.meta_type, z);
@@ -268,61 +337,87 @@ __global__ void __launch_bounds__(THREADS, M >= 4 ? 1 : 2) lut1_kernel(LutArgs a
     }
 
     if (gridDim.y > 1 && last_block_of_tile(counter, gridDim.y)) {
-        // This tile's rows: row sets blockIdx.x + gridDim.x · j, for each activation row.
-        const int64_t tile_rows = ((row_sets - blockIdx.x + gridDim.x - 1) / gridDim.x) * 16;
+        // Every other block of the tile has counted itself: reset the counter, and below put
+        // back zeros where the atomics summed, so the workspace is clean for the next call.
+        if (tid == 0) *counter = 0;
+        // This tile's rows: its row sets (tile_row_set), for each activation row.
+        const int64_t tile_rows = tile_row_sets(row_sets, blockIdx.x, gridDim.x, chunked) * 16;
         for (int64_t e = tid; e < tile_rows * mz; e += THREADS) {
             const int r = (int)(e / tile_rows);
             const int64_t f = e - r * tile_rows;
-            const int64_t row = (blockIdx.x + gridDim.x * (f / 16)) * 16 + f % 16;
-            if (row < a.n)
-                store_scalar(a.out, (row0 + r) * a.ldo + row, a.x_type,
-                             __ldcg(wacc + r * a.n_pad + row) +
-                                 (a.bias ? load_scalar(a.bias, row, a.x_type) : 0.0f));
+            const int64_t row = tile_row_set(f / 16, blockIdx.x, gridDim.x, chunked) * 16 + f % 16;
+            if (row < a.n_pad) {
+                float *p = wacc + r * a.n_pad + row;
+                const float v = __ldcg(p);
+                __stcg(p, 0.0f);
+                if (row < a.n)
+                    store_scalar(a.out, (row0 + r) * a.ldo + row, a.x_type,
+                                 v + (a.bias ? load_scalar(a.bias, row, a.x_type) : 0.0f));
+            }
         }
     }
 }
 
-template <int BITS, bool META32, bool GEN, int M>
+/* Integer value of an environment knob, or `fallback` when unset. Read per call: these are
+ * experiment switches (benchmarks flip them between calls), and getenv costs well under 1 µs. */
+int env_int(const char *name, int fallback) {
+    const char *s = getenv(name);
+    return s && *s ? atoi(s) : fallback;
+}
+
+template <int BITS, bool META32, bool GEN, int M, bool DEEP>
 cudaError_t launch(const LutArgs &a, cudaStream_t stream) {
     constexpr int SMEM = smem_bytes<M>();
+    auto kernel = lut1_kernel<BITS, META32, GEN, M, DEEP>;
     static int resident = 0;  // blocks per SM, once per instance
     if (resident == 0) {
-        cudaError_t err = cudaFuncSetAttribute(lut1_kernel<BITS, META32, GEN, M>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM);
+        cudaError_t err =
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM);
         if (err != cudaSuccess) return err;
         // LUTFLASH_LUT1_CARVEOUT=percent: shared-memory carveout preference (experiment knob;
         // unset leaves the driver's choice).
         if (const char *c = getenv("LUTFLASH_LUT1_CARVEOUT")) {
-            err = cudaFuncSetAttribute(lut1_kernel<BITS, META32, GEN, M>,
-                                       cudaFuncAttributePreferredSharedMemoryCarveout, atoi(c));
+            err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                       atoi(c));
             if (err != cudaSuccess) return err;
         }
         int v = 0;
-        err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, lut1_kernel<BITS, META32, GEN, M>,
-                                                            THREADS, SMEM);
+        err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, kernel, THREADS, SMEM);
         if (err != cudaSuccess) return err;
         resident = v > 0 ? v : 1;
         if (getenv("LUTFLASH_LUT1_DEBUG"))
-            fprintf(stderr, "lut1<%d,%d,%d,%d>: %d blocks/SM, depth %d, smem %d\n", BITS,
-                    (int)META32, (int)GEN, M, resident, depth<BITS, META32, GEN, M>(), SMEM);
+            fprintf(stderr, "lut1<%d,%d,%d,%d,%d>: %d blocks/SM, depth %d, smem %d\n", BITS,
+                    (int)META32, (int)GEN, M, (int)DEEP, resident,
+                    depth<BITS, META32, GEN, M, DEEP>(), SMEM);
     }
+    // LUTFLASH_LUT1_BLOCKS=b: size the grid for b blocks per SM instead (experiment knob)
+    const int per_sm = env_int("LUTFLASH_LUT1_BLOCKS", resident);
     const int64_t slabs = lutgemm_lut1_slabs(a.m, a.words);
     const int64_t z = (a.m + M - 1) / M;
     const int64_t row_sets = (a.n_pad + 15) / 16;
-    int64_t tiles = (int64_t)resident * a.sm_count / (slabs * z);
+    int64_t tiles = (int64_t)per_sm * a.sm_count / (slabs * z);
     tiles = tiles < 1 ? 1 : tiles > row_sets ? row_sets : tiles;
     const dim3 grid((unsigned)tiles, (unsigned)slabs, (unsigned)z);
-    lut1_kernel<BITS, META32, GEN, M><<<grid, THREADS, SMEM, stream>>>(a);
+    kernel<<<grid, THREADS, SMEM, stream>>>(a);
     return cudaGetLastError();
+}
+
+template <int BITS, bool META32, bool GEN, int M>
+cudaError_t launch_depth(const LutArgs &a, cudaStream_t stream) {
+    // LUTFLASH_LUT1_DEEP=1: 4 stages in flight at m = 1 for 3 and 4 bits whose stage fits 20
+    // registers (experiment knob; larger stages spill)
+    if constexpr (M == 1 && BITS >= 3 && stage_regs<BITS, META32, GEN>() <= 20)
+        if (env_int("LUTFLASH_LUT1_DEEP", 0)) return launch<BITS, META32, GEN, M, true>(a, stream);
+    return launch<BITS, META32, GEN, M, false>(a, stream);
 }
 
 template <bool META32, bool GEN, int M>
 cudaError_t launch_bits(int bits, const LutArgs &a, cudaStream_t stream) {
     switch (bits) {
-    case 1: return launch<1, META32, GEN, M>(a, stream);
-    case 2: return launch<2, META32, GEN, M>(a, stream);
-    case 3: return launch<3, META32, GEN, M>(a, stream);
-    case 4: return launch<4, META32, GEN, M>(a, stream);
+    case 1: return launch_depth<1, META32, GEN, M>(a, stream);
+    case 2: return launch_depth<2, META32, GEN, M>(a, stream);
+    case 3: return launch_depth<3, META32, GEN, M>(a, stream);
+    case 4: return launch_depth<4, META32, GEN, M>(a, stream);
     default: return cudaErrorInvalidValue;
     }
 }
@@ -351,7 +446,9 @@ int64_t lutgemm_lut1_slabs(int64_t m, int64_t words) {
     return (words + sw - 1) / sw;
 }
 
-cudaError_t lutgemm_lut1_launch(int bits, const LutArgs &a, cudaStream_t stream) {
+cudaError_t lutgemm_lut1_launch(int bits, const LutArgs &a_in, cudaStream_t stream) {
+    LutArgs a = a_in;
+    a.flags = env_int("LUTFLASH_LUT1_FLAGS", LUT1_DEFAULT_FLAGS);  // knobs (LUT1_NOALLOC, ...)
     return a.meta_type == LF_SCALAR_F32 ? launch_m<true>(bits, a, stream)
                                         : launch_m<false>(bits, a, stream);
 }

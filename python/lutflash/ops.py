@@ -14,6 +14,28 @@ def _stream_of(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 
+# Zeroed workspaces that the decode kernel (m <= 8) leaves zeroed, one per (device, stream):
+# with one, a call needs no memset launch before the kernel. Per stream, because calls on one
+# stream run one after the other while two streams may run at once. Not used while a CUDA
+# graph is being captured: the graph would bake in a buffer that eager calls on the same
+# stream also use, and replays of two graphs could overlap; captured calls zero a workspace
+# of their own as before.
+_clean_workspaces: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _clean_workspace(device: torch.device, size: int) -> torch.Tensor | None:
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return None
+    stream = torch.cuda.current_stream(device)
+    key = (device.index, stream.cuda_stream)
+    buffer = _clean_workspaces.get(key)
+    if buffer is None or buffer.numel() < size:
+        # allocated and zeroed on this stream, so it is ordered before the calls that use it
+        buffer = torch.zeros(max(size, 1 << 20), dtype=torch.uint8, device=device)
+        _clean_workspaces[key] = buffer
+    return buffer
+
+
 def lutgemm_into(x2d: torch.Tensor, planes: torch.Tensor, meta: torch.Tensor,
                  bias: torch.Tensor | None, out: torch.Tensor, n: int, k: int, bits: int,
                  group_size: int, mode: int) -> torch.Tensor:
@@ -21,8 +43,9 @@ def lutgemm_into(x2d: torch.Tensor, planes: torch.Tensor, meta: torch.Tensor,
     on_cuda = x2d.device.type == "cuda"
     size = _C.lutgemm_workspace_bytes(on_cuda, x2d.shape[0], n, k, bits, group_size, mode)
     workspace = torch.empty(size, dtype=torch.uint8, device=x2d.device)
+    clean = _clean_workspace(x2d.device, size) if x2d.shape[0] <= 8 else None
     _C.lutgemm(x2d, planes, meta, bias, out, workspace, n, k, bits, group_size, mode,
-               _stream_of(x2d.device))
+               _stream_of(x2d.device), clean)
     return out
 
 
