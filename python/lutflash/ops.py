@@ -10,8 +10,18 @@ from .bcq import MODES, BCQWeight, dequantize_packed
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+# The raw handle of a device's current stream. torch.cuda.current_stream builds a Stream
+# object (a few microseconds); torch's own binding that returns the handle alone is used where
+# this torch has it.
+_raw_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _stream_of(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    if device.type != "cuda":
+        return 0
+    if _raw_current_stream is not None and device.index is not None:
+        return _raw_current_stream(device.index)
+    return torch.cuda.current_stream(device).cuda_stream
 
 
 # Zeroed workspaces that the decode kernel (m <= 8) leaves zeroed, one per (device, stream):
@@ -23,11 +33,10 @@ def _stream_of(device: torch.device) -> int:
 _clean_workspaces: dict[tuple[int, int], torch.Tensor] = {}
 
 
-def _clean_workspace(device: torch.device, size: int) -> torch.Tensor | None:
+def _clean_workspace(device: torch.device, stream: int, size: int) -> torch.Tensor | None:
     if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return None
-    stream = torch.cuda.current_stream(device)
-    key = (device.index, stream.cuda_stream)
+    key = (device.index, stream)
     buffer = _clean_workspaces.get(key)
     if buffer is None or buffer.numel() < size:
         # allocated and zeroed on this stream, so it is ordered before the calls that use it
@@ -43,9 +52,10 @@ def lutgemm_into(x2d: torch.Tensor, planes: torch.Tensor, meta: torch.Tensor,
     on_cuda = x2d.device.type == "cuda"
     size = _C.lutgemm_workspace_bytes(on_cuda, x2d.shape[0], n, k, bits, group_size, mode)
     workspace = torch.empty(size, dtype=torch.uint8, device=x2d.device)
-    clean = _clean_workspace(x2d.device, size) if x2d.shape[0] <= 8 else None
-    _C.lutgemm(x2d, planes, meta, bias, out, workspace, n, k, bits, group_size, mode,
-               _stream_of(x2d.device), clean)
+    stream = _stream_of(x2d.device)
+    clean = _clean_workspace(x2d.device, stream, size) if x2d.shape[0] <= 8 else None
+    _C.lutgemm(x2d, planes, meta, bias, out, workspace, n, k, bits, group_size, mode, stream,
+               clean)
     return out
 
 
