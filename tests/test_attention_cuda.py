@@ -309,7 +309,7 @@ def test_float32_is_refused():
 def test_opcheck():
     q, k, v = (t.to(DEVICE).requires_grad_() for t in make_case(1, 20, 24, 4, 2, 32,
                                                               torch.float16, 10))
-    args = (q, k, v, 1 / math.sqrt(32), 0.0, -1, 0, None, 0.0, None)
+    args = (q, k, v, 1 / math.sqrt(32), 0.0, -1, 0, None, 0.0, None, False)
     torch.library.opcheck(lutflash.attention._flash_attention_op, args)
 
 

@@ -210,14 +210,16 @@ def _grads(ctx, grad_out, grad_lse):
 
 
 def _setup_dense(ctx, inputs, output):
-    q, k, v, scale, softcap, left, right, alibi_slopes, dropout_p, rng_state, deterministic = inputs
+    (q, k, v, scale, softcap, left, right, alibi_slopes, dropout_p, rng_state,
+     deterministic) = inputs
     _save(ctx, q, k, v, *output, None, None, alibi_slopes, rng_state,
           (0, 0, scale, softcap, left, right, dropout_p, deterministic))
 
 
 def _backward_dense(ctx, grad_out, grad_lse):
     dq, dk, dv = _grads(ctx, grad_out, grad_lse)
-    return (dq, dk, dv) + (None,) * 8
+    # one gradient per input the op was called with (the dispatcher may drop defaulted ones)
+    return (dq, dk, dv) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
 def _setup_varlen(ctx, inputs, output):
@@ -229,7 +231,7 @@ def _setup_varlen(ctx, inputs, output):
 
 def _backward_varlen(ctx, grad_out, grad_lse):
     dq, dk, dv = _grads(ctx, grad_out, grad_lse)
-    return (dq, dk, dv) + (None,) * 12
+    return (dq, dk, dv) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
 _flash_attention_op.register_autograd(_backward_dense, setup_context=_setup_dense)
