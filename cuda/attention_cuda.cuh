@@ -34,6 +34,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "attention_params.h"
 #include "philox.h"
@@ -1263,6 +1264,11 @@ inline int64_t bwd_dq_accum_rows(const attention_fwd_params &p) {
 inline int64_t bwd_dq_accum_bytes(const attention_fwd_params &p) {
     return bwd_dq_accum_rows(p) * p.heads_q * p.head_dim * 4;
 }
+/* LUTFLASH_ATTN_BWD_TILE (unset: 0) picks an alternative tile shape of the fused pass. */
+inline int bwd_tile_switch() {
+    const char *value = getenv("LUTFLASH_ATTN_BWD_TILE");
+    return value ? atoi(value) : 0;
+}
 
 /* One CTA per (key block of kBN keys, batch, kv head), kBN / 16 warps of 16 keys each, looping
  * over the query blocks (kBM rows, Q and dO double-buffered by cp.async) of every query head
@@ -1284,6 +1290,8 @@ template <int kD, int kBN, int kBM> struct BwdFusedConfig {
     static constexpr int kRowSlabs = kBM / 16, kColParts = kWarps / kRowSlabs;
     static constexpr int kDQ = kD / kColParts;
     static_assert(kWarps % kRowSlabs == 0 && kDQ % 16 == 0 && kBM % 16 == 0, "tile shape");
+    /* kD <= 64 with 32-query blocks fits two CTAs per SM (128 registers, ~64 KB each) */
+    static constexpr int kMinBlocks = kD <= 64 && kBM <= 32 ? 2 : 1;
 };
 
 /* dst[0..1] += (x, y) in global memory, no return value (RED). */
@@ -1296,8 +1304,26 @@ __device__ __forceinline__ void red_add2(float *dst, float x, float y) {
 #endif
 }
 
-template <int kD, int kBN, int kBM, typename T>
-__global__ void __launch_bounds__(kBN * 2, 1) attn_bwd_fused_kernel(const attention_bwd_params bp) {
+/* C[16 x 8*kNTiles] += A x B with A given as packed T fragments a[ks] of kKSteps k16 steps
+ * and B stored [k][n] in b_tile (columns 0..), through ldmatrix.trans. */
+template <int kD, int kKSteps, int kNTiles, typename T>
+__device__ __forceinline__ void gemm_a_packed(float (&c)[kNTiles][4],
+                                              const uint32_t (&a)[kKSteps][4], uint32_t b_tile,
+                                              int lane) {
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks)
+#pragma unroll
+        for (int np = 0; np < kNTiles / 2; ++np) {
+            uint32_t b[4];
+            ldsm_x4_trans(b, bt_frag_addr<kD>(b_tile, ks * 16, np * 16, lane));
+            Elem<T>::mma(c[2 * np], a[ks], b[0], b[1]);
+            Elem<T>::mma(c[2 * np + 1], a[ks], b[2], b[3]);
+        }
+}
+
+template <int kD, int kBN, int kBM, typename T, bool kExtras>
+__global__ void __launch_bounds__(kBN * 2, BwdFusedConfig<kD, kBN, kBM>::kMinBlocks)
+    attn_bwd_fused_kernel(const attention_bwd_params bp) {
     using Cfg = BwdFusedConfig<kD, kBN, kBM>;
     constexpr int kThreads = Cfg::kThreads, kPitch = Cfg::kPitch, kDsPitch = Cfg::kDsPitch;
     constexpr int kLT = kBM / 8, kOT = kD / 8, kQT = Cfg::kDQ / 8;
@@ -1361,7 +1387,9 @@ __global__ void __launch_bounds__(kBN * 2, 1) attn_bwd_fused_kernel(const attent
     if (total > 0) load_stage(0, 0);
     cp_async_commit();
 
-    const bool transformed = scores_transformed(p), dropout = p.dropout_p > 0.0f;
+    /* kExtras = false: plain scores, no dropout (fewer live registers in the main loop) */
+    const bool transformed = kExtras && scores_transformed(p);
+    const bool dropout = kExtras && p.dropout_p > 0.0f;
     const float scale_log2 = transformed ? 1.0f : p.softmax_scale * kLog2e;
     const float dropout_scale = dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
     const int key_row0 = warp * 16;
@@ -1370,11 +1398,11 @@ __global__ void __launch_bounds__(kBN * 2, 1) attn_bwd_fused_kernel(const attent
     float *dq_accum = static_cast<float *>(p.workspace);
     const int64_t accum_row0 = (p.cu_seqlens_q ? 0 : (int64_t)b * p.seqlen_q) + seq.q_start;
 
-    float dk[1][kOT][4], dv[1][kOT][4];
+    float dk[kOT][4], dv[kOT][4];
 #pragma unroll
     for (int ot = 0; ot < kOT; ++ot)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dk[0][ot][e] = dv[0][ot][e] = 0.0f;
+        for (int e = 0; e < 4; ++e) dk[ot][e] = dv[ot][e] = 0.0f;
 
     for (int it = 0; it < total; ++it) {
         const int stage = it & 1;
@@ -1400,16 +1428,23 @@ __global__ void __launch_bounds__(kBN * 2, 1) attn_bwd_fused_kernel(const attent
         gemm_abt<kD, 1, kLT, T>(dpt, v_tile, key_row0, do_tile, 0, lane);
 
         const bool masked = !seq.full(i0, kBM, j0, kBN);
-        const float slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.0f;
+        const float slope =
+            kExtras && p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.0f;
         const uint32_t batch_head = (uint32_t)(b * p.heads_q + h);
+        /* P^T and dS^T packed to T as the A fragments of the dV and dK products, as soon as
+         * they are computed (the float accumulators die early): pf[ks][hr + 2 * (lt & 1)]
+         * holds the pair (key row g + 8 hr, query columns 8 lt + 2t..) of k16 step ks = lt/2. */
+        uint32_t pf[kLT / 2][4], dsf[kLT / 2][4];
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
             const int j = j0 + key_row0 + g + hr * 8;
             /* queries that see key j, relative to i0 */
             const int lo = (j < seq.sk ? seq.q_first(j) : 1) - i0;
             const int hi = (j < seq.sk ? seq.q_last(j) : 0) - i0;
+            const int r = key_row0 + g + hr * 8;
 #pragma unroll
-            for (int lt = 0; lt < kLT; ++lt)
+            for (int lt = 0; lt < kLT; ++lt) {
+                float pv[2], dsv[2];
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const int c = lt * 8 + 2 * t + e;
@@ -1432,20 +1467,20 @@ __global__ void __launch_bounds__(kBN * 2, 1) attn_bwd_fused_kernel(const attent
                         dp *= factor;
                         prob_dropped *= factor;
                     }
-                    dpt[0][lt][2 * hr + e] = prob * (dp - delta[c]) * chain;
-                    st[0][lt][2 * hr + e] = prob_dropped;
+                    dsv[e] = prob * (dp - delta[c]) * chain;
+                    pv[e] = prob_dropped;
                 }
-            /* dS^T rows of this thread to shared memory for the dQ product */
-            const int r = key_row0 + g + hr * 8;
-#pragma unroll
-            for (int lt = 0; lt < kLT; ++lt)
+                pf[lt / 2][hr + 2 * (lt & 1)] = Elem<T>::pack(pv[0], pv[1]);
+                dsf[lt / 2][hr + 2 * (lt & 1)] = Elem<T>::pack(dsv[0], dsv[1]);
+                /* dS^T to shared memory for the dQ product */
                 *reinterpret_cast<uint32_t *>(sDs + r * kDsPitch + lt * 8 + 2 * t) =
-                    Elem<T>::pack(dpt[0][lt][2 * hr], dpt[0][lt][2 * hr + 1]);
+                    dsf[lt / 2][hr + 2 * (lt & 1)];
+            }
         }
 
         /* dV += P^T dO, dK += dS^T Q. */
-        gemm_pb<kD, 1, kLT, kOT, T>(dv, st, do_tile, 0, lane);
-        gemm_pb<kD, 1, kLT, kOT, T>(dk, dpt, q_tile, 0, lane);
+        gemm_a_packed<kD, kLT / 2, kOT, T>(dv, pf, do_tile, lane);
+        gemm_a_packed<kD, kLT / 2, kOT, T>(dk, dsf, q_tile, lane);
         __syncthreads(); /* dS^T complete */
 
         /* dQ partial = dS K over this block's kBN keys: rows dq_row0.., columns dq_col0.. */
@@ -1492,9 +1527,9 @@ __global__ void __launch_bounds__(kBN * 2, 1) attn_bwd_fused_kernel(const attent
 #pragma unroll
         for (int ot = 0; ot < kOT; ++ot) {
             *reinterpret_cast<uint32_t *>(sK + r * kPitch + ot * 8 + 2 * t) =
-                Elem<T>::pack(dk[0][ot][2 * hr], dk[0][ot][2 * hr + 1]);
+                Elem<T>::pack(dk[ot][2 * hr], dk[ot][2 * hr + 1]);
             *reinterpret_cast<uint32_t *>(sV + r * kPitch + ot * 8 + 2 * t) =
-                Elem<T>::pack(dv[0][ot][2 * hr], dv[0][ot][2 * hr + 1]);
+                Elem<T>::pack(dv[ot][2 * hr], dv[ot][2 * hr + 1]);
         }
     }
     __syncthreads();
@@ -1549,18 +1584,21 @@ cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int threads, int smem_byt
 /* The backward of one padded head dim and dtype (delta was computed before). */
 /* The fast backward (delta was computed before): zero the accumulator, one fused pass,
  * convert dQ. */
-template <int kD, typename T> cudaError_t run_attn_bwd_fused(const attention_bwd_params &bp,
-                                                             cudaStream_t stream) {
+template <int kD, int kBM, typename T>
+cudaError_t run_attn_bwd_fused(const attention_bwd_params &bp, cudaStream_t stream) {
     const attention_fwd_params &p = bp.fwd;
-    constexpr int kBN = 128, kBM = 64;
+    constexpr int kBN = 128;
     using Cfg = BwdFusedConfig<kD, kBN, kBM>;
     const int64_t rows = bwd_dq_accum_rows(p);
     cudaError_t err = cudaMemsetAsync(p.workspace, 0, (size_t)bwd_dq_accum_bytes(p), stream);
     if (err != cudaSuccess) return err;
     const dim3 grid((unsigned)((p.seqlen_k + kBN - 1) / kBN), (unsigned)p.batch,
                     (unsigned)p.heads_kv);
-    err = launch_with_smem(attn_bwd_fused_kernel<kD, kBN, kBM, T>, grid, Cfg::kThreads,
-                           Cfg::kSmemBytes, stream, bp);
+    const bool extras = p.softcap > 0.0f || p.alibi_slopes != nullptr || p.dropout_p > 0.0f;
+    err = extras ? launch_with_smem(attn_bwd_fused_kernel<kD, kBN, kBM, T, true>, grid,
+                                    Cfg::kThreads, Cfg::kSmemBytes, stream, bp)
+                 : launch_with_smem(attn_bwd_fused_kernel<kD, kBN, kBM, T, false>, grid,
+                                    Cfg::kThreads, Cfg::kSmemBytes, stream, bp);
     if (err != cudaSuccess) return err;
     const int64_t threads = rows * p.heads_q * (p.head_dim / 8);
     if (threads == 0) return cudaSuccess;
@@ -1577,8 +1615,13 @@ template <int kD, typename T> cudaError_t run_attn_bwd(const attention_bwd_param
     const attention_fwd_params &p = bp.fwd;
     if constexpr (kD <= 128) {
         const int64_t need = bwd_dq_accum_bytes(p);
-        if (!bp.deterministic && need > 0 && p.workspace != nullptr && p.workspace_bytes >= need)
-            return run_attn_bwd_fused<kD, T>(bp, stream);
+        if (!bp.deterministic && need > 0 && p.workspace != nullptr && p.workspace_bytes >= need) {
+            /* Query block of the fused pass: 64 rows, or 32 with LUTFLASH_ATTN_BWD_TILE=1 at
+             * head dims 64 and 128 (a tuning switch for benchmarks/bench_attention_bwd.py) */
+            if constexpr (kD == 64 || kD == 128)
+                if (bwd_tile_switch() == 1) return run_attn_bwd_fused<kD, 32, T>(bp, stream);
+            return run_attn_bwd_fused<kD, 64, T>(bp, stream);
+        }
     }
     constexpr int kBN = 64, kBL = kD <= 128 ? 64 : 32, kSplit = kD <= 128 ? 1 : 2;
     using KV = BwdKVConfig<kD, kBN, kBL, kSplit>;
