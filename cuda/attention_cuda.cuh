@@ -18,7 +18,12 @@
  * the last one the band reaches down to the first; only blocks that cut the band or the
  * sequence ends are masked.
  *
- * Backward, recomputing P from lse, in three deterministic launches (no atomics):
+ * Backward (default, deterministic = 0): attn_bwd_fused_kernel, FA2's single pass per key
+ * block (S, dP once; dK, dV in registers; dQ partials added to a float32 workspace with
+ * atomics, then converted), after the delta kernel below. Head dim 256 and deterministic = 1
+ * take the deterministic backward.
+ *
+ * Deterministic backward, recomputing P from lse, in three launches (no atomics):
  *  - attn_bwd_delta_kernel: delta = rowsum(dO * O) - dlse.
  *  - attn_bwd_dkdv_kernel: one CTA per (key block, batch, kv head [, head-dim half]); warps split
  *    the keys, so S^T = K Q^T, dP^T = V dO^T, dV += P^T dO and dK += dS^T Q all stay in
@@ -1616,11 +1621,13 @@ template <int kD, typename T> cudaError_t run_attn_bwd(const attention_bwd_param
     if constexpr (kD <= 128) {
         const int64_t need = bwd_dq_accum_bytes(p);
         if (!bp.deterministic && need > 0 && p.workspace != nullptr && p.workspace_bytes >= need) {
-            /* Query block of the fused pass: 64 rows, or 32 with LUTFLASH_ATTN_BWD_TILE=1 at
-             * head dims 64 and 128 (a tuning switch for benchmarks/bench_attention_bwd.py) */
+            /* Query block of the fused pass: 32 rows at head dim 64 (two CTAs per SM), else 64
+             * (H100, benchmarks/NOTES_attention_cuda.md). LUTFLASH_ATTN_BWD_TILE=1 swaps 32
+             * and 64 at head dims 64 and 128: a tuning switch for bench_attention_bwd.py. */
+            constexpr int kBM = kD == 64 ? 32 : 64, kOtherBM = kBM == 32 ? 64 : 32;
             if constexpr (kD == 64 || kD == 128)
-                if (bwd_tile_switch() == 1) return run_attn_bwd_fused<kD, 32, T>(bp, stream);
-            return run_attn_bwd_fused<kD, 64, T>(bp, stream);
+                if (bwd_tile_switch() == 1) return run_attn_bwd_fused<kD, kOtherBM, T>(bp, stream);
+            return run_attn_bwd_fused<kD, kBM, T>(bp, stream);
         }
     }
     constexpr int kBN = 64, kBL = kD <= 128 ? 64 : 32, kSplit = kD <= 128 ? 1 : 2;
