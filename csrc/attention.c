@@ -360,6 +360,9 @@ static int check_cuda_layout(const lf_tensor *t, int count, const char *op) {
 int64_t attention_cuda_forward_workspace_bytes(int64_t batch, int64_t heads_q, int64_t heads_kv,
                                                int64_t seqlen_q, int64_t seqlen_k,
                                                int64_t head_dim, int64_t total_q);
+/* cuda/attention_bwd.cu: the fast (non-deterministic) backward's float32 dQ accumulator. */
+int64_t attention_cuda_backward_workspace_bytes(int64_t heads_q, int64_t head_dim,
+                                                int64_t total_q);
 #endif
 
 static int launch_attention_forward(const void *arg, void *stream) {
@@ -390,7 +393,9 @@ static int64_t cpu_workspace_bytes(int64_t d, int backward, int64_t threads, int
 /* attention_workspace_bytes(on_cuda, head_dim, backward, num_threads, heads_q, batch, total_q
  * [, heads_kv, seqlen_q, seqlen_k]): the CUDA forward's decode path (split-KV) needs the
  * three trailing shapes (seqlen_q and seqlen_k: dense Sq and Sk, or the varlen maxima);
- * without them the CUDA size is 0 and the forward never takes that path. */
+ * without them the CUDA size is 0 and the forward never takes that path. The CUDA backward's
+ * size is the fast path's float32 dQ accumulator (total_q = B * Sq rows for dense inputs);
+ * the deterministic backward needs none. */
 static PyObject *py_attention_workspace_bytes(PyObject *self, PyObject *const *args,
                                               Py_ssize_t nargs) {
     (void)self;
@@ -416,7 +421,9 @@ static PyObject *py_attention_workspace_bytes(PyObject *self, PyObject *const *a
         return NULL;
     if (on_cuda) {
 #ifdef LUTFLASH_WITH_CUDA
-        if (!backward && heads_kv > 0 && heads_q % heads_kv == 0)
+        if (backward)
+            return PyLong_FromLongLong(attention_cuda_backward_workspace_bytes(heads_q, d, total_q));
+        if (heads_kv > 0 && heads_q % heads_kv == 0)
             return PyLong_FromLongLong(attention_cuda_forward_workspace_bytes(
                 batch, heads_q, heads_kv, seqlen_q, seqlen_k, d, total_q));
 #endif
@@ -501,13 +508,13 @@ enum {
 
 static PyObject *py_attention_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 26) {
+    if (nargs != 27) {
         PyErr_Format(PyExc_TypeError,
                      "attention_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, "
                      "rng_state, dout, out, lse, dlse, dq, dk, dv, delta, workspace, "
                      "max_seqlen_q, max_seqlen_k, softmax_scale, softcap, window_left, "
-                     "window_right, dropout_p, num_threads, variant, stream) takes 26 "
-                     "arguments, got %zd", nargs);
+                     "window_right, dropout_p, num_threads, variant, stream, deterministic) "
+                     "takes 27 arguments, got %zd", nargs);
         return NULL;
     }
     static const char *const names[BWD_COUNT] = {
@@ -519,9 +526,12 @@ static PyObject *py_attention_backward(PyObject *self, PyObject *const *args, Py
     attention_bwd_params bp = {0};
     attention_fwd_params *p = &bp.fwd;
     call_options o = {0};
-    int64_t lse_shape[3];
+    int64_t lse_shape[3], deterministic = 1;
     int lse_ndim = 0;
-    if (parse_scalars(args + BWD_COUNT, p, &o) < 0) goto done;
+    if (parse_scalars(args + BWD_COUNT, p, &o) < 0 ||
+        lf_parse_int(args[26], "deterministic", 0, 1, &deterministic) < 0)
+        goto done;
+    bp.deterministic = (int)deterministic;
     for (int i = 0; i < BWD_COUNT; ++i) {
         const int optional = i == IN_CU_Q || i == IN_CU_K || i == IN_ALIBI || i == IN_RNG ||
                              i == BWD_DLSE;
@@ -542,9 +552,13 @@ static PyObject *py_attention_backward(PyObject *self, PyObject *const *args, Py
         check_lse_like(&t[BWD_DELTA], q, lse_ndim, lse_shape, 1) < 0)
         goto done;
     const int64_t total_q = q->ndim == 3 ? q->shape[0] : q->shape[0] * q->shape[1];
-    const int64_t need = q->device_type == LF_DEVICE_CPU
-                             ? cpu_workspace_bytes(p->head_dim, 1, 1, p->heads_q, p->batch, total_q)
-                             : 0;
+    int64_t need = 0;
+    if (q->device_type == LF_DEVICE_CPU)
+        need = cpu_workspace_bytes(p->head_dim, 1, 1, p->heads_q, p->batch, total_q);
+#ifdef LUTFLASH_WITH_CUDA
+    else if (!deterministic)
+        need = attention_cuda_backward_workspace_bytes(p->heads_q, p->head_dim, total_q);
+#endif
     const int outputs[5] = {BWD_DQ, BWD_DK, BWD_DV, BWD_DELTA, BWD_WORKSPACE};
     if (check_workspace(&t[BWD_WORKSPACE], q, need) < 0 ||
         check_disjoint(t, BWD_COUNT, outputs, 5) < 0)
@@ -601,8 +615,9 @@ PyMethodDef attention_methods[] = {
     {"attention_backward", (PyCFunction)(void (*)(void))py_attention_backward, METH_FASTCALL,
      "attention_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state, dout, "
      "out, lse, dlse, dq, dk, dv, delta, workspace, max_seqlen_q, max_seqlen_k, softmax_scale, "
-     "softcap, window_left, window_right, dropout_p, num_threads, variant, stream): writes dq, "
-     "dk, dv (and delta = rowsum(dout * out) - dlse)."},
+     "softcap, window_left, window_right, dropout_p, num_threads, variant, stream, "
+     "deterministic): writes dq, dk, dv (and delta = rowsum(dout * out) - dlse); CUDA with "
+     "deterministic=0 sums dQ with float32 atomics in the workspace."},
     {"attention_workspace_bytes", (PyCFunction)(void (*)(void))py_attention_workspace_bytes,
      METH_FASTCALL,
      "attention_workspace_bytes(on_cuda, head_dim, backward, num_threads, heads_q, batch, "

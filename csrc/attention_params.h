@@ -67,6 +67,10 @@ typedef struct {
     int64_t dq_batch_stride, dq_row_stride, dq_head_stride;
     int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
     int64_t dv_batch_stride, dv_row_stride, dv_head_stride;
+    /* 0: CUDA takes the fast single-pass backward where it can (dQ summed with float32
+     * atomics in fwd.workspace, so not bitwise repeatable); 1: the deterministic passes. The
+     * CPU backward is always deterministic and ignores it. */
+    int deterministic;
 } attention_bwd_params;
 
 #endif

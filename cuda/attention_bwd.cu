@@ -38,6 +38,14 @@ template <typename T> cudaError_t backward_of(const attention_bwd_params &bp, cu
 
 }  // namespace
 
+/* Bytes of the fast backward's float32 dQ accumulator ([total_q][heads_q][head_dim], total_q
+ * = B * Sq for dense inputs); 0 where the backward always takes the deterministic passes. */
+extern "C" int64_t attention_cuda_backward_workspace_bytes(int64_t heads_q, int64_t head_dim,
+                                                           int64_t total_q) {
+    if (attention_cuda_padded_head_dim(head_dim) > 128) return 0;
+    return total_q * heads_q * head_dim * 4;
+}
+
 extern "C" int attention_backward_cuda(const attention_bwd_params *bp, void *stream) {
     const attention_fwd_params *p = &bp->fwd;
     if (p->batch == 0 || p->heads_q == 0) return 0;

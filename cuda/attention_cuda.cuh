@@ -18,7 +18,12 @@
  * the last one the band reaches down to the first; only blocks that cut the band or the
  * sequence ends are masked.
  *
- * Backward, recomputing P from lse, in three deterministic launches (no atomics):
+ * Backward (default, deterministic = 0): attn_bwd_fused_kernel, FA2's single pass per key
+ * block (S, dP once; dK, dV in registers; dQ partials added to a float32 workspace with
+ * atomics, then converted), after the delta kernel below. Head dim 256 and deterministic = 1
+ * take the deterministic backward.
+ *
+ * Deterministic backward, recomputing P from lse, in three launches (no atomics):
  *  - attn_bwd_delta_kernel: delta = rowsum(dO * O) - dlse.
  *  - attn_bwd_dkdv_kernel: one CTA per (key block, batch, kv head [, head-dim half]); warps split
  *    the keys, so S^T = K Q^T, dP^T = V dO^T, dV += P^T dO and dK += dS^T Q all stay in
@@ -1468,6 +1473,323 @@ __global__ void __launch_bounds__(kBM * 2, 1) attn_bwd_dq_kernel(const attention
     store_tile<kBM, kD, kPitch, kThreads>(dq_out, bp.dq_row_stride, sQ, rows, d);
 }
 
+/* ---------------------------------------------------------------------------------------- */
+/* Fast backward (deterministic = 0): FA2's single pass with float32 dQ atomics.            */
+
+/* Rows of the float32 dQ accumulator (fwd.workspace, [rows][heads_q][head_dim]): query row
+ * i of sequence b is row b * Sq + i (dense) or q_start + i (varlen). */
+inline int64_t bwd_dq_accum_rows(const attention_fwd_params &p) {
+    return p.cu_seqlens_q ? p.total_q : p.batch * p.seqlen_q;
+}
+inline int64_t bwd_dq_accum_bytes(const attention_fwd_params &p) {
+    return bwd_dq_accum_rows(p) * p.heads_q * p.head_dim * 4;
+}
+/* LUTFLASH_ATTN_BWD_TILE (unset: 0) picks an alternative tile shape of the fused pass. */
+inline int bwd_tile_switch() {
+    const char *value = getenv("LUTFLASH_ATTN_BWD_TILE");
+    return value ? atoi(value) : 0;
+}
+
+/* One CTA per (key block of kBN keys, batch, kv head), kBN / 16 warps of 16 keys each, looping
+ * over the query blocks (kBM rows, Q and dO double-buffered by cp.async) of every query head
+ * of the GQA group that sees the block. Per query block:
+ *   S^T = K Q^T, dP^T = V dO^T  (each warp: its 16 keys x kBM queries, in registers)
+ *   P, dS as in attn_bwd_dkdv_kernel; dS^T also goes to shared memory (T-rounded)
+ *   dV += P^T dO, dK += dS^T Q  (registers, A operands straight from the accumulators)
+ *   dQ_partial = dS K           (warps split the kBM x kD product: 16-row slabs x column parts;
+ *                                A = dS through ldmatrix.trans of dS^T, B = K through .trans)
+ * and the dQ partial is added to the float32 accumulator with (vector) float atomics, so the
+ * summation order over key blocks varies from run to run. 5 GEMMs per tile instead of 7. */
+template <int kD, int kBN, int kBM> struct BwdFusedConfig {
+    static constexpr int kWarps = kBN / 16, kThreads = kWarps * 32;
+    static constexpr int kPitch = Tile<kD>::kPitch, kDsPitch = kBM + 8;
+    static constexpr int kTileK = kBN * kPitch * 2, kTileQ = kBM * kPitch * 2;
+    static constexpr int kTileDs = kBN * kDsPitch * 2;
+    static constexpr int kSmemBytes = 2 * kTileK + 4 * kTileQ + kTileDs + 4 * kBM * 4;
+    /* the dQ product: kRowSlabs 16-row slabs x kColParts column ranges of kDQ columns */
+    static constexpr int kRowSlabs = kBM / 16, kColParts = kWarps / kRowSlabs;
+    static constexpr int kDQ = kD / kColParts;
+    static_assert(kWarps % kRowSlabs == 0 && kDQ % 16 == 0 && kBM % 16 == 0, "tile shape");
+    /* kD <= 64 with 32-query blocks fits two CTAs per SM (128 registers, ~64 KB each) */
+    static constexpr int kMinBlocks = kD <= 64 && kBM <= 32 ? 2 : 1;
+};
+
+/* dst[0..1] += (x, y) in global memory, no return value (RED). */
+__device__ __forceinline__ void red_add2(float *dst, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    atomicAdd(reinterpret_cast<float2 *>(dst), make_float2(x, y));
+#else
+    atomicAdd(dst, x);
+    atomicAdd(dst + 1, y);
+#endif
+}
+
+/* C[16 x 8*kNTiles] += A x B with A given as packed T fragments a[ks] of kKSteps k16 steps
+ * and B stored [k][n] in b_tile (columns 0..), through ldmatrix.trans. */
+template <int kD, int kKSteps, int kNTiles, typename T>
+__device__ __forceinline__ void gemm_a_packed(float (&c)[kNTiles][4],
+                                              const uint32_t (&a)[kKSteps][4], uint32_t b_tile,
+                                              int lane) {
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks)
+#pragma unroll
+        for (int np = 0; np < kNTiles / 2; ++np) {
+            uint32_t b[4];
+            ldsm_x4_trans(b, bt_frag_addr<kD>(b_tile, ks * 16, np * 16, lane));
+            Elem<T>::mma(c[2 * np], a[ks], b[0], b[1]);
+            Elem<T>::mma(c[2 * np + 1], a[ks], b[2], b[3]);
+        }
+}
+
+template <int kD, int kBN, int kBM, typename T, bool kExtras>
+__global__ void __launch_bounds__(kBN * 2, BwdFusedConfig<kD, kBN, kBM>::kMinBlocks)
+    attn_bwd_fused_kernel(const attention_bwd_params bp) {
+    using Cfg = BwdFusedConfig<kD, kBN, kBM>;
+    constexpr int kThreads = Cfg::kThreads, kPitch = Cfg::kPitch, kDsPitch = Cfg::kDsPitch;
+    constexpr int kLT = kBM / 8, kOT = kD / 8, kQT = Cfg::kDQ / 8;
+    const attention_fwd_params &p = bp.fwd;
+    extern __shared__ __align__(16) unsigned char smem[];
+    const uint32_t k_tile = smem_addr(smem), v_tile = k_tile + Cfg::kTileK;
+    const uint32_t q_tiles = v_tile + Cfg::kTileK;             /* [2] */
+    const uint32_t do_tiles = q_tiles + 2 * Cfg::kTileQ;       /* [2] */
+    const uint32_t ds_tile = do_tiles + 2 * Cfg::kTileQ;       /* dS^T: [kBN][kDsPitch] */
+    T *sDs = reinterpret_cast<T *>(smem + 2 * Cfg::kTileK + 4 * Cfg::kTileQ);
+    float *s_lse = reinterpret_cast<float *>(smem + 2 * Cfg::kTileK + 4 * Cfg::kTileQ +
+                                             Cfg::kTileDs); /* [2][kBM] */
+    float *s_delta = s_lse + 2 * kBM;                       /* [2][kBM] */
+
+    const int b = blockIdx.y, kv_head = blockIdx.z;
+    const Sequence seq(p, b);
+    const int j0 = blockIdx.x * kBN;
+    if (j0 >= seq.sk) return;
+    const int keys = min(kBN, seq.sk - j0);
+    const int d = (int)p.head_dim;
+    const int group = (int)(p.heads_q / p.heads_kv);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+
+    load_tile<kBN, kD, kThreads>(k_tile,
+                                 static_cast<const T *>(p.k) + b * p.k_batch_stride +
+                                     (seq.k_start + j0) * p.k_row_stride +
+                                     kv_head * p.k_head_stride,
+                                 p.k_row_stride, keys, d);
+    load_tile<kBN, kD, kThreads>(v_tile,
+                                 static_cast<const T *>(p.v) + b * p.v_batch_stride +
+                                     (seq.k_start + j0) * p.v_row_stride +
+                                     kv_head * p.v_head_stride,
+                                 p.v_row_stride, keys, d);
+
+    /* Query blocks that see a key of this block, for each query head of the group. */
+    const int qf = seq.q_first(j0), ql = seq.q_last(j0 + keys - 1);
+    const int m_lo = qf / kBM, blocks = ql >= qf ? ql / kBM - m_lo + 1 : 0;
+    const int total = blocks * group;
+
+    auto load_stage = [&](int it, int stage) {
+        const int h = kv_head * group + it / blocks;
+        const int i0 = (m_lo + it % blocks) * kBM;
+        const int rows = min(kBM, seq.sq - i0);
+        const int64_t row = (int64_t)seq.q_start + i0;
+        load_tile<kBM, kD, kThreads>(q_tiles + stage * Cfg::kTileQ,
+                                     static_cast<const T *>(p.q) + b * p.q_batch_stride +
+                                         row * p.q_row_stride + h * p.q_head_stride,
+                                     p.q_row_stride, rows, d);
+        load_tile<kBM, kD, kThreads>(do_tiles + stage * Cfg::kTileQ,
+                                     static_cast<const T *>(bp.dout) + b * bp.dout_batch_stride +
+                                         row * bp.dout_row_stride + h * bp.dout_head_stride,
+                                     bp.dout_row_stride, rows, d);
+        const int64_t index = b * p.lse_batch_stride + h * p.lse_head_stride + row;
+        for (int r = threadIdx.x; r < 2 * kBM; r += kThreads) {
+            const int rr = r % kBM;
+            const float *src = r < kBM ? p.lse + index : bp.delta + index;
+            float *dst = r < kBM ? s_lse + stage * kBM : s_delta + stage * kBM;
+            cp_async4(smem_addr(dst + rr), rr < rows ? src + rr : src, rr < rows);
+        }
+    };
+    if (total > 0) load_stage(0, 0);
+    cp_async_commit();
+
+    /* kExtras = false: plain scores, no dropout (fewer live registers in the main loop) */
+    const bool transformed = kExtras && scores_transformed(p);
+    const bool dropout = kExtras && p.dropout_p > 0.0f;
+    const float scale_log2 = transformed ? 1.0f : p.softmax_scale * kLog2e;
+    const float dropout_scale = dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
+    const int key_row0 = warp * 16;
+    /* this warp's part of the dQ product */
+    const int dq_row0 = (warp % Cfg::kRowSlabs) * 16, dq_col0 = (warp / Cfg::kRowSlabs) * Cfg::kDQ;
+    float *dq_accum = static_cast<float *>(p.workspace);
+    const int64_t accum_row0 = (p.cu_seqlens_q ? 0 : (int64_t)b * p.seqlen_q) + seq.q_start;
+
+    float dk[kOT][4], dv[kOT][4];
+#pragma unroll
+    for (int ot = 0; ot < kOT; ++ot)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk[ot][e] = dv[ot][e] = 0.0f;
+
+    for (int it = 0; it < total; ++it) {
+        const int stage = it & 1;
+        /* The other stage was last read before the previous iteration's middle barrier. */
+        if (it + 1 < total) load_stage(it + 1, stage ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads(); /* this stage landed; every warp is done with the previous dS */
+
+        const int h = kv_head * group + it / blocks;
+        const int i0 = (m_lo + it % blocks) * kBM;
+        const uint32_t q_tile = q_tiles + stage * Cfg::kTileQ;
+        const uint32_t do_tile = do_tiles + stage * Cfg::kTileQ;
+        const float *lse = s_lse + stage * kBM, *delta = s_delta + stage * kBM;
+
+        /* S^T = K Q^T and dP^T = V dO^T: this warp's 16 keys x kBM queries. */
+        float st[1][kLT][4], dpt[1][kLT][4];
+#pragma unroll
+        for (int lt = 0; lt < kLT; ++lt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) st[0][lt][e] = dpt[0][lt][e] = 0.0f;
+        gemm_abt<kD, 1, kLT, T>(st, k_tile, key_row0, q_tile, 0, lane);
+        gemm_abt<kD, 1, kLT, T>(dpt, v_tile, key_row0, do_tile, 0, lane);
+
+        const bool masked = !seq.full(i0, kBM, j0, kBN);
+        const float slope =
+            kExtras && p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.0f;
+        const uint32_t batch_head = (uint32_t)(b * p.heads_q + h);
+        /* P^T and dS^T packed to T as the A fragments of the dV and dK products, as soon as
+         * they are computed (the float accumulators die early): pf[ks][hr + 2 * (lt & 1)]
+         * holds the pair (key row g + 8 hr, query columns 8 lt + 2t..) of k16 step ks = lt/2. */
+        uint32_t pf[kLT / 2][4], dsf[kLT / 2][4];
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+            const int j = j0 + key_row0 + g + hr * 8;
+            /* queries that see key j, relative to i0 */
+            const int lo = (j < seq.sk ? seq.q_first(j) : 1) - i0;
+            const int hi = (j < seq.sk ? seq.q_last(j) : 0) - i0;
+            const int r = key_row0 + g + hr * 8;
+#pragma unroll
+            for (int lt = 0; lt < kLT; ++lt) {
+                float pv[2], dsv[2];
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int c = lt * 8 + 2 * t + e;
+                    const int i = i0 + c;
+                    float x = st[0][lt][2 * hr + e], chain = p.softmax_scale;
+                    if (transformed)
+                        x = transform_score(x, p.softmax_scale, p.softcap, slope,
+                                            i + seq.sk - seq.sq - j, &chain);
+                    float prob = exp2f(fmaf(x, scale_log2, -lse_shift(lse[c])));
+                    if (masked && (c < lo || c > hi)) prob = 0.0f;
+                    float dp = dpt[0][lt][2 * hr + e];
+                    float prob_dropped = prob;
+                    if (dropout) {
+                        const uint32_t keep =
+                            lf_dropout_keep_bits(p.dropout_seed, p.dropout_offset, batch_head,
+                                                 (uint32_t)i, (uint32_t)(j >> 2),
+                                                 p.dropout_threshold) >>
+                            (j & 3);
+                        const float factor = (keep & 1u) ? dropout_scale : 0.0f;
+                        dp *= factor;
+                        prob_dropped *= factor;
+                    }
+                    dsv[e] = prob * (dp - delta[c]) * chain;
+                    pv[e] = prob_dropped;
+                }
+                pf[lt / 2][hr + 2 * (lt & 1)] = Elem<T>::pack(pv[0], pv[1]);
+                dsf[lt / 2][hr + 2 * (lt & 1)] = Elem<T>::pack(dsv[0], dsv[1]);
+                /* dS^T to shared memory for the dQ product */
+                *reinterpret_cast<uint32_t *>(sDs + r * kDsPitch + lt * 8 + 2 * t) =
+                    dsf[lt / 2][hr + 2 * (lt & 1)];
+            }
+        }
+
+        /* dV += P^T dO, dK += dS^T Q. */
+        gemm_a_packed<kD, kLT / 2, kOT, T>(dv, pf, do_tile, lane);
+        gemm_a_packed<kD, kLT / 2, kOT, T>(dk, dsf, q_tile, lane);
+        __syncthreads(); /* dS^T complete */
+
+        /* dQ partial = dS K over this block's kBN keys: rows dq_row0.., columns dq_col0.. */
+        float dq[kQT][4];
+#pragma unroll
+        for (int qt = 0; qt < kQT; ++qt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dq[qt][e] = 0.0f;
+#pragma unroll
+        for (int ks = 0; ks < kBN / 16; ++ks) {
+            /* A (queries x keys) from dS^T stored [key][query]: matrices (m0-7, k0-7),
+             * (m8-15, k0-7), (m0-7, k8-15), (m8-15, k8-15), transposed by ldmatrix. */
+            uint32_t a[4];
+            ldsm_x4_trans(a, ds_tile + (uint32_t)((ks * 16 + (lane >> 4) * 8 + (lane & 7)) *
+                                                      kDsPitch +
+                                                  dq_row0 + ((lane >> 3) & 1) * 8) * 2);
+#pragma unroll
+            for (int np = 0; np < kQT / 2; ++np) {
+                uint32_t bb[4];
+                ldsm_x4_trans(bb, bt_frag_addr<kD>(k_tile, ks * 16, dq_col0 + np * 16, lane));
+                Elem<T>::mma(dq[2 * np], a, bb[0], bb[1]);
+                Elem<T>::mma(dq[2 * np + 1], a, bb[2], bb[3]);
+            }
+        }
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+            const int i = i0 + dq_row0 + g + hr * 8;
+            if (i >= seq.sq) continue;
+            float *dst = dq_accum + ((accum_row0 + i) * p.heads_q + h) * d + dq_col0 + 2 * t;
+#pragma unroll
+            for (int qt = 0; qt < kQT; ++qt)
+                if (dq_col0 + qt * 8 + 2 * t < d)
+                    red_add2(dst + qt * 8, dq[qt][2 * hr], dq[qt][2 * hr + 1]);
+        }
+    }
+
+    /* Epilogue: stage dK, dV through the K, V tiles (each warp owns its 16 rows). */
+    cp_async_wait<0>();
+    __syncthreads();
+    T *sK = reinterpret_cast<T *>(smem), *sV = sK + kBN * kPitch;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        const int r = key_row0 + g + hr * 8;
+#pragma unroll
+        for (int ot = 0; ot < kOT; ++ot) {
+            *reinterpret_cast<uint32_t *>(sK + r * kPitch + ot * 8 + 2 * t) =
+                Elem<T>::pack(dk[ot][2 * hr], dk[ot][2 * hr + 1]);
+            *reinterpret_cast<uint32_t *>(sV + r * kPitch + ot * 8 + 2 * t) =
+                Elem<T>::pack(dv[ot][2 * hr], dv[ot][2 * hr + 1]);
+        }
+    }
+    __syncthreads();
+    const int64_t row = (int64_t)seq.k_start + j0;
+    T *dk_out = static_cast<T *>(bp.dk) + b * bp.dk_batch_stride + row * bp.dk_row_stride +
+                kv_head * bp.dk_head_stride;
+    T *dv_out = static_cast<T *>(bp.dv) + b * bp.dv_batch_stride + row * bp.dv_row_stride +
+                kv_head * bp.dv_head_stride;
+    store_tile<kBN, kD, kPitch, kThreads>(dk_out, bp.dk_row_stride, sK, keys, d);
+    store_tile<kBN, kD, kPitch, kThreads>(dv_out, bp.dv_row_stride, sV, keys, d);
+}
+
+/* dq (T, caller's strides) from the float32 accumulator: one thread per 8 columns of a
+ * (row, head); every accumulator row is written (rows of no varlen sequence get 0). */
+template <typename T>
+__global__ void __launch_bounds__(256) attn_bwd_dq_convert_kernel(const attention_bwd_params bp,
+                                                                  int64_t rows) {
+    const attention_fwd_params &p = bp.fwd;
+    const int chunks = (int)p.head_dim / 8;
+    const int64_t index = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (index >= rows * p.heads_q * chunks) return;
+    const int c = (int)(index % chunks);
+    const int64_t rh = index / chunks;
+    const int h = (int)(rh % p.heads_q);
+    const int64_t r = rh / p.heads_q;
+    const float4 *src = reinterpret_cast<const float4 *>(static_cast<const float *>(p.workspace) +
+                                                         rh * p.head_dim + c * 8);
+    const float4 lo = src[0], hi = src[1];
+    int64_t b = 0, i = r;
+    if (p.cu_seqlens_q == nullptr) b = r / p.seqlen_q, i = r % p.seqlen_q;
+    T *dst = static_cast<T *>(bp.dq) + b * bp.dq_batch_stride + i * bp.dq_row_stride +
+             h * bp.dq_head_stride + c * 8;
+    uint4 out;
+    out.x = Elem<T>::pack(lo.x, lo.y);
+    out.y = Elem<T>::pack(lo.z, lo.w);
+    out.z = Elem<T>::pack(hi.x, hi.y);
+    out.w = Elem<T>::pack(hi.z, hi.w);
+    *reinterpret_cast<uint4 *>(dst) = out;
+}
+
 template <typename Kernel>
 cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int threads, int smem_bytes,
                              cudaStream_t stream, const attention_bwd_params &bp) {
@@ -1480,9 +1802,49 @@ cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int threads, int smem_byt
 }
 
 /* The backward of one padded head dim and dtype (delta was computed before). */
+/* The fast backward (delta was computed before): zero the accumulator, one fused pass,
+ * convert dQ. */
+template <int kD, int kBM, typename T>
+cudaError_t run_attn_bwd_fused(const attention_bwd_params &bp, cudaStream_t stream) {
+    const attention_fwd_params &p = bp.fwd;
+    constexpr int kBN = 128;
+    using Cfg = BwdFusedConfig<kD, kBN, kBM>;
+    const int64_t rows = bwd_dq_accum_rows(p);
+    cudaError_t err = cudaMemsetAsync(p.workspace, 0, (size_t)bwd_dq_accum_bytes(p), stream);
+    if (err != cudaSuccess) return err;
+    const dim3 grid((unsigned)((p.seqlen_k + kBN - 1) / kBN), (unsigned)p.batch,
+                    (unsigned)p.heads_kv);
+    const bool extras = p.softcap > 0.0f || p.alibi_slopes != nullptr || p.dropout_p > 0.0f;
+    err = extras ? launch_with_smem(attn_bwd_fused_kernel<kD, kBN, kBM, T, true>, grid,
+                                    Cfg::kThreads, Cfg::kSmemBytes, stream, bp)
+                 : launch_with_smem(attn_bwd_fused_kernel<kD, kBN, kBM, T, false>, grid,
+                                    Cfg::kThreads, Cfg::kSmemBytes, stream, bp);
+    if (err != cudaSuccess) return err;
+    const int64_t threads = rows * p.heads_q * (p.head_dim / 8);
+    if (threads == 0) return cudaSuccess;
+    attn_bwd_dq_convert_kernel<T>
+        <<<(unsigned)((threads + 255) / 256), 256, 0, stream>>>(bp, rows);
+    return cudaGetLastError();
+}
+
+/* The backward of one padded head dim and dtype (delta was computed before): the fast pass
+ * unless the caller asked for determinism (or gave no accumulator); head dim 256 always takes
+ * the deterministic passes (the fused kernel's accumulators would not fit in registers). */
 template <int kD, typename T> cudaError_t run_attn_bwd(const attention_bwd_params &bp,
                                                        cudaStream_t stream) {
     const attention_fwd_params &p = bp.fwd;
+    if constexpr (kD <= 128) {
+        const int64_t need = bwd_dq_accum_bytes(p);
+        if (!bp.deterministic && need > 0 && p.workspace != nullptr && p.workspace_bytes >= need) {
+            /* Query block of the fused pass: 32 rows at head dim 64 (two CTAs per SM), else 64
+             * (H100, benchmarks/NOTES_attention_cuda.md). LUTFLASH_ATTN_BWD_TILE=1 swaps 32
+             * and 64 at head dims 64 and 128: a tuning switch for bench_attention_bwd.py. */
+            constexpr int kBM = kD == 64 ? 32 : 64, kOtherBM = kBM == 32 ? 64 : 32;
+            if constexpr (kD == 64 || kD == 128)
+                if (bwd_tile_switch() == 1) return run_attn_bwd_fused<kD, kOtherBM, T>(bp, stream);
+            return run_attn_bwd_fused<kD, kBM, T>(bp, stream);
+        }
+    }
     constexpr int kBN = 64, kBL = kD <= 128 ? 64 : 32, kSplit = kD <= 128 ? 1 : 2;
     using KV = BwdKVConfig<kD, kBN, kBL, kSplit>;
     const dim3 kv_grid((unsigned)((p.seqlen_k + kBN - 1) / kBN * kSplit), (unsigned)p.batch,

@@ -399,19 +399,21 @@ def test_opcheck():
     for t in (q, k, v):
         t.requires_grad_()
     torch.library.opcheck(torch.ops.lutflash.flash_attention.default,
-                          (q, k, v, 0.25, 0.0, -1, 0, None, 0.0, None))
+                          (q, k, v, 0.25, 0.0, -1, 0, None, 0.0, None, False))
     torch.library.opcheck(torch.ops.lutflash.flash_attention.default,
-                          (q, k, v, 0.25, 2.0, 5, 0, torch.rand(4), 0.3, torch.tensor([1, 2])))
+                          (q, k, v, 0.25, 2.0, 5, 0, torch.rand(4), 0.3, torch.tensor([1, 2]),
+                           True))
     cu = torch.tensor([0, 8, 20], dtype=torch.int32)
     cu_k = torch.tensor([0, 10, 24], dtype=torch.int32)
     torch.library.opcheck(torch.ops.lutflash.flash_attention_varlen.default,
                           (q[0], k[0], v[0], cu, cu_k, 12, 14, 0.25, 0.0, -1, -1, None, 0.0,
-                           None))
-    out, lse = torch.ops.lutflash.flash_attention(q, k, v, 0.25, 0.0, -1, 0, None, 0.0, None)
+                           None, False))
+    out, lse = torch.ops.lutflash.flash_attention(q, k, v, 0.25, 0.0, -1, 0, None, 0.0, None,
+                                                  False)
     torch.library.opcheck(torch.ops.lutflash.flash_attention_backward.default,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(),
                            out.detach(), lse.detach(), None, None, None, 0, 0, 0.25, 0.0, -1,
-                           0, None, 0.0, None))
+                           0, None, 0.0, None, True))
 
 
 def test_torch_compile_fullgraph():

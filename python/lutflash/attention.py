@@ -107,8 +107,10 @@ def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, so
 
 def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
               max_seqlen_k, softmax_scale, softcap, window_left, window_right, alibi_slopes,
-              dropout_p, rng_state, variant=0):
-    """Runs the backward kernel (no autograd); returns (dq, dk, dv)."""
+              dropout_p, rng_state, variant=0, deterministic=False):
+    """Runs the backward kernel (no autograd); returns (dq, dk, dv). On CUDA, deterministic
+    picks the bitwise repeatable passes instead of the fast backward (float32 dQ atomics in
+    the workspace); the CPU backward is always deterministic."""
     dout, q, k, v, out = (_inner_contiguous(t.detach()) for t in (dout, q, k, v, out))
     d = q.shape[-1]
     if q.device.type == "cuda":
@@ -121,10 +123,15 @@ def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seq
     dv = alloc(v.shape, dtype=v.dtype, device=v.device)
     delta = torch.empty_like(lse)
     threads = max(1, torch.get_num_threads())
+    if q.device.type == "cuda" and deterministic:
+        workspace = torch.empty(0, dtype=torch.uint8, device=q.device)
+    else:
+        workspace = _workspace(q, cu_seqlens_q, True, threads)
     _C.attention_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state, dout,
-                          out, lse, dlse, dq, dk, dv, delta, _workspace(q, cu_seqlens_q, True, threads),
+                          out, lse, dlse, dq, dk, dv, delta, workspace,
                           max_seqlen_q, max_seqlen_k, softmax_scale, softcap, window_left,
-                          window_right, dropout_p, threads, variant, _stream_of(q.device))
+                          window_right, dropout_p, threads, variant, _stream_of(q.device),
+                          int(deterministic))
     if dq.shape[-1] != d:
         dq, dk, dv = (t[..., :d].contiguous() for t in (dq, dk, dv))
     return dq, dk, dv
@@ -134,14 +141,16 @@ def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seq
 def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
                         softcap: float, window_left: int, window_right: int,
                         alibi_slopes: torch.Tensor | None, dropout_p: float,
-                        rng_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                        rng_state: torch.Tensor | None, deterministic: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    # deterministic only matters to the backward (it travels through the autograd context)
     return _forward(q, k, v, None, None, 0, 0, softmax_scale, softcap, window_left, window_right,
                     alibi_slopes, dropout_p, rng_state)
 
 
 @_flash_attention_op.register_fake
 def _(q, k, v, softmax_scale, softcap, window_left, window_right, alibi_slopes, dropout_p,
-      rng_state):
+      rng_state, deterministic=False):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, False), dtype=torch.float32)
 
 
@@ -151,7 +160,7 @@ def _flash_attention_varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                                softcap: float, window_left: int, window_right: int,
                                alibi_slopes: torch.Tensor | None, dropout_p: float,
-                               rng_state: torch.Tensor | None
+                               rng_state: torch.Tensor | None, deterministic: bool = False
                                ) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                     softmax_scale, softcap, window_left, window_right, alibi_slopes, dropout_p,
@@ -160,7 +169,7 @@ def _flash_attention_varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 @_flash_attention_varlen_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, softcap,
-      window_left, window_right, alibi_slopes, dropout_p, rng_state):
+      window_left, window_right, alibi_slopes, dropout_p, rng_state, deterministic=False):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, True), dtype=torch.float32)
 
 
@@ -172,53 +181,57 @@ def _flash_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.T
                                  max_seqlen_k: int, softmax_scale: float, softcap: float,
                                  window_left: int, window_right: int,
                                  alibi_slopes: torch.Tensor | None, dropout_p: float,
-                                 rng_state: torch.Tensor | None
+                                 rng_state: torch.Tensor | None, deterministic: bool = False
                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                      max_seqlen_k, softmax_scale, softcap, window_left, window_right,
-                     alibi_slopes, dropout_p, rng_state)
+                     alibi_slopes, dropout_p, rng_state, deterministic=deterministic)
 
 
 @_flash_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      softmax_scale, softcap, window_left, window_right, alibi_slopes, dropout_p, rng_state):
+      softmax_scale, softcap, window_left, window_right, alibi_slopes, dropout_p, rng_state,
+      deterministic=False):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _save(ctx, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state, options):
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state)
-    ctx.options = options  # (max_seqlen_q, max_seqlen_k, scale, softcap, left, right, dropout_p)
+    # (max_seqlen_q, max_seqlen_k, scale, softcap, left, right, dropout_p, deterministic)
+    ctx.options = options
 
 
 def _grads(ctx, grad_out, grad_lse):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state = ctx.saved_tensors
-    max_q, max_k, scale, softcap, left, right, dropout_p = ctx.options
+    max_q, max_k, scale, softcap, left, right, dropout_p, deterministic = ctx.options
     return _flash_attention_backward_op(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q,
                                         cu_seqlens_k, max_q, max_k, scale, softcap, left, right,
-                                        alibi_slopes, dropout_p, rng_state)
+                                        alibi_slopes, dropout_p, rng_state, deterministic)
 
 
 def _setup_dense(ctx, inputs, output):
-    q, k, v, scale, softcap, left, right, alibi_slopes, dropout_p, rng_state = inputs
+    (q, k, v, scale, softcap, left, right, alibi_slopes, dropout_p, rng_state,
+     deterministic) = inputs
     _save(ctx, q, k, v, *output, None, None, alibi_slopes, rng_state,
-          (0, 0, scale, softcap, left, right, dropout_p))
+          (0, 0, scale, softcap, left, right, dropout_p, deterministic))
 
 
 def _backward_dense(ctx, grad_out, grad_lse):
     dq, dk, dv = _grads(ctx, grad_out, grad_lse)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    # one gradient per input the op was called with (the dispatcher may drop defaulted ones)
+    return (dq, dk, dv) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
 def _setup_varlen(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, max_q, max_k, scale, softcap, left, right, alibi_slopes, dropout_p,
-     rng_state) = inputs
+     rng_state, deterministic) = inputs
     _save(ctx, q, k, v, *output, cu_q, cu_k, alibi_slopes, rng_state,
-          (max_q, max_k, scale, softcap, left, right, dropout_p))
+          (max_q, max_k, scale, softcap, left, right, dropout_p, deterministic))
 
 
 def _backward_varlen(ctx, grad_out, grad_lse):
     dq, dk, dv = _grads(ctx, grad_out, grad_lse)
-    return (dq, dk, dv) + (None,) * 11
+    return (dq, dk, dv) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
 _flash_attention_op.register_autograd(_backward_dense, setup_context=_setup_dense)
@@ -259,7 +272,8 @@ def _check_qkv(q, k, v, ndim: int, layout: str) -> None:
 
 def _check_options(q, batch: int, causal, softmax_scale, window, softcap, alibi_slopes,
                    dropout_p, generator, seed, deterministic, return_lse):
-    """Returns (scale, softcap, window_left, window_right, alibi, dropout_p, rng_state)."""
+    """Returns (scale, softcap, window_left, window_right, alibi, dropout_p, rng_state,
+    deterministic)."""
     for name, flag in (("causal", causal), ("deterministic", deterministic),
                        ("return_lse", return_lse)):
         if not isinstance(flag, bool):
@@ -305,7 +319,7 @@ def _check_options(q, batch: int, causal, softmax_scale, window, softcap, alibi_
     if dropout_p > 0:
         rng_state = _rng_state(seed, generator)
     return (float(softmax_scale), float(softcap), left, right, alibi_slopes, float(dropout_p),
-            rng_state)
+            rng_state, deterministic)
 
 
 def _rng_state(seed, generator) -> torch.Tensor:
@@ -376,9 +390,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     (bottom-right aligned). window (left, right): j in [i + Sk - Sq - left, i + Sk - Sq + right],
     -1 unbounded; combined with causal, right becomes 0. softcap c > 0: s = c·tanh(s/c).
     alibi_slopes (Hq,) or (B, Hq) float32: s -= slope·|i + Sk - Sq - j|. dropout_p: see the
-    module docstring for seed/generator. deterministic: accepted for API compatibility; the CPU
-    and CUDA backwards are always deterministic (every gradient element has one writer and a
-    fixed summation order). A query row that sees no key gives 0 (lse = -inf).
+    module docstring for seed/generator. deterministic: on CUDA, False (the default) runs the
+    fast backward, which sums dq with float32 atomics in an extra (B·Sq·Hq·D float32) workspace,
+    so dq may differ in the last bits from run to run; True runs a slower backward whose every
+    gradient element has one writer and a fixed summation order (bitwise repeatable). The CPU
+    backward is always deterministic. A query row that sees no key gives 0 (lse = -inf).
 
     CUDA tensors: float16 and bfloat16 (float32 raises NotImplementedError); head dims that are
     not a multiple of 8 are zero-padded (a copy). The kernels run on the current stream,
