@@ -16,7 +16,9 @@
  * FA2 (V_j loads during QK^T, K_{j-1} during softmax and PV), online softmax in registers with
  * exp2, P reused as the A operand straight from the accumulators. Key blocks are visited from
  * the last one the band reaches down to the first; only blocks that cut the band or the
- * sequence ends are masked.
+ * sequence ends are masked, and the blocks that need no mask run in a loop of their own, compiled
+ * without the mask code (kFwdSplitMask). Query blocks go in reverse order (kFwdReverse) so the
+ * longest causal rows start first.
  *
  * Backward, recomputing P from lse, in three deterministic launches (no atomics):
  *  - attn_bwd_delta_kernel: delta = rowsum(dO * O) - dlse.
@@ -320,33 +322,12 @@ enum FwdOpt : int {
     kFwdReverse = 1,     /* query blocks in reverse order: the longest causal rows start first */
     kFwdSplitMask = 2,   /* separate loops for masked and mask-free key blocks */
     kFwdLazyRescale = 4, /* skip the acc rescale when no row max of the warp changed */
-    kFwdQRegs = 8,       /* Q fragments loaded once into registers */
 };
 /* How a key block is treated: needs a mask, needs none, or decided at run time. */
 template <int kKind> struct FwdBlock { static constexpr int kind = kKind; };
 using FwdMasked = FwdBlock<1>;
 using FwdFull = FwdBlock<0>;
 using FwdRuntime = FwdBlock<2>;
-
-/* C[kSlabs][16 x 8*kNTiles] += A x B^T with A already in registers (per slab and k16 step). */
-template <int kD, int kSlabs, int kNTiles, typename T>
-__device__ __forceinline__ void gemm_rbt(float (&c)[kSlabs][kNTiles][4],
-                                         const uint32_t (&a)[kSlabs][kD / 16][4],
-                                         uint32_t b_tile, int lane) {
-#pragma unroll
-    for (int ks = 0; ks < kD / 16; ++ks) {
-#pragma unroll
-        for (int np = 0; np < kNTiles / 2; ++np) {
-            uint32_t b[4];
-            ldsm_x4(b, b_frag_addr<kD>(b_tile, np * 16, ks * 16, lane));
-#pragma unroll
-            for (int sl = 0; sl < kSlabs; ++sl) {
-                Elem<T>::mma(c[sl][2 * np], a[sl][ks], b[0], b[1]);
-                Elem<T>::mma(c[sl][2 * np + 1], a[sl][ks], b[2], b[3]);
-            }
-        }
-    }
-}
 
 template <int kD, int kBM, int kBN, int kWarps, typename T, bool kExtras, int kMinBlocks,
           int kOpt>
@@ -355,7 +336,6 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     using Cfg = FwdConfig<kD, kBM, kBN, kWarps>;
     constexpr int kThreads = Cfg::kThreads, kSlabs = Cfg::kSlabs, kPitch = Cfg::kPitch;
     constexpr int kNT = kBN / 8, kDT = kD / 8;
-    constexpr bool kQRegs = (kOpt & kFwdQRegs) != 0;
     extern __shared__ __align__(16) unsigned char smem[];
     T *sQ = reinterpret_cast<T *>(smem);
     const uint32_t q_tile = smem_addr(sQ);
@@ -408,18 +388,6 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
         row_sum[s][0] = row_sum[s][1] = 0.0f;
     }
 
-    /* Q fragments (kFwdQRegs): read once from shared memory, kept for every key block. */
-    uint32_t qf[kQRegs ? kSlabs : 1][kQRegs ? kD / 16 : 1][4];
-    if constexpr (kQRegs) {
-        cp_async_wait<0>();
-        __syncthreads();
-#pragma unroll
-        for (int sl = 0; sl < kSlabs; ++sl)
-#pragma unroll
-            for (int ks = 0; ks < kD / 16; ++ks)
-                ldsm_x4(qf[sl][ks], a_frag_addr<kD>(q_tile, warp_row0 + sl * 16, ks * 16, lane));
-    }
-
     /* One key block n: S = Q K_n^T, mask (per Kind), online softmax, acc += P V_n. K_n is in
      * k_tile on entry; V_n and K_{n-1} are loaded here. */
     auto step = [&](const int n, auto kind) {
@@ -438,10 +406,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
             for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) s[sl][nt][e] = 0.0f;
-        if constexpr (kQRegs)
-            gemm_rbt<kD, kSlabs, kNT, T>(s, qf, k_tile, lane);
-        else
-            gemm_abt<kD, kSlabs, kNT, T>(s, q_tile, warp_row0, k_tile, 0, lane);
+        gemm_abt<kD, kSlabs, kNT, T>(s, q_tile, warp_row0, k_tile, 0, lane);
 
         const bool masked = kKind == 2 ? !seq.full(i0, kBM, j0, kBN) : kKind == 1;
 #pragma unroll
@@ -606,35 +571,35 @@ cudaError_t launch_attn_fwd(const attention_fwd_params &p, cudaStream_t stream) 
 template <typename T> struct IsBf16 { static constexpr bool value = false; };
 template <> struct IsBf16<__nv_bfloat16> { static constexpr bool value = true; };
 
-/* Tuning switch for benchmarks: LUTFLASH_FWD_EXP=<n> picks one of the experimental kernels
- * below for plain scores in bf16 at kD = 64/128 with variant 0 (0 or unset: the default).
- * Read per call (getenv, no device work), like LUTFLASH_DECODE. */
+/* Tuning switch for benchmarks: LUTFLASH_FWD_EXP=<n> (bf16, plain scores, variant 0) picks
+ * 1 = the kernel before the code options (kOpt 0, the old default tile shape; every head dim),
+ * 3 = the default plus kFwdLazyRescale (kD = 64/128), 5 = 128 x 128 x 8 warps with the default
+ * options (kD = 64); anything else the default. Read per call (getenv, no device work), like
+ * LUTFLASH_DECODE. */
 inline int fwd_experiment() {
     const char *e = getenv("LUTFLASH_FWD_EXP");
     return e ? atoi(e) : 0;
 }
 
-/* The forward of one padded head dim and dtype. Plain scores at kD = 64: 128 x 128 tiles over
- * 8 warps of 16 query rows, two CTAs per SM (128 registers a thread, no spills). At kD = 128
- * FA2's 128 x 64 x 4 warps (32 rows a warp). Softcap/ALiBi/dropout add live state: 8 warps at
- * one CTA per SM at kD = 128, 128 x 64 x 4 warps at kD <= 64, all spill-free. `variant`
- * (attention_fwd_params.variant, the op's variant argument; nonzero also skips the decode
- * path) picks the alternatives for plain scores at kD = 64 and 128: 1 = 128 x 64 x 4 warps,
- * 2 = the 8-warp shape, 3 = the third shape in the switch. */
+/* The forward of one padded head dim and dtype, all with kFwdOptDefault (measured on the H100
+ * in benchmarks/NOTES_attention_cuda.md: the mask-free loop for full key blocks is worth 10-15%
+ * at kD = 128). Plain scores at kD = 64: FA2's 128 x 128 x 4 warps (32 rows a warp, ptxas
+ * spills a few row-sum/pointer slots, 2 CTAs per SM); at kD = 128 FA2's 128 x 64 x 4 warps.
+ * Softcap/ALiBi/dropout add live state: 8 warps at one CTA per SM at kD = 128, 128 x 64 x 4
+ * warps at kD <= 64. `variant` (attention_fwd_params.variant, the op's variant argument;
+ * nonzero also skips the decode path) picks the alternatives for plain scores at kD = 64 and
+ * 128: 1 = 128 x 64 x 4 warps, 2 = 8 warps (128 x 128 at kD = 64, 128 x 64 at kD = 128, two
+ * CTAs per SM), 3 = the third shape in the switch. */
 template <int kD, typename T> cudaError_t run_attn_fwd_tiles(const attention_fwd_params &p,
                                                              cudaStream_t stream) {
     const bool extras = p.softcap > 0.0f || p.alibi_slopes != nullptr || p.dropout_p > 0.0f;
     const int variant = p.variant;
+    const int exp = IsBf16<T>::value && !extras && variant == 0 ? fwd_experiment() : 0;
     if constexpr (kD == 128) {
         if (extras) return launch_attn_fwd<kD, 128, 64, 8, T, true, 1>(p, stream);
         if constexpr (IsBf16<T>::value) {
-            if (variant == 0) switch (fwd_experiment()) {
-                case 1: return launch_attn_fwd<kD, 128, 64, 4, T, false, 1, 0>(p, stream);
-                case 3: return launch_attn_fwd<kD, 128, 64, 4, T, false, 1, 7>(p, stream);
-                case 4: return launch_attn_fwd<kD, 128, 64, 4, T, false, 1, 2>(p, stream);
-                case 5: return launch_attn_fwd<kD, 128, 64, 4, T, false, 1, 1>(p, stream);
-                default: break;
-                }
+            if (exp == 1) return launch_attn_fwd<kD, 128, 64, 4, T, false, 1, 0>(p, stream);
+            if (exp == 3) return launch_attn_fwd<kD, 128, 64, 4, T, false, 1, 7>(p, stream);
         }
         switch (variant) {
         case 2: return launch_attn_fwd<kD, 128, 64, 8, T, false, 2>(p, stream);
@@ -644,27 +609,27 @@ template <int kD, typename T> cudaError_t run_attn_fwd_tiles(const attention_fwd
     } else if constexpr (kD == 64) {
         if (extras) return launch_attn_fwd<kD, 128, 64, 4, T, true, 1>(p, stream);
         if constexpr (IsBf16<T>::value) {
-            if (variant == 0) switch (fwd_experiment()) {
-                case 1: return launch_attn_fwd<kD, 128, 128, 8, T, false, 2, 0>(p, stream);
-                case 3: return launch_attn_fwd<kD, 128, 128, 8, T, false, 2, 7>(p, stream);
-                case 4: return launch_attn_fwd<kD, 128, 128, 8, T, false, 2, 11>(p, stream);
-                case 5: return launch_attn_fwd<kD, 128, 128, 4, T, false, 1>(p, stream);
-                case 6: return launch_attn_fwd<kD, 128, 64, 4, T, false, 1>(p, stream);
-                default: break;
-                }
+            if (exp == 1) return launch_attn_fwd<kD, 128, 128, 8, T, false, 2, 0>(p, stream);
+            if (exp == 3) return launch_attn_fwd<kD, 128, 128, 4, T, false, 1, 7>(p, stream);
+            if (exp == 5) return launch_attn_fwd<kD, 128, 128, 8, T, false, 2>(p, stream);
         }
         switch (variant) {
         case 1: return launch_attn_fwd<kD, 128, 64, 4, T, false, 1>(p, stream);
+        case 2: return launch_attn_fwd<kD, 128, 128, 8, T, false, 2>(p, stream);
         case 3: return launch_attn_fwd<kD, 128, 64, 8, T, false, 2>(p, stream);
-        default: return launch_attn_fwd<kD, 128, 128, 8, T, false, 2>(p, stream);
+        default: return launch_attn_fwd<kD, 128, 128, 4, T, false, 1>(p, stream);
         }
     } else if constexpr (kD == 32) {
-        return extras ? launch_attn_fwd<kD, 128, 64, 4, T, true, 1>(p, stream)
-                      : launch_attn_fwd<kD, 128, 128, 4, T, false, 1>(p, stream);
+        if (extras) return launch_attn_fwd<kD, 128, 64, 4, T, true, 1>(p, stream);
+        if constexpr (IsBf16<T>::value)
+            if (exp == 1) return launch_attn_fwd<kD, 128, 128, 4, T, false, 1, 0>(p, stream);
+        return launch_attn_fwd<kD, 128, 128, 4, T, false, 1>(p, stream);
     } else {
         constexpr int kWarps = kD <= 128 ? 4 : 8;
-        return extras ? launch_attn_fwd<kD, 128, 64, kWarps, T, true, 1>(p, stream)
-                      : launch_attn_fwd<kD, 128, 64, kWarps, T, false, 1>(p, stream);
+        if (extras) return launch_attn_fwd<kD, 128, 64, kWarps, T, true, 1>(p, stream);
+        if constexpr (IsBf16<T>::value)
+            if (exp == 1) return launch_attn_fwd<kD, 128, 64, kWarps, T, false, 1, 0>(p, stream);
+        return launch_attn_fwd<kD, 128, 64, kWarps, T, false, 1>(p, stream);
     }
 }
 

@@ -386,8 +386,8 @@ def test_decode_forced_split_counts(poison_all, monkeypatch, mode):
         assert torch.allclose(lse.cpu().double(), ref_lse, atol=2e-3, rtol=1e-3), splits
 
 
-@pytest.mark.parametrize("exp", [1, 2, 3, 4, 5, 6])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("exp", [1, 3, 5])
+@pytest.mark.parametrize("d", [32, 64, 96, 128, 256])
 def test_forward_experiments(exp, d, monkeypatch):
     """The experimental forward kernels behind LUTFLASH_FWD_EXP (bf16 only): masked rows at
     both ends (causal, windows), ragged blocks, GQA."""
