@@ -572,7 +572,7 @@ template <typename T> struct IsBf16 { static constexpr bool value = false; };
 template <> struct IsBf16<__nv_bfloat16> { static constexpr bool value = true; };
 
 /* Tuning switch for benchmarks: LUTFLASH_FWD_EXP=<n> (bf16, plain scores, variant 0) picks
- * 1 = the kernel before the code options (kOpt 0, the old default tile shape; every head dim),
+ * 1 = the kernel without the code options (kOpt 0, the old default tile shape; kD != 32),
  * 3 = the default plus kFwdLazyRescale (kD = 64/128), 5 = 128 x 128 x 8 warps with the default
  * options (kD = 64); anything else the default. Read per call (getenv, no device work), like
  * LUTFLASH_DECODE. */
@@ -581,9 +581,10 @@ inline int fwd_experiment() {
     return e ? atoi(e) : 0;
 }
 
-/* The forward of one padded head dim and dtype, all with kFwdOptDefault (measured on the H100
- * in benchmarks/NOTES_attention_cuda.md: the mask-free loop for full key blocks is worth 10-15%
- * at kD = 128). Plain scores at kD = 64: FA2's 128 x 128 x 4 warps (32 rows a warp, ptxas
+/* The forward of one padded head dim and dtype, with kFwdOptDefault except plain scores at
+ * kD = 32 (measured on the H100 in benchmarks/NOTES_attention_cuda.md: the mask-free loop for
+ * full key blocks is worth 10-17% at kD = 64/128, 0-3% at kD = 96, nothing at kD = 256, and
+ * costs 3-5% at kD = 32). Plain scores at kD = 64: FA2's 128 x 128 x 4 warps (32 rows a warp, ptxas
  * spills a few row-sum/pointer slots, 2 CTAs per SM); at kD = 128 FA2's 128 x 64 x 4 warps.
  * Softcap/ALiBi/dropout add live state: 8 warps at one CTA per SM at kD = 128, 128 x 64 x 4
  * warps at kD <= 64. `variant` (attention_fwd_params.variant, the op's variant argument;
@@ -620,10 +621,9 @@ template <int kD, typename T> cudaError_t run_attn_fwd_tiles(const attention_fwd
         default: return launch_attn_fwd<kD, 128, 128, 4, T, false, 1>(p, stream);
         }
     } else if constexpr (kD == 32) {
-        if (extras) return launch_attn_fwd<kD, 128, 64, 4, T, true, 1>(p, stream);
-        if constexpr (IsBf16<T>::value)
-            if (exp == 1) return launch_attn_fwd<kD, 128, 128, 4, T, false, 1, 0>(p, stream);
-        return launch_attn_fwd<kD, 128, 128, 4, T, false, 1>(p, stream);
+        /* plain scores keep kOpt 0: the default options measured 3-5% slower here */
+        return extras ? launch_attn_fwd<kD, 128, 64, 4, T, true, 1>(p, stream)
+                      : launch_attn_fwd<kD, 128, 128, 4, T, false, 1, 0>(p, stream);
     } else {
         constexpr int kWarps = kD <= 128 ? 4 : 8;
         if (extras) return launch_attn_fwd<kD, 128, 64, kWarps, T, true, 1>(p, stream);
