@@ -16,7 +16,9 @@
  * FA2 (V_j loads during QK^T, K_{j-1} during softmax and PV), online softmax in registers with
  * exp2, P reused as the A operand straight from the accumulators. Key blocks are visited from
  * the last one the band reaches down to the first; only blocks that cut the band or the
- * sequence ends are masked.
+ * sequence ends are masked, and the blocks that need no mask run in a loop of their own, compiled
+ * without the mask code (kFwdSplitMask). Query blocks go in reverse order (kFwdReverse) so the
+ * longest causal rows start first.
  *
  * Backward (default, deterministic = 0): attn_bwd_fused_kernel, FA2's single pass per key
  * block (S, dP once; dK, dV in registers; dQ partials added to a float32 workspace with
@@ -320,7 +322,20 @@ template <int kD, int kBM, int kBN, int kWarps> struct FwdConfig {
     static_assert(kBM % (16 * kWarps) == 0 && kBN % 16 == 0 && kD % 16 == 0, "tile shape");
 };
 
-template <int kD, int kBM, int kBN, int kWarps, typename T, bool kExtras, int kMinBlocks>
+/* Code-generation options of attn_fwd_kernel (kOpt bits). */
+enum FwdOpt : int {
+    kFwdReverse = 1,     /* query blocks in reverse order: the longest causal rows start first */
+    kFwdSplitMask = 2,   /* separate loops for masked and mask-free key blocks */
+    kFwdLazyRescale = 4, /* skip the acc rescale when no row max of the warp changed */
+};
+/* How a key block is treated: needs a mask, needs none, or decided at run time. */
+template <int kKind> struct FwdBlock { static constexpr int kind = kKind; };
+using FwdMasked = FwdBlock<1>;
+using FwdFull = FwdBlock<0>;
+using FwdRuntime = FwdBlock<2>;
+
+template <int kD, int kBM, int kBN, int kWarps, typename T, bool kExtras, int kMinBlocks,
+          int kOpt>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     attn_fwd_kernel(const attention_fwd_params p) {
     using Cfg = FwdConfig<kD, kBM, kBN, kWarps>;
@@ -333,7 +348,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
 
     const int b = blockIdx.y, h = blockIdx.z;
     const Sequence seq(p, b);
-    const int i0 = blockIdx.x * kBM;
+    const int qblock = (kOpt & kFwdReverse) ? (int)(gridDim.x - 1 - blockIdx.x) : (int)blockIdx.x;
+    const int i0 = qblock * kBM;
     if (i0 >= seq.sq) return;
     const int rows = min(kBM, seq.sq - i0);
     const int d = (int)p.head_dim;
@@ -377,7 +393,10 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
         row_sum[s][0] = row_sum[s][1] = 0.0f;
     }
 
-    for (int n = n_hi; n >= n_lo; --n) {
+    /* One key block n: S = Q K_n^T, mask (per Kind), online softmax, acc += P V_n. K_n is in
+     * k_tile on entry; V_n and K_{n-1} are loaded here. */
+    auto step = [&](const int n, auto kind) {
+        constexpr int kKind = decltype(kind)::kind;
         const int j0 = n * kBN;
         const int keys = min(kBN, seq.sk - j0);
         cp_async_wait<0>();
@@ -394,7 +413,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
                 for (int e = 0; e < 4; ++e) s[sl][nt][e] = 0.0f;
         gemm_abt<kD, kSlabs, kNT, T>(s, q_tile, warp_row0, k_tile, 0, lane);
 
-        const bool masked = !seq.full(i0, kBM, j0, kBN);
+        const bool masked = kKind == 2 ? !seq.full(i0, kBM, j0, kBN) : kKind == 1;
 #pragma unroll
         for (int sl = 0; sl < kSlabs; ++sl) {
 #pragma unroll
@@ -412,7 +431,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
                                                 p.softcap, slope, i + seq.sk - seq.sq - j, &chain);
                         }
                 }
-                if (masked) {
+                if (kKind != 0 && masked) {
                     /* visible columns of this row, relative to j0 */
                     const int lo = (i < seq.sq ? seq.first(i) : 1) - j0 - 2 * t;
                     const int hi = (i < seq.sq ? seq.last(i) : 0) - j0 - 2 * t;
@@ -436,6 +455,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
         cp_async_commit();
 
         /* Online softmax: row state in log2 units of the raw score (times scale_log2). */
+        float alpha[kSlabs][2];
+        bool same = true; /* no row max of this thread changed */
 #pragma unroll
         for (int sl = 0; sl < kSlabs; ++sl) {
 #pragma unroll
@@ -445,8 +466,9 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
                 for (int nt = 0; nt < kNT; ++nt)
                     mx = fmaxf(mx, fmaxf(s[sl][nt][2 * hr], s[sl][nt][2 * hr + 1]));
                 mx = quad_max(mx);
+                same = same && mx == row_max[sl][hr];
                 const float shift = mx == -INFINITY ? 0.0f : mx * scale_log2;
-                const float alpha = exp2f(row_max[sl][hr] * scale_log2 - shift);
+                alpha[sl][hr] = exp2f(row_max[sl][hr] * scale_log2 - shift);
                 row_max[sl][hr] = mx;
                 float sum = 0.0f;
                 const int i = i0 + warp_row0 + sl * 16 + g + hr * 8;
@@ -468,15 +490,41 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
                         if (!(keep & 2u)) s[sl][nt][2 * hr + 1] = 0.0f;
                     }
                 }
-                row_sum[sl][hr] = row_sum[sl][hr] * alpha + sum;
-#pragma unroll
-                for (int dt = 0; dt < kDT; ++dt) {
-                    acc[sl][dt][2 * hr] *= alpha;
-                    acc[sl][dt][2 * hr + 1] *= alpha;
-                }
+                row_sum[sl][hr] = row_sum[sl][hr] * alpha[sl][hr] + sum;
             }
         }
+        /* acc *= alpha; with kFwdLazyRescale skipped when alpha is 1 for the whole warp (a
+         * warp-uniform branch: the maxima are quad-reduced, equal max means alpha == 1). */
+        if (!(kOpt & kFwdLazyRescale) || !__all_sync(0xffffffffu, same)) {
+#pragma unroll
+            for (int sl = 0; sl < kSlabs; ++sl)
+#pragma unroll
+                for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+                    for (int dt = 0; dt < kDT; ++dt) {
+                        acc[sl][dt][2 * hr] *= alpha[sl][hr];
+                        acc[sl][dt][2 * hr + 1] *= alpha[sl][hr];
+                    }
+        }
         gemm_pb<kD, kSlabs, kNT, kDT, T>(acc, s, v_tile, 0, lane);
+    };
+
+    if constexpr ((kOpt & kFwdSplitMask) != 0) {
+        /* Key blocks [fl, fh] need no mask (Sequence::full holds for each): every condition of
+         * full() is monotone in the block index, so the masked blocks sit at both ends. The
+         * visit order stays n_hi down to n_lo, only the loop changes. */
+        int fl = n_lo, fh = n_lo - 1; /* empty */
+        if (i0 + kBM <= seq.sq) {
+            const int f_lo = (seq.first(i0 + kBM - 1) + kBN - 1) / kBN;
+            const int f_hi = (min(seq.last(i0), seq.sk - 1) + 1) / kBN - 1;
+            if (max(f_lo, n_lo) <= min(f_hi, n_hi)) fl = max(f_lo, n_lo), fh = min(f_hi, n_hi);
+        }
+        int n = n_hi;
+        for (; n > fh && n >= n_lo; --n) step(n, FwdMasked());
+        for (; n >= fl; --n) step(n, FwdFull());
+        for (; n >= n_lo; --n) step(n, FwdMasked());
+    } else {
+        for (int n = n_hi; n >= n_lo; --n) step(n, FwdRuntime());
     }
 
     /* Epilogue: normalize, stage through the Q tile (each warp owns its rows), store. */
@@ -507,10 +555,14 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     store_tile<kBM, kD, kPitch, kThreads>(out, p.out_row_stride, sQ, rows, d);
 }
 
-template <int kD, int kBM, int kBN, int kWarps, typename T, bool kExtras, int kMinBlocks = 1>
+/* The default code options: reversed block order and mask-free loops for full key blocks. */
+constexpr int kFwdOptDefault = kFwdReverse | kFwdSplitMask;
+
+template <int kD, int kBM, int kBN, int kWarps, typename T, bool kExtras, int kMinBlocks = 1,
+          int kOpt = kFwdOptDefault>
 cudaError_t launch_attn_fwd(const attention_fwd_params &p, cudaStream_t stream) {
     using Cfg = FwdConfig<kD, kBM, kBN, kWarps>;
-    auto kernel = attn_fwd_kernel<kD, kBM, kBN, kWarps, T, kExtras, kMinBlocks>;
+    auto kernel = attn_fwd_kernel<kD, kBM, kBN, kWarps, T, kExtras, kMinBlocks, kOpt>;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            Cfg::kSmemBytes);
     if (err != cudaSuccess) return err;
@@ -521,22 +573,40 @@ cudaError_t launch_attn_fwd(const attention_fwd_params &p, cudaStream_t stream) 
     return cudaGetLastError();
 }
 
-/* The forward of one padded head dim and dtype. Plain scores at kD = 64: 128 x 128 tiles over
- * 8 warps of 16 query rows, two CTAs per SM (128 registers a thread, no spills). At kD = 128
- * FA2's 128 x 64 x 4 warps (32 rows a warp) stays the default although ptxas spills 88 bytes
- * on sm_90: the spill-free shapes (128 x 64 x 8 warps at two CTAs per SM, 128 x 32 x 4 warps)
- * measured 8-12% slower on the H100 (benchmarks/NOTES_attention_cuda.md). Softcap/ALiBi/
- * dropout add live state: 8 warps at one CTA per SM at kD = 128, 128 x 64 x 4 warps at
- * kD <= 64, all spill-free. `variant` (attention_fwd_params.variant, the op's variant
- * argument; nonzero also skips the decode path)
- * picks the alternatives for plain scores at kD = 64 and 128: 1 = 128 x 64 x 4 warps,
- * 2 = the spill-free 8-warp shape, 3 = the third shape in the switch. */
+template <typename T> struct IsBf16 { static constexpr bool value = false; };
+template <> struct IsBf16<__nv_bfloat16> { static constexpr bool value = true; };
+
+/* Tuning switch for benchmarks: LUTFLASH_FWD_EXP=<n> (bf16, plain scores, variant 0) picks
+ * 1 = the kernel without the code options (kOpt 0, the old default tile shape; kD != 32),
+ * 3 = the default plus kFwdLazyRescale (kD = 64/128), 5 = 128 x 128 x 8 warps with the default
+ * options (kD = 64); anything else the default. Read per call (getenv, no device work), like
+ * LUTFLASH_DECODE. */
+inline int fwd_experiment() {
+    const char *e = getenv("LUTFLASH_FWD_EXP");
+    return e ? atoi(e) : 0;
+}
+
+/* The forward of one padded head dim and dtype, with kFwdOptDefault except plain scores at
+ * kD = 32 (measured on the H100 in benchmarks/NOTES_attention_cuda.md: the mask-free loop for
+ * full key blocks is worth 10-17% at kD = 64/128, 0-3% at kD = 96, nothing at kD = 256, and
+ * costs 3-5% at kD = 32). Plain scores at kD = 64: FA2's 128 x 128 x 4 warps (32 rows a warp, ptxas
+ * spills a few row-sum/pointer slots, 2 CTAs per SM); at kD = 128 FA2's 128 x 64 x 4 warps.
+ * Softcap/ALiBi/dropout add live state: 8 warps at one CTA per SM at kD = 128, 128 x 64 x 4
+ * warps at kD <= 64. `variant` (attention_fwd_params.variant, the op's variant argument;
+ * nonzero also skips the decode path) picks the alternatives for plain scores at kD = 64 and
+ * 128: 1 = 128 x 64 x 4 warps, 2 = 8 warps (128 x 128 at kD = 64, 128 x 64 at kD = 128, two
+ * CTAs per SM), 3 = the third shape in the switch. */
 template <int kD, typename T> cudaError_t run_attn_fwd_tiles(const attention_fwd_params &p,
                                                              cudaStream_t stream) {
     const bool extras = p.softcap > 0.0f || p.alibi_slopes != nullptr || p.dropout_p > 0.0f;
     const int variant = p.variant;
+    const int exp = IsBf16<T>::value && !extras && variant == 0 ? fwd_experiment() : 0;
     if constexpr (kD == 128) {
         if (extras) return launch_attn_fwd<kD, 128, 64, 8, T, true, 1>(p, stream);
+        if constexpr (IsBf16<T>::value) {
+            if (exp == 1) return launch_attn_fwd<kD, 128, 64, 4, T, false, 1, 0>(p, stream);
+            if (exp == 3) return launch_attn_fwd<kD, 128, 64, 4, T, false, 1, 7>(p, stream);
+        }
         switch (variant) {
         case 2: return launch_attn_fwd<kD, 128, 64, 8, T, false, 2>(p, stream);
         case 3: return launch_attn_fwd<kD, 128, 32, 4, T, false, 1>(p, stream);
@@ -544,18 +614,27 @@ template <int kD, typename T> cudaError_t run_attn_fwd_tiles(const attention_fwd
         }
     } else if constexpr (kD == 64) {
         if (extras) return launch_attn_fwd<kD, 128, 64, 4, T, true, 1>(p, stream);
+        if constexpr (IsBf16<T>::value) {
+            if (exp == 1) return launch_attn_fwd<kD, 128, 128, 8, T, false, 2, 0>(p, stream);
+            if (exp == 3) return launch_attn_fwd<kD, 128, 128, 4, T, false, 1, 7>(p, stream);
+            if (exp == 5) return launch_attn_fwd<kD, 128, 128, 8, T, false, 2>(p, stream);
+        }
         switch (variant) {
         case 1: return launch_attn_fwd<kD, 128, 64, 4, T, false, 1>(p, stream);
+        case 2: return launch_attn_fwd<kD, 128, 128, 8, T, false, 2>(p, stream);
         case 3: return launch_attn_fwd<kD, 128, 64, 8, T, false, 2>(p, stream);
-        default: return launch_attn_fwd<kD, 128, 128, 8, T, false, 2>(p, stream);
+        default: return launch_attn_fwd<kD, 128, 128, 4, T, false, 1>(p, stream);
         }
     } else if constexpr (kD == 32) {
+        /* plain scores keep kOpt 0: the default options measured 3-5% slower here */
         return extras ? launch_attn_fwd<kD, 128, 64, 4, T, true, 1>(p, stream)
-                      : launch_attn_fwd<kD, 128, 128, 4, T, false, 1>(p, stream);
+                      : launch_attn_fwd<kD, 128, 128, 4, T, false, 1, 0>(p, stream);
     } else {
         constexpr int kWarps = kD <= 128 ? 4 : 8;
-        return extras ? launch_attn_fwd<kD, 128, 64, kWarps, T, true, 1>(p, stream)
-                      : launch_attn_fwd<kD, 128, 64, kWarps, T, false, 1>(p, stream);
+        if (extras) return launch_attn_fwd<kD, 128, 64, kWarps, T, true, 1>(p, stream);
+        if constexpr (IsBf16<T>::value)
+            if (exp == 1) return launch_attn_fwd<kD, 128, 64, kWarps, T, false, 1, 0>(p, stream);
+        return launch_attn_fwd<kD, 128, 64, kWarps, T, false, 1>(p, stream);
     }
 }
 

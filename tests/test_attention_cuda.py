@@ -438,6 +438,26 @@ def test_decode_forced_split_counts(poison_all, monkeypatch, mode):
         assert torch.allclose(lse.cpu().double(), ref_lse, atol=2e-3, rtol=1e-3), splits
 
 
+@pytest.mark.parametrize("exp", [1, 3, 5])
+@pytest.mark.parametrize("d", [32, 64, 96, 128, 256])
+def test_forward_experiments(exp, d, monkeypatch):
+    """The experimental forward kernels behind LUTFLASH_FWD_EXP (bf16 only): masked rows at
+    both ends (causal, windows), ragged blocks, GQA."""
+    monkeypatch.setenv("LUTFLASH_FWD_EXP", str(exp))
+    q, k, v = make_case(2, 300, 333, 4, 2, d, torch.bfloat16, seed=exp * 5 + d)
+    for causal, window in ((False, (-1, -1)), (True, (-1, -1)), (False, (70, 20)),
+                           (True, (150, -1))):
+        right = 0 if causal else window[1]
+        out, lse = lutflash.attention._forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), None,
+                                               None, 0, 0, 1.0 / math.sqrt(d), 0.0, window[0],
+                                               right, None, 0.0, None)
+        ref, ref_lse = reference_attention(q.double(), k.double(), v.double(),
+                                           window=(window[0], right))
+        naive, _ = reference_attention(q.float(), k.float(), v.float(), window=(window[0], right))
+        assert_lowp_close(out, naive.to(torch.bfloat16), ref, f"exp={exp} {causal} {window}")
+        assert torch.allclose(lse.cpu().double(), ref_lse, atol=2e-3, rtol=1e-3)
+
+
 @pytest.mark.parametrize("variant", [1, 2, 3])
 @pytest.mark.parametrize("d", [64, 128])
 def test_forward_tile_variants(variant, d):
