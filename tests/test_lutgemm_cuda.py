@@ -287,3 +287,19 @@ def test_mma_groups_and_odd_words(meta_dtype, path):
     for bits, mode in ((2, "general"), (3, "uniform")):
         qweight = weight(264, 1600, bits, 32, mode, meta_dtype, seed=bits)
         check(torch.randn(130, 1600, dtype=torch.bfloat16, device=DEVICE), qweight, None)
+
+
+@pytest.mark.parametrize("path", ["mma"], indirect=True)
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_mma_uniform_weights_exact(bits, dtype, path):
+    # x = rows of the identity: the output is the kernel's dequantized weight tile itself, which
+    # must be the float64 value rounded once to x's dtype (the uniform mode's integer-code
+    # dequantization: every step but the last fma is exact). m = 16, 64, 256: each tile height.
+    k, n = 256, 75
+    qweight = weight(n, k, bits, 32 if bits % 2 else 128, "uniform", dtype, seed=bits)
+    exact = qweight.dequantize(torch.float64).to(dtype).t()  # (k, n)
+    for m in (16, 64, 256):
+        x = torch.eye(k, dtype=dtype, device=DEVICE)[:m]
+        out = poisoned_call(x, qweight)
+        assert torch.equal(out, exact[:m]), (out - exact[:m]).abs().max().item()
