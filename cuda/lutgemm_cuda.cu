@@ -6,8 +6,9 @@
  *
  * Both paths split k over blocks when there are too few tiles to fill the GPU; then partial
  * sums go to an fp32 workspace with atomics and the last block of a tile (a counter per tile)
- * writes the output. The workspace is zeroed with cudaMemsetAsync on the stream, so a call is
- * graph capturable: no allocation, no host synchronization. */
+ * writes the output. The workspace is zeroed on the stream (cudaMemsetAsync; for pipe_kernel
+ * by the launch that permutes x), so a call is graph capturable: no allocation, no host
+ * synchronization. */
 #include <stdlib.h>
 #include <string.h>
 
