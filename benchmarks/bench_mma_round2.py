@@ -2,7 +2,7 @@
 form, so that two builds (before/after) can be timed in one GPU session, each process with its
 own cuBLAS and torch int4 peers:
 
-    python benchmarks/bench_mma_round2.py --tag after [--m 8 16 ...] [--knob LUTFLASH_PIPE_MINB=3]
+    python benchmarks/bench_mma_round2.py --tag after [--m 8 16 ...] [--knob LUTFLASH_PIPE_STAGES=8]
     python benchmarks/bench_mma_round2.py --ncu 12288 12288 16   # one 3-bit uniform call (ncu)
 
 CUDA-event medians with L2 flushed (timing.CudaTimer); weights g = 128, fp16 metadata, fp16 x.
@@ -68,7 +68,7 @@ def main():
                 name, value = knob.split("=")
                 os.environ[name] = value
                 q = qw[(3, "uniform")]
-                row[f"3bu {name[10:]}={value}"] = timer(lambda: lutflash.lutgemm(x, q), args.reps)
+                row[f"3bu {name.removeprefix('LUTFLASH_PIPE_')}={value}"] = timer(lambda: lutflash.lutgemm(x, q), args.reps)
                 errs.append(relative_error(lutflash.lutgemm(x, q), F.linear(x, q.dequantize(torch.float16))))
                 del os.environ[name]
             cells = [f"{args.tag} {k}->{n} m={m}"]
