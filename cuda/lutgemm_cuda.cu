@@ -6,10 +6,10 @@
  *
  * Both paths split k over blocks when there are too few tiles to fill the GPU; then partial
  * sums go to an fp32 workspace with atomics and the last block of a tile (a counter per tile)
- * writes the output. The workspace is zeroed with cudaMemsetAsync on the stream, so a call is
- * graph capturable: no allocation, no host synchronization. The m <= 8 kernel (lut1) can skip
- * that memset: given a clean workspace (zero, kept per stream by lutflash.ops) it leaves it
- * zero again. */
+ * writes the output. The workspace is zeroed on the stream (cudaMemsetAsync; for pipe_kernel
+ * by the launch that permutes x), so a call is graph capturable: no allocation, no host
+ * synchronization. The m <= 8 kernel (lut1) can skip that memset: given a clean workspace
+ * (zero, kept per stream by lutflash.ops) it leaves it zero again. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -19,6 +19,10 @@
  * untouched): the pipelined kernel, or with blocks_per_sm non-null its occupancy. */
 cudaError_t lutgemm_mma_pipe_launch(int x_type, int bm, const MmaArgs &a, dim3 grid,
                                     cudaStream_t stream, int *blocks_per_sm);
+/* lutgemm_permute_x that also zeroes zero_bytes at zero (the split-k workspace): one launch. */
+cudaError_t lutgemm_permute_x_zero(const void *x, int64_t ldx, uint16_t *xp, int64_t m,
+                                   int64_t m_pad, int64_t k, int64_t k_pad, void *zero,
+                                   int64_t zero_bytes, cudaStream_t stream);
 
 namespace {
 
@@ -224,9 +228,12 @@ cudaError_t run_mma_pipe(const lutgemm_params *p, const Plan &plan, MmaArgs a,
     if (splits > 1) {
         a.counters = (unsigned *)p->workspace;
         a.acc = (float *)((char *)p->workspace + plan.counters_bytes);
-        err = cudaMemsetAsync(p->workspace, 0, plan.counters_bytes + plan.acc_bytes, stream);
-        if (err != cudaSuccess) return err;
     }
+    // x permuted and, when k is split, the workspace zeroed, in one launch
+    err = lutgemm_permute_x_zero(p->x, p->ldx, (uint16_t *)a.xp, p->m, plan.m_pad, p->k, plan.k_pad,
+                                 p->workspace, splits > 1 ? plan.counters_bytes + plan.acc_bytes : 0,
+                                 stream);
+    if (err != cudaSuccess) return err;
     for (int64_t y0 = 0; y0 < m_tiles; y0 += 65535) {  // grid.y limit
         const int64_t ys = m_tiles - y0 < 65535 ? m_tiles - y0 : 65535;
         MmaArgs c = a;
@@ -244,14 +251,14 @@ cudaError_t run_mma_pipe(const lutgemm_params *p, const Plan &plan, MmaArgs a,
 cudaError_t run_mma(const lutgemm_params *p, const Plan &plan, cudaStream_t stream) {
     const int64_t n_pad = bcq_padded_rows(p->n), words = bcq_words_per_row(p->k);
     uint16_t *xp = (uint16_t *)((char *)p->workspace + plan.counters_bytes + plan.acc_bytes);
-    cudaError_t err = lutgemm_permute_x(p->x, p->ldx, xp, p->m, plan.m_pad, p->k, plan.k_pad, stream);
-    if (err != cudaSuccess) return err;
     MmaArgs a = {};
     a.xp = xp, a.planes = p->planes, a.meta = p->meta, a.bias = p->bias, a.out = p->out;
     a.ldo = p->ldo, a.m = p->m, a.n = p->n, a.n_pad = n_pad, a.k_pad = plan.k_pad;
     a.words = (int)words, a.bits = p->bits, a.group_size = p->group_size;
     a.nm = bcq_meta_per_group(p->bits, p->mode), a.mode = p->mode, a.meta_type = p->meta_type;
-    if (pipe_applies(p)) return run_mma_pipe(p, plan, a, stream);
+    if (pipe_applies(p)) return run_mma_pipe(p, plan, a, stream);  // permutes x itself
+    cudaError_t err = lutgemm_permute_x(p->x, p->ldx, xp, p->m, plan.m_pad, p->k, plan.k_pad, stream);
+    if (err != cudaSuccess) return err;
     const int bm = plan.m_tile;
     // small tiles (128 threads, little smem) fit ~4 per SM; ≥ 4 stages of k per split
     const int splits = choose_splits(plan.tiles, words, p->m, bm <= 32 ? 4 : 2,

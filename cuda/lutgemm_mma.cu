@@ -5,6 +5,8 @@
  * (±α, ±α). The weight tile is dequantized in registers and never written anywhere.
  * Two kernels: pipe_kernel (bits ≤ 4, the default: 256-row CTA tiles, one barrier per stage,
  * metadata once per group) and the older mma_kernel (bits 5..8, or LUTFLASH_LUTGEMM_MMA=old). */
+#include <stdlib.h>
+
 #include <type_traits>
 
 #include "lutgemm_cuda.cuh"
@@ -17,7 +19,11 @@ namespace {
  * 4t + 2s + r + 16e, so thread t finds its pairs at bits (p, p + 16), p = 4t + 2s + r. */
 __global__ void permute_x_kernel(const uint16_t *__restrict__ x, int64_t ldx,
                                  uint16_t *__restrict__ xp, int64_t m, int64_t m_pad, int64_t k,
-                                 int64_t k_pad) {
+                                 int64_t k_pad, uint4 *__restrict__ zero, int64_t zero_n) {
+    // The split-k workspace (counters, fp32 sums), zeroed here rather than by a memset launch
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < zero_n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        zero[i] = make_uint4(0, 0, 0, 0);
     const int64_t runs_per_row = k_pad / 8;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < m_pad * runs_per_row;
          i += (int64_t)gridDim.x * blockDim.x) {
@@ -363,8 +369,8 @@ struct PipeShape {
     static __host__ __device__ int stage_bytes(int bm, int meta_size) {
         return x_bytes(bm) + PLANE_BYTES + PIPE_WORDS * NM * PIPE_BN * meta_size;
     }
-    static __host__ __device__ int smem_bytes(int bm, int meta_size) {
-        return PIPE_STAGES * stage_bytes(bm, meta_size);
+    static __host__ __device__ int smem_bytes(int bm, int meta_size, int stages = PIPE_STAGES) {
+        return stages * stage_bytes(bm, meta_size);
     }
 };
 
@@ -374,18 +380,38 @@ struct PipeCfg {
     static constexpr int MIN_BLOCKS = BM >= 64 ? 1 : 2;  // ≤ 128 registers spills at BM = 64
 };
 
-/* 2^i as a broadcast pair of T (the α_i of the uniform mode, up to the scale s / 2). */
+/* Uniform mode's integer codes as floating point numbers (see pipe_kernel): for r = 1..3,
+ * magic(r) is the broadcast pair 2^E_r with E_r = (mantissa bits) − r, so that mantissa bit
+ * r + i is worth 2^i and magic(r) | (c << r) is exactly 2^E_r + c for a code c < 2^4;
+ * offset(r, q) = 2^E_r + (2^q − 1)/2, exact since the unit of 2^E_r is 2^−r ≤ 1/2. */
+template <typename T> struct CodeMagic;
+template <> struct CodeMagic<__half> {  // 10 mantissa bits, exponent bias 15
+    static __host__ __device__ constexpr uint32_t magic(int r) { return (uint32_t)((25 - r) << 10) * 0x10001u; }
+    static __host__ __device__ constexpr uint32_t offset(int r, int q) {
+        return magic(r) + (uint32_t)(((1 << q) - 1) << (r - 1)) * 0x10001u;
+    }
+};
+template <> struct CodeMagic<__nv_bfloat16> {  // 7 mantissa bits, exponent bias 127
+    static __host__ __device__ constexpr uint32_t magic(int r) { return (uint32_t)((134 - r) << 7) * 0x10001u; }
+    static __host__ __device__ constexpr uint32_t offset(int r, int q) {
+        return magic(r) + (uint32_t)(((1 << q) - 1) << (r - 1)) * 0x10001u;
+    }
+};
+
 template <typename T>
-__host__ __device__ constexpr uint32_t pow2_pair(int i) {
-    return std::is_same<T, __half>::value ? (uint32_t)((15 + i) << 10) * 0x10001u
-                                          : (uint32_t)((127 + i) << 7) * 0x10001u;
+__device__ __forceinline__ uint32_t sub2(uint32_t a, uint32_t b) {
+    using T2 = typename Pair<T>::T2;
+    T2 r = __hsub2(*(T2 *)&a, *(T2 *)&b);
+    return *(uint32_t *)&r;
 }
 
-template <typename T, int BITS, bool GEN, int BM>
-__global__ void __launch_bounds__(PIPE_THREADS, PipeCfg<BM>::MIN_BLOCKS)
-    pipe_kernel(MmaArgs a) {
+template <typename T, int BITS, bool GEN, int BM, int STAGES = PIPE_STAGES>
+__global__ void __launch_bounds__(PIPE_THREADS, PipeCfg<BM>::MIN_BLOCKS) pipe_kernel(MmaArgs a) {
     using Shape = PipeShape<BITS, GEN>;
     constexpr int NM = Shape::NM, M_TILES = PipeCfg<BM>::M_TILES;
+    // General mode with ≤ 3 planes: a weight is a function of its code c (≤ 8 values per row
+    // and group), looked up with byte permutes in a table of the 8 rounded values (see below).
+    constexpr bool GLUT = GEN && BITS <= 3;
     extern __shared__ uint4 pipe_smem[];
     unsigned char *smem = (unsigned char *)pipe_smem;
     const int meta_size = a.meta_type == LF_SCALAR_F32 ? 4 : 2;
@@ -408,7 +434,7 @@ __global__ void __launch_bounds__(PIPE_THREADS, PipeCfg<BM>::MIN_BLOCKS)
     const int wpg = a.group_size % 32 == 0 ? a.group_size / 32 : a.words;
 
     auto load_stage = [&](int s) {
-        unsigned char *base = smem + (s % PIPE_STAGES) * stage_bytes;
+        unsigned char *base = smem + (s % STAGES) * stage_bytes;
         const int w0 = w_begin + s * PIPE_WORDS;
         // x: BM rows × 8 chunks of 16 bytes, chunk index swizzled by the row (ldmatrix)
         uint16_t *xs = (uint16_t *)base;
@@ -466,23 +492,25 @@ __global__ void __launch_bounds__(PIPE_THREADS, PipeCfg<BM>::MIN_BLOCKS)
 
     // The current group's metadata for this thread's 4 weight rows (converted once per group):
     // uniform: s / 2 and z as broadcast pairs of T; general: α_i and z in fp32.
-    uint32_t scale2[4], zpair[4];
-    float alf[GEN ? BITS : 1][4], zf[4];
+    uint32_t scale2[4], zpair[4];  // uniform: s (not s / 2) and z pairs
+    float alf[GEN && !GLUT ? BITS : 1][4], zf[4];
+    // GLUT: per row, the low bytes of the table's values 0..3 and 4..7, then the high bytes
+    uint32_t tab[GLUT ? 4 : 1][4];
     const int row0 = warp * 32 + 4 * g;  // this thread's first weight row in the CTA tile
 
 #pragma unroll
-    for (int s = 0; s < PIPE_STAGES - 1; ++s) {
+    for (int s = 0; s < STAGES - 1; ++s) {
         if (s < stages) load_stage(s);
         cp_async_commit();
     }
     int wig = w_begin % wpg;  // word index inside its group
     for (int s = 0; s < stages; ++s) {
-        cp_async_wait<PIPE_STAGES - 2>();
+        cp_async_wait<STAGES - 2>();
         __syncthreads();  // stage s landed; everyone is done with stage s - 1's buffer
-        if (s + PIPE_STAGES - 1 < stages) load_stage(s + PIPE_STAGES - 1);
+        if (s + STAGES - 1 < stages) load_stage(s + STAGES - 1);
         cp_async_commit();
 
-        const unsigned char *base = smem + (s % PIPE_STAGES) * stage_bytes;
+        const unsigned char *base = smem + (s % STAGES) * stage_bytes;
         const uint16_t *xs = (const uint16_t *)base;
         const uint32_t *ps = (const uint32_t *)(base + x_bytes);
         const unsigned char *ms = base + x_bytes + Shape::PLANE_BYTES;
@@ -501,12 +529,30 @@ __global__ void __launch_bounds__(PIPE_THREADS, PipeCfg<BM>::MIN_BLOCKS)
                 };
 #pragma unroll
                 for (int nt = 0; nt < 4; ++nt) {
-                    if constexpr (GEN) {
+                    if constexpr (GLUT) {
+                        // value of code c: z, then ±α_0, ±α_1, ... added in fp32 in plane
+                        // order (exactly the sums of the path below), rounded once to T
+                        float v[8] = {entry(BITS, nt), 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+                        for (int i = 0; i < BITS; ++i) {
+                            const float al = entry(i, nt);
+#pragma unroll
+                            for (int c = 0; c < (1 << i); ++c)
+                                v[c | 1 << i] = v[c] + al, v[c] = v[c] - al;
+                        }
+                        uint32_t p[4];
+#pragma unroll
+                        for (int j = 0; j < 4; ++j) p[j] = Pair<T>::pack(v[2 * j], v[2 * j + 1]);
+                        tab[0][nt] = __byte_perm(p[0], p[1], 0x6420);  // low bytes of 0..3
+                        tab[1][nt] = __byte_perm(p[2], p[3], 0x6420);  // low bytes of 4..7
+                        tab[2][nt] = __byte_perm(p[0], p[1], 0x7531);  // high bytes of 0..3
+                        tab[3][nt] = __byte_perm(p[2], p[3], 0x7531);  // high bytes of 4..7
+                    } else if constexpr (GEN) {
 #pragma unroll
                         for (int i = 0; i < BITS; ++i) alf[i][nt] = entry(i, nt);
                         zf[nt] = entry(BITS, nt);
                     } else {
-                        scale2[nt] = Pair<T>::from_float(0.5f * entry(0, nt));
+                        scale2[nt] = Pair<T>::from_float(entry(0, nt));
                         zpair[nt] = Pair<T>::from_float(entry(1, nt));
                     }
                 }
@@ -521,7 +567,29 @@ __global__ void __launch_bounds__(PIPE_THREADS, PipeCfg<BM>::MIN_BLOCKS)
             uint32_t b[4][4];
 #pragma unroll
             for (int nt = 0; nt < 4; ++nt) {
-                if constexpr (GEN) {
+                if constexpr (GLUT) {
+                    // Codes gathered as in the uniform branch (pair r's lo code at bits r ..,
+                    // its hi code at 16 + r ..; pair 0 at bits 0 .., 16 ..), moved into
+                    // nibbles 0 and 1 of a byte-permute selector: one lookup of the low bytes,
+                    // one of the high bytes, one permute to interleave them into the pair.
+                    uint32_t z[BITS];
+#pragma unroll
+                    for (int i = 0; i < BITS; ++i)
+                        z[i] = __funnelshift_r((&pw[i].x)[nt], (&pw[i].x)[nt], 4 * t - i);
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) {
+                        uint32_t c = 0;
+#pragma unroll
+                        for (int i = 0; i < BITS; ++i) c |= z[i] & (0x00010001u << (r + i));
+                        // r ≥ 1: the high word of c · (2^(32−r) + 2^(20−r)) is c >> r with
+                        // c >> (r + 12) added (disjoint bits): lo code at 0, hi code at 4
+                        const uint32_t sel =
+                            r == 0 ? c | c >> 12 : __umulhi(c, (1u << ((32 - r) & 31)) | (1u << (20 - r)));
+                        const uint32_t lo = __byte_perm(tab[0][nt], tab[1][nt], sel);
+                        const uint32_t hi = __byte_perm(tab[2][nt], tab[3][nt], sel);
+                        b[nt][r] = __byte_perm(lo, hi, 0x5140);
+                    }
+                } else if constexpr (GEN) {
                     // Σ_i ±α_i + z in fp32, rounded once to T (see mma_kernel)
                     float lo[4] = {zf[nt], zf[nt], zf[nt], zf[nt]};
                     float hi[4] = {zf[nt], zf[nt], zf[nt], zf[nt]};
@@ -539,19 +607,28 @@ __global__ void __launch_bounds__(PIPE_THREADS, PipeCfg<BM>::MIN_BLOCKS)
 #pragma unroll
                     for (int r = 0; r < 4; ++r) b[nt][r] = Pair<T>::pack(lo[r], hi[r]);
                 } else {
-                    // Σ_i ±2^i: an exact odd integer in T; then one fma with s / 2 and z
-                    uint32_t sum[4];
+                    // The integer code c = Σ_i bit_i 2^i of each weight, gathered straight into
+                    // the mantissa of a magic number (CodeMagic): v = 2^E + c exactly, then
+                    // Ŵ = s·(c − (2^q − 1)/2) + z = fma(v − K, s, z), K = 2^E + (2^q − 1)/2:
+                    // the subtraction is exact, so one rounding as in dequantize-then-round.
+                    // Plane i rotated right by 4t − i puts the pair bits 4t + r, 4t + 16 + r
+                    // at r + i, r + i + 16: the code of pair r sits at bits r .. r + q − 1 of
+                    // each half, and pair r's magic has its unit at mantissa bit r (r ≥ 1).
+                    // Pair 0 (unit at bit 0 would leave no room for K's .5) is shifted up by
+                    // one and shares pair 1's magic.
+                    uint32_t z[BITS];
 #pragma unroll
-                    for (int i = BITS - 1; i >= 0; --i) {
-                        const uint32_t y = (&pw[i].x)[nt] << (12 - 4 * t);  // 4t+3, 4t+19 → 15, 31
+                    for (int i = 0; i < BITS; ++i)
+                        z[i] = __funnelshift_r((&pw[i].x)[nt], (&pw[i].x)[nt], 4 * t - i);
 #pragma unroll
-                        for (int r = 0; r < 4; ++r) {
-                            const uint32_t v = signed_alpha(y << (3 - r), pow2_pair<T>(i));
-                            sum[r] = i == BITS - 1 ? v : add2<T>(sum[r], v);
-                        }
+                    for (int r = 0; r < 4; ++r) {
+                        uint32_t v = r == 0 ? 0u : CodeMagic<T>::magic(r);
+#pragma unroll
+                        for (int i = 0; i < BITS; ++i) v |= z[i] & (0x00010001u << (r + i));
+                        if (r == 0) v = (v << 1) + CodeMagic<T>::magic(1);  // one LEA
+                        b[nt][r] = fma2<T>(sub2<T>(v, CodeMagic<T>::offset(r == 0 ? 1 : r, BITS)),
+                                           scale2[nt], zpair[nt]);
                     }
-#pragma unroll
-                    for (int r = 0; r < 4; ++r) b[nt][r] = fma2<T>(sum[r], scale2[nt], zpair[nt]);
                 }
             }
 #pragma unroll
@@ -622,26 +699,33 @@ __global__ void __launch_bounds__(PIPE_THREADS, PipeCfg<BM>::MIN_BLOCKS)
         }
 }
 
-template <typename T, int BITS, bool GEN, int BM>
+template <typename T, int BITS, bool GEN, int BM, int STAGES = PIPE_STAGES>
 cudaError_t pipe_launch(const MmaArgs &a, dim3 grid, cudaStream_t stream, int *blocks_per_sm) {
     // Always raise the dynamic limit: the 48 KB default counts static smem too (the split-k
     // flag of last_block_of_tile), so a ring of exactly 48 KB fails to launch without it.
-    const int smem = PipeShape<BITS, GEN>::smem_bytes(BM, a.meta_type == LF_SCALAR_F32 ? 4 : 2);
-    cudaError_t err = cudaFuncSetAttribute(pipe_kernel<T, BITS, GEN, BM>,
+    const int smem = PipeShape<BITS, GEN>::smem_bytes(BM, a.meta_type == LF_SCALAR_F32 ? 4 : 2, STAGES);
+    cudaError_t err = cudaFuncSetAttribute(pipe_kernel<T, BITS, GEN, BM, STAGES>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
     if (blocks_per_sm)  // a query, no launch
         return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-            blocks_per_sm, pipe_kernel<T, BITS, GEN, BM>, PIPE_THREADS, smem);
-    pipe_kernel<T, BITS, GEN, BM><<<grid, PIPE_THREADS, smem, stream>>>(a);
+            blocks_per_sm, pipe_kernel<T, BITS, GEN, BM, STAGES>, PIPE_THREADS, smem);
+    pipe_kernel<T, BITS, GEN, BM, STAGES><<<grid, PIPE_THREADS, smem, stream>>>(a);
     return cudaGetLastError();
+}
+
+bool pipe_stages8() {
+    const char *s = getenv("LUTFLASH_PIPE_STAGES");
+    return s && atoi(s) == 8;
 }
 
 template <typename T, int BITS, bool GEN>
 cudaError_t pipe_launch_bm(int bm, const MmaArgs &a, dim3 grid, cudaStream_t stream,
                         int *blocks_per_sm) {
     switch (bm) {
-    case 16: return pipe_launch<T, BITS, GEN, 16>(a, grid, stream, blocks_per_sm);
+    case 16:  // experiment: LUTFLASH_PIPE_STAGES=8, a ring of 8 stages (more bytes in flight)
+        if (pipe_stages8()) return pipe_launch<T, BITS, GEN, 16, 8>(a, grid, stream, blocks_per_sm);
+        return pipe_launch<T, BITS, GEN, 16>(a, grid, stream, blocks_per_sm);
     case 64: return pipe_launch<T, BITS, GEN, 64>(a, grid, stream, blocks_per_sm);
     default: return pipe_launch<T, BITS, GEN, 128>(a, grid, stream, blocks_per_sm);
     }
@@ -694,11 +778,23 @@ cudaError_t lutgemm_mma_launch(int x_type, int bm, const MmaArgs &a, dim3 grid,
                                    : launch_bm<__nv_bfloat16>(bm, a, grid, stream);
 }
 
+cudaError_t lutgemm_permute_x_zero(const void *x, int64_t ldx, uint16_t *xp, int64_t m,
+                                   int64_t m_pad, int64_t k, int64_t k_pad, void *zero,
+                                   int64_t zero_bytes, cudaStream_t stream);
+
 cudaError_t lutgemm_permute_x(const void *x, int64_t ldx, uint16_t *xp, int64_t m, int64_t m_pad,
                               int64_t k, int64_t k_pad, cudaStream_t stream) {
-    const int64_t blocks = (m_pad * k_pad / 8 + 255) / 256;
+    return lutgemm_permute_x_zero(x, ldx, xp, m, m_pad, k, k_pad, nullptr, 0, stream);
+}
+
+/* The same, and zeroes `zero_bytes` (a multiple of 16) at `zero` in the same launch. */
+cudaError_t lutgemm_permute_x_zero(const void *x, int64_t ldx, uint16_t *xp, int64_t m,
+                                   int64_t m_pad, int64_t k, int64_t k_pad, void *zero,
+                                   int64_t zero_bytes, cudaStream_t stream) {
+    const int64_t items = m_pad * k_pad / 8 > zero_bytes / 16 ? m_pad * k_pad / 8 : zero_bytes / 16;
+    const int64_t blocks = (items + 255) / 256;
     permute_x_kernel<<<(unsigned)(blocks < 65536 ? blocks : 65536), 256, 0, stream>>>(
-        (const uint16_t *)x, ldx, xp, m, m_pad, k, k_pad);
+        (const uint16_t *)x, ldx, xp, m, m_pad, k, k_pad, (uint4 *)zero, zero_bytes / 16);
     return cudaGetLastError();
 }
 

@@ -358,3 +358,19 @@ def test_lut1_graph_then_eager():
                                   naive(static_x, qweight, None))
         assert_close_to_reference(eager, lutgemm_reference(x2, qweight), naive(x2, qweight, None))
     assert clean_workspaces_are_zero()
+
+
+@pytest.mark.parametrize("path", ["mma"], indirect=True)
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_mma_uniform_weights_exact(bits, dtype, path):
+    # x = rows of the identity: the output is the kernel's dequantized weight tile itself, which
+    # must be the float64 value rounded once to x's dtype (the uniform mode's integer-code
+    # dequantization: every step but the last fma is exact). m = 16, 64, 256: each tile height.
+    k, n = 256, 75
+    qweight = weight(n, k, bits, 32 if bits % 2 else 128, "uniform", dtype, seed=bits)
+    exact = qweight.dequantize(torch.float64).to(dtype).t()  # (k, n)
+    for m in (16, 64, 256):
+        x = torch.eye(k, dtype=dtype, device=DEVICE)[:m]
+        out = poisoned_call(x, qweight)
+        assert torch.equal(out, exact[:m]), (out - exact[:m]).abs().max().item()
