@@ -56,7 +56,9 @@ int64_t pipe_tiles(const lutgemm_params *p, int bm) {
     return (bcq_padded_rows(p->n) + PIPE_BN - 1) / PIPE_BN * ((p->m + bm - 1) / bm);
 }
 
-constexpr int64_t LUT_MAX_M = 4;    // fp16/bf16: lut (lutgemm_lut1.cu) up to this m (H100: m = 8 mma)
+constexpr int64_t LUT_MAX_M = 2;    // fp16/bf16: lut (lutgemm_lut1.cu) up to this m, then mma: on
+                                    // the H100 (commit 987890e) mma at m = 8 beat lut1 at m = 4
+                                    // on 8 of 9 LLM shapes (e.g. 77 vs 128 us on 12288^2, 3-bit)
 constexpr int64_t SPLIT_MAX_M = 64; // k is split (fp32 workspace) only up to this many rows
 
 struct Plan {
