@@ -1231,6 +1231,66 @@ __global__ void __launch_bounds__(128) attn_bwd_delta_kernel(const attention_bwd
     }
 }
 
+/* The prologue shared by the two key-block backward kernels (dkdv and fused): K and V of the
+ * keys [j0, j0 + keys) of one kv head go to their tiles, and the query blocks of kBL rows that
+ * see one of those keys, for every query head of the GQA group, form `total` stages; stage
+ * `it` is query head head(it), rows from row0(it), staged (Q, dO, lse, delta) into one of two
+ * buffers by load(). */
+template <int kBL, int kD, int kThreads, typename T> struct KeyBlockQueries {
+    const attention_fwd_params &p;
+    const attention_bwd_params &bp;
+    const Sequence &seq;
+    const int b, kv_head, group, d;
+    int m_lo, blocks, total;
+
+    __device__ KeyBlockQueries(const attention_bwd_params &bp_, const Sequence &seq_, int b_,
+                               int kv_head_)
+        : p(bp_.fwd), bp(bp_), seq(seq_), b(b_), kv_head(kv_head_),
+          group((int)(bp_.fwd.heads_q / bp_.fwd.heads_kv)), d((int)bp_.fwd.head_dim) {}
+
+    template <int kBN> __device__ void load_keys(uint32_t k_tile, uint32_t v_tile, int j0,
+                                                 int keys) {
+        const int64_t k_row = (int64_t)seq.k_start + j0;
+        load_tile<kBN, kD, kThreads>(k_tile,
+                                     static_cast<const T *>(p.k) + b * p.k_batch_stride +
+                                         k_row * p.k_row_stride + kv_head * p.k_head_stride,
+                                     p.k_row_stride, keys, d);
+        load_tile<kBN, kD, kThreads>(v_tile,
+                                     static_cast<const T *>(p.v) + b * p.v_batch_stride +
+                                         k_row * p.v_row_stride + kv_head * p.v_head_stride,
+                                     p.v_row_stride, keys, d);
+        const int qf = seq.q_first(j0), ql = seq.q_last(j0 + keys - 1);
+        m_lo = qf / kBL;
+        blocks = ql >= qf ? ql / kBL - m_lo + 1 : 0;
+        total = blocks * group;
+    }
+
+    __device__ int head(int it) const { return kv_head * group + it / blocks; }
+    __device__ int row0(int it) const { return (m_lo + it % blocks) * kBL; }
+
+    __device__ void load(int it, uint32_t q_tile, uint32_t do_tile, float *s_lse,
+                         float *s_delta) const {
+        const int h = head(it), i0 = row0(it);
+        const int rows = min(kBL, seq.sq - i0);
+        const int64_t row = (int64_t)seq.q_start + i0;
+        load_tile<kBL, kD, kThreads>(q_tile,
+                                     static_cast<const T *>(p.q) + b * p.q_batch_stride +
+                                         row * p.q_row_stride + h * p.q_head_stride,
+                                     p.q_row_stride, rows, d);
+        load_tile<kBL, kD, kThreads>(do_tile,
+                                     static_cast<const T *>(bp.dout) + b * bp.dout_batch_stride +
+                                         row * bp.dout_row_stride + h * bp.dout_head_stride,
+                                     bp.dout_row_stride, rows, d);
+        const int64_t index = b * p.lse_batch_stride + h * p.lse_head_stride + row;
+        for (int r = threadIdx.x; r < 2 * kBL; r += kThreads) {
+            const int rr = r % kBL;
+            const float *src = r < kBL ? p.lse + index : bp.delta + index;
+            float *dst = r < kBL ? s_lse : s_delta;
+            cp_async4(smem_addr(dst + rr), rr < rows ? src + rr : src, rr < rows);
+        }
+    }
+};
+
 /* dK, dV of a key block. kBN keys (16 per warp), query blocks of kBL rows, double-buffered;
  * kSplit > 1 gives each CTA a kD/kSplit-wide column range of dK and dV (S and dP are
  * recomputed per range) to bound the accumulators at kD = 256. */
@@ -1260,45 +1320,16 @@ __global__ void __launch_bounds__(kBN * 2, 1) attn_bwd_dkdv_kernel(const attenti
     if (j0 >= seq.sk) return;
     const int keys = min(kBN, seq.sk - j0);
     const int d = (int)p.head_dim, d_off = split * kDO;
-    const int group = (int)(p.heads_q / p.heads_kv);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 
-    load_tile<kBN, kD, kThreads>(k_tile,
-                                 static_cast<const T *>(p.k) + b * p.k_batch_stride +
-                                     (seq.k_start + j0) * p.k_row_stride +
-                                     kv_head * p.k_head_stride,
-                                 p.k_row_stride, keys, d);
-    load_tile<kBN, kD, kThreads>(v_tile,
-                                 static_cast<const T *>(p.v) + b * p.v_batch_stride +
-                                     (seq.k_start + j0) * p.v_row_stride +
-                                     kv_head * p.v_head_stride,
-                                 p.v_row_stride, keys, d);
-
-    /* Query blocks that see a key of this block, for each query head of the group. */
-    const int qf = seq.q_first(j0), ql = seq.q_last(j0 + keys - 1);
-    const int m_lo = qf / kBL, blocks = ql >= qf ? ql / kBL - m_lo + 1 : 0;
-    const int total = blocks * group;
-
+    /* K, V of this key block; the query blocks that see one of its keys, for each query head
+     * of the group, are the stages of the loop below. */
+    KeyBlockQueries<kBL, kD, kThreads, T> queries(bp, seq, b, kv_head);
+    queries.template load_keys<kBN>(k_tile, v_tile, j0, keys);
+    const int total = queries.total;
     auto load_stage = [&](int it, int stage) {
-        const int h = kv_head * group + it / blocks;
-        const int i0 = (m_lo + it % blocks) * kBL;
-        const int rows = min(kBL, seq.sq - i0);
-        const int64_t row = (int64_t)seq.q_start + i0;
-        load_tile<kBL, kD, kThreads>(q_tiles + stage * Cfg::kTileQ,
-                                     static_cast<const T *>(p.q) + b * p.q_batch_stride +
-                                         row * p.q_row_stride + h * p.q_head_stride,
-                                     p.q_row_stride, rows, d);
-        load_tile<kBL, kD, kThreads>(do_tiles + stage * Cfg::kTileQ,
-                                     static_cast<const T *>(bp.dout) + b * bp.dout_batch_stride +
-                                         row * bp.dout_row_stride + h * bp.dout_head_stride,
-                                     bp.dout_row_stride, rows, d);
-        const int64_t index = b * p.lse_batch_stride + h * p.lse_head_stride + row;
-        for (int r = threadIdx.x; r < 2 * kBL; r += kThreads) {
-            const int rr = r % kBL;
-            const float *src = r < kBL ? p.lse + index : bp.delta + index;
-            float *dst = r < kBL ? s_lse + stage * kBL : s_delta + stage * kBL;
-            cp_async4(smem_addr(dst + rr), rr < rows ? src + rr : src, rr < rows);
-        }
+        queries.load(it, q_tiles + stage * Cfg::kTileQ, do_tiles + stage * Cfg::kTileQ,
+                     s_lse + stage * kBL, s_delta + stage * kBL);
     };
     if (total > 0) load_stage(0, 0);
     cp_async_commit();
@@ -1321,8 +1352,7 @@ __global__ void __launch_bounds__(kBN * 2, 1) attn_bwd_dkdv_kernel(const attenti
         cp_async_wait<1>();
         __syncthreads();
 
-        const int h = kv_head * group + it / blocks;
-        const int i0 = (m_lo + it % blocks) * kBL;
+        const int h = queries.head(it), i0 = queries.row0(it);
         const uint32_t q_tile = q_tiles + stage * Cfg::kTileQ;
         const uint32_t do_tile = do_tiles + stage * Cfg::kTileQ;
         const float *lse = s_lse + stage * kBL, *delta = s_delta + stage * kBL;
@@ -1643,45 +1673,16 @@ __global__ void __launch_bounds__(kBN * 2, BwdFusedConfig<kD, kBN, kBM>::kMinBlo
     if (j0 >= seq.sk) return;
     const int keys = min(kBN, seq.sk - j0);
     const int d = (int)p.head_dim;
-    const int group = (int)(p.heads_q / p.heads_kv);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 
-    load_tile<kBN, kD, kThreads>(k_tile,
-                                 static_cast<const T *>(p.k) + b * p.k_batch_stride +
-                                     (seq.k_start + j0) * p.k_row_stride +
-                                     kv_head * p.k_head_stride,
-                                 p.k_row_stride, keys, d);
-    load_tile<kBN, kD, kThreads>(v_tile,
-                                 static_cast<const T *>(p.v) + b * p.v_batch_stride +
-                                     (seq.k_start + j0) * p.v_row_stride +
-                                     kv_head * p.v_head_stride,
-                                 p.v_row_stride, keys, d);
-
-    /* Query blocks that see a key of this block, for each query head of the group. */
-    const int qf = seq.q_first(j0), ql = seq.q_last(j0 + keys - 1);
-    const int m_lo = qf / kBM, blocks = ql >= qf ? ql / kBM - m_lo + 1 : 0;
-    const int total = blocks * group;
-
+    /* K, V of this key block; the query blocks that see one of its keys, for each query head
+     * of the group, are the stages of the loop below. */
+    KeyBlockQueries<kBM, kD, kThreads, T> queries(bp, seq, b, kv_head);
+    queries.template load_keys<kBN>(k_tile, v_tile, j0, keys);
+    const int total = queries.total;
     auto load_stage = [&](int it, int stage) {
-        const int h = kv_head * group + it / blocks;
-        const int i0 = (m_lo + it % blocks) * kBM;
-        const int rows = min(kBM, seq.sq - i0);
-        const int64_t row = (int64_t)seq.q_start + i0;
-        load_tile<kBM, kD, kThreads>(q_tiles + stage * Cfg::kTileQ,
-                                     static_cast<const T *>(p.q) + b * p.q_batch_stride +
-                                         row * p.q_row_stride + h * p.q_head_stride,
-                                     p.q_row_stride, rows, d);
-        load_tile<kBM, kD, kThreads>(do_tiles + stage * Cfg::kTileQ,
-                                     static_cast<const T *>(bp.dout) + b * bp.dout_batch_stride +
-                                         row * bp.dout_row_stride + h * bp.dout_head_stride,
-                                     bp.dout_row_stride, rows, d);
-        const int64_t index = b * p.lse_batch_stride + h * p.lse_head_stride + row;
-        for (int r = threadIdx.x; r < 2 * kBM; r += kThreads) {
-            const int rr = r % kBM;
-            const float *src = r < kBM ? p.lse + index : bp.delta + index;
-            float *dst = r < kBM ? s_lse + stage * kBM : s_delta + stage * kBM;
-            cp_async4(smem_addr(dst + rr), rr < rows ? src + rr : src, rr < rows);
-        }
+        queries.load(it, q_tiles + stage * Cfg::kTileQ, do_tiles + stage * Cfg::kTileQ,
+                     s_lse + stage * kBM, s_delta + stage * kBM);
     };
     if (total > 0) load_stage(0, 0);
     cp_async_commit();
@@ -1711,8 +1712,7 @@ __global__ void __launch_bounds__(kBN * 2, BwdFusedConfig<kD, kBN, kBM>::kMinBlo
         cp_async_wait<1>();
         __syncthreads(); /* this stage landed; every warp is done with the previous dS */
 
-        const int h = kv_head * group + it / blocks;
-        const int i0 = (m_lo + it % blocks) * kBM;
+        const int h = queries.head(it), i0 = queries.row0(it);
         const uint32_t q_tile = q_tiles + stage * Cfg::kTileQ;
         const uint32_t do_tile = do_tiles + stage * Cfg::kTileQ;
         const float *lse = s_lse + stage * kBM, *delta = s_delta + stage * kBM;
