@@ -14,6 +14,22 @@ import argparse
 import json
 
 
+def speedup_table(at: dict, shapes: list, ms: list, peer: str, bits: int) -> None:
+    """Rows of shapes, columns of m: peer time / lutflash time, uniform / general mode."""
+    print("| k→n | " + " | ".join(f"m={m}" for m in ms) + " |")
+    print("|---" * (1 + len(ms)) + "|")
+    for shape in shapes:
+        cells = []
+        for m in ms:
+            r = at.get((shape, m))
+            if r is None or peer not in r or f"lutflash {bits}b u" not in r:
+                cells.append("-")
+                continue
+            cells.append(f"{r[peer] / r[f'lutflash {bits}b u']:.2f} / "
+                         f"{r[peer] / r[f'lutflash {bits}b g']:.2f}")
+        print(f"| {shape} | " + " | ".join(cells) + " |")
+
+
 def lutgemm_report(data: dict) -> None:
     meta, rows = data["meta"], data["rows"]
     print(f"### LUT-GEMM — {meta.get('gpu')}, commit {meta.get('commit')}, {meta.get('date')}, "
@@ -48,18 +64,7 @@ def lutgemm_report(data: dict) -> None:
     ms = sorted({r["m"] for r in rows})
     print("Speedup over cuBLAS fp16 of 3-bit uniform / 3-bit general (target ≥ 3 for m ≤ 16; "
           "≥ 0.8 for m ≥ 256):\n")
-    print("| k→n | " + " | ".join(f"m={m}" for m in ms) + " |")
-    print("|---" * (1 + len(ms)) + "|")
-    for shape in shapes:
-        cells = []
-        for m in ms:
-            r = at.get((shape, m))
-            if r is None or "lutflash 3b u" not in r:
-                cells.append("-")
-                continue
-            cells.append(f"{r['cuBLAS fp16'] / r['lutflash 3b u']:.2f} / "
-                         f"{r['cuBLAS fp16'] / r['lutflash 3b g']:.2f}")
-        print(f"| {shape} | " + " | ".join(cells) + " |")
+    speedup_table(at, shapes, ms, "cuBLAS fp16", 3)
     small = [r for r in rows if r["m"] <= 16 and "lutflash 3b u" in r]
     large = [r for r in rows if r["m"] >= 256 and "lutflash 3b u" in r]
     print(f"\nm ≤ 16, 3-bit ≥ 3× cuBLAS (better mode): "
@@ -71,18 +76,7 @@ def lutgemm_report(data: dict) -> None:
     if any("torch int4" in r for r in rows):
         print("Speedup of 4-bit uniform / 4-bit general over torch's int4 kernel "
               "(`torch._weight_int4pack_mm`, g128; target > 1 at every m):\n")
-        print("| k→n | " + " | ".join(f"m={m}" for m in ms) + " |")
-        print("|---" * (1 + len(ms)) + "|")
-        for shape in shapes:
-            cells = []
-            for m in ms:
-                r = at.get((shape, m))
-                if r is None or "torch int4" not in r or "lutflash 4b u" not in r:
-                    cells.append("-")
-                    continue
-                cells.append(f"{r['torch int4'] / r['lutflash 4b u']:.2f} / "
-                             f"{r['torch int4'] / r['lutflash 4b g']:.2f}")
-            print(f"| {shape} | " + " | ".join(cells) + " |")
+        speedup_table(at, shapes, ms, "torch int4", 4)
         points = [r for r in rows if "torch int4" in r and "lutflash 4b u" in r]
         faster = sum(min(r["lutflash 4b u"], r["lutflash 4b g"]) < r["torch int4"] for r in points)
         print(f"\n4-bit faster than torch int4 (better mode): {faster} of {len(points)} points.\n")
