@@ -1203,6 +1203,42 @@ __device__ __forceinline__ float lse_shift(float lse) {
     return lse == -INFINITY ? INFINITY : lse * kLog2e;
 }
 
+/* One score of the backward, recomputed from the raw score x = q_i . k_j and dp = dO_i . v_j:
+ * P = exp2(x' * scale_log2 - shift), x' the forward's transformed score (rel: its ALiBi
+ * distance), 0 where `hidden` (outside the band). With dropout, factor() is the multiplier of
+ * (i, j) (0 or 1 / (1 - p)) and is only evaluated then. Returns dS = P (dp * factor - delta)
+ * dx'/dx and sets *p_dropped = P * factor, the operand of dV += P^T dO. */
+template <typename Factor>
+__device__ __forceinline__ float bwd_score(const attention_fwd_params &p, bool transformed,
+                                           float slope, int rel, float x, float dp,
+                                           float scale_log2, float shift, bool hidden,
+                                           bool dropout, Factor factor, float delta,
+                                           float *p_dropped) {
+    float chain = p.softmax_scale;
+    if (transformed) x = transform_score(x, p.softmax_scale, p.softcap, slope, rel, &chain);
+    float prob = exp2f(fmaf(x, scale_log2, -shift));
+    if (hidden) prob = 0.0f;
+    float prob_dropped = prob;
+    if (dropout) {
+        const float f = factor();
+        dp *= f;
+        prob_dropped *= f;
+    }
+    *p_dropped = prob_dropped;
+    return prob * (dp - delta) * chain;
+}
+
+/* The dropout multiplier of query i and key j (the forward's Philox mask): 0 where the
+ * probability was dropped, else 1 / (1 - p). */
+__device__ __forceinline__ float dropout_factor(const attention_fwd_params &p, uint32_t batch_head,
+                                                int i, int j, float dropout_scale) {
+    const uint32_t keep = lf_dropout_keep_bits(p.dropout_seed, p.dropout_offset, batch_head,
+                                               (uint32_t)i, (uint32_t)(j >> 2),
+                                               p.dropout_threshold) >>
+                          (j & 3);
+    return (keep & 1u) ? dropout_scale : 0.0f;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(128) attn_bwd_delta_kernel(const attention_bwd_params bp) {
     const attention_fwd_params &p = bp.fwd;
@@ -1381,25 +1417,14 @@ __global__ void __launch_bounds__(kBN * 2, 1) attn_bwd_dkdv_kernel(const attenti
                 for (int e = 0; e < 2; ++e) {
                     const int c = lt * 8 + 2 * t + e;
                     const int i = i0 + c;
-                    float x = st[0][lt][2 * hr + e], chain = p.softmax_scale;
-                    if (transformed)
-                        x = transform_score(x, p.softmax_scale, p.softcap, slope,
-                                            i + seq.sk - seq.sq - j, &chain);
-                    float prob = exp2f(fmaf(x, scale_log2, -lse_shift(lse[c])));
-                    if (masked && (c < lo || c > hi)) prob = 0.0f;
-                    float dp = dpt[0][lt][2 * hr + e];
-                    float prob_dropped = prob;
-                    if (dropout) {
-                        const uint32_t keep =
-                            lf_dropout_keep_bits(p.dropout_seed, p.dropout_offset, batch_head,
-                                                 (uint32_t)i, (uint32_t)(j >> 2),
-                                                 p.dropout_threshold) >>
-                            (j & 3);
-                        const float factor = (keep & 1u) ? dropout_scale : 0.0f;
-                        dp *= factor;
-                        prob_dropped *= factor;
-                    }
-                    dpt[0][lt][2 * hr + e] = prob * (dp - delta[c]) * chain;
+                    float prob_dropped;
+                    const float ds = bwd_score(
+                        p, transformed, slope, i + seq.sk - seq.sq - j, st[0][lt][2 * hr + e],
+                        dpt[0][lt][2 * hr + e], scale_log2, lse_shift(lse[c]),
+                        masked && (c < lo || c > hi), dropout,
+                        [&] { return dropout_factor(p, batch_head, i, j, dropout_scale); },
+                        delta[c], &prob_dropped);
+                    dpt[0][lt][2 * hr + e] = ds;
                     st[0][lt][2 * hr + e] = prob_dropped;
                 }
         }
@@ -1549,15 +1574,13 @@ __global__ void __launch_bounds__(kBM * 2, 1) attn_bwd_dq_kernel(const attention
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const int j = j0 + nt * 8 + 2 * t + e;
-                    float x = s[0][nt][2 * hr + e], chain = p.softmax_scale;
-                    if (transformed)
-                        x = transform_score(x, p.softmax_scale, p.softcap, slope,
-                                            i + seq.sk - seq.sq - j, &chain);
-                    float prob = exp2f(fmaf(x, scale_log2, -shift[hr]));
-                    if (masked && (nt * 8 + e < lo_rel || nt * 8 + e > hi_rel)) prob = 0.0f;
-                    float g_p = dp[0][nt][2 * hr + e];
-                    if (dropout) g_p *= (keep >> e) & 1u ? dropout_scale : 0.0f;
-                    s[0][nt][2 * hr + e] = prob * (g_p - delta[hr]) * chain;
+                    float unused;
+                    s[0][nt][2 * hr + e] = bwd_score(
+                        p, transformed, slope, i + seq.sk - seq.sq - j, s[0][nt][2 * hr + e],
+                        dp[0][nt][2 * hr + e], scale_log2, shift[hr],
+                        masked && (nt * 8 + e < lo_rel || nt * 8 + e > hi_rel), dropout,
+                        [&] { return (keep >> e) & 1u ? dropout_scale : 0.0f; }, delta[hr],
+                        &unused);
                 }
             }
         }
@@ -1748,25 +1771,14 @@ __global__ void __launch_bounds__(kBN * 2, BwdFusedConfig<kD, kBN, kBM>::kMinBlo
                 for (int e = 0; e < 2; ++e) {
                     const int c = lt * 8 + 2 * t + e;
                     const int i = i0 + c;
-                    float x = st[0][lt][2 * hr + e], chain = p.softmax_scale;
-                    if (transformed)
-                        x = transform_score(x, p.softmax_scale, p.softcap, slope,
-                                            i + seq.sk - seq.sq - j, &chain);
-                    float prob = exp2f(fmaf(x, scale_log2, -lse_shift(lse[c])));
-                    if (masked && (c < lo || c > hi)) prob = 0.0f;
-                    float dp = dpt[0][lt][2 * hr + e];
-                    float prob_dropped = prob;
-                    if (dropout) {
-                        const uint32_t keep =
-                            lf_dropout_keep_bits(p.dropout_seed, p.dropout_offset, batch_head,
-                                                 (uint32_t)i, (uint32_t)(j >> 2),
-                                                 p.dropout_threshold) >>
-                            (j & 3);
-                        const float factor = (keep & 1u) ? dropout_scale : 0.0f;
-                        dp *= factor;
-                        prob_dropped *= factor;
-                    }
-                    dsv[e] = prob * (dp - delta[c]) * chain;
+                    float prob_dropped;
+                    const float ds = bwd_score(
+                        p, transformed, slope, i + seq.sk - seq.sq - j, st[0][lt][2 * hr + e],
+                        dpt[0][lt][2 * hr + e], scale_log2, lse_shift(lse[c]),
+                        masked && (c < lo || c > hi), dropout,
+                        [&] { return dropout_factor(p, batch_head, i, j, dropout_scale); },
+                        delta[c], &prob_dropped);
+                    dsv[e] = ds;
                     pv[e] = prob_dropped;
                 }
                 pf[lt / 2][hr + 2 * (lt & 1)] = Elem<T>::pack(pv[0], pv[1]);
