@@ -527,8 +527,13 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
         for (int n = n_hi; n >= n_lo; --n) step(n, FwdRuntime());
     }
 
-    /* Epilogue: normalize, stage through the Q tile (each warp owns its rows), store. */
+    /* Epilogue: normalize, stage through the Q tile (each warp owns its rows), store. The
+     * barrier matters when no key block was visited (every row of the block sees no key, as
+     * when Sq > Sk with a causal mask or a window): the Q tile's cp.async copies, issued by
+     * all threads, may still land on rows another warp is about to overwrite; each thread's
+     * wait only covers its own copies. */
     cp_async_wait<0>();
+    __syncthreads();
     const float dropout_scale = dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
     T *out = static_cast<T *>(p.out) + b * p.out_batch_stride +
              (seq.q_start + i0) * p.out_row_stride + h * p.out_head_stride;

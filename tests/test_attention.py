@@ -8,75 +8,7 @@ import torch
 import lutflash
 from lutflash import _C, flash_attention, flash_attention_varlen
 from lutflash.attention import _backward, _forward
-
-# ------------------------------------------------------------------------------------------
-# References: Philox4x32-10 and naive attention in float64.
-
-PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
-MASK32 = 0xFFFFFFFF
-
-
-def philox4x32_10(counter, key0, key1):
-    """counter: four int64 tensors holding uint32 values; int64 products wrap modulo 2^64, so
-    their low 64 bits are the exact unsigned products."""
-    c0, c1, c2, c3 = counter
-    for _ in range(10):
-        p0, p1 = c0 * PHILOX_M0, c2 * PHILOX_M1
-        hi0, lo0 = (p0 >> 32) & MASK32, p0 & MASK32
-        hi1, lo1 = (p1 >> 32) & MASK32, p1 & MASK32
-        c0, c1, c2, c3 = hi1 ^ c1 ^ key0, lo1, hi0 ^ c3 ^ key1, lo0
-        key0, key1 = (key0 + PHILOX_W0) & MASK32, (key1 + PHILOX_W1) & MASK32
-    return c0, c1, c2, c3
-
-
-def dropout_keep(seed, offset, batch, heads, seqlen_q, seqlen_k, p):
-    """(batch, heads, Sq, Sk) bool: the contract of csrc/philox.h."""
-    b = torch.arange(batch).view(-1, 1, 1, 1)
-    h = torch.arange(heads).view(1, -1, 1, 1)
-    i = torch.arange(seqlen_q).view(1, 1, -1, 1)
-    j = torch.arange(seqlen_k).view(1, 1, 1, -1)
-    shape = (batch, heads, seqlen_q, seqlen_k)
-    counter = [(j >> 2).expand(shape), i.expand(shape), (b * heads + h).expand(shape),
-               torch.full(shape, offset & MASK32, dtype=torch.int64)]
-    words = torch.stack(philox4x32_10(counter, seed & MASK32, (seed >> 32) & MASK32), -1)
-    word = words.gather(-1, (j & 3).expand(shape).unsqueeze(-1)).squeeze(-1)
-    threshold = min(int(p * 4294967296.0), MASK32)
-    return word >= threshold
-
-
-def reference_attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
-                        alibi=None, keep=None, dropout_p=0.0):
-    """Naive attention in q's dtype on (B, S, H, D) tensors; returns (out, lse)."""
-    batch, seqlen_q, heads_q, d = q.shape
-    seqlen_k, heads_kv = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    k = k.repeat_interleave(heads_q // heads_kv, dim=2)
-    v = v.repeat_interleave(heads_q // heads_kv, dim=2)
-    s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
-    i = torch.arange(seqlen_q).view(-1, 1)
-    j = torch.arange(seqlen_k).view(1, -1)
-    diagonal = i + seqlen_k - seqlen_q
-    if alibi is not None:
-        slopes = alibi.to(s.dtype).view(-1 if alibi.ndim == 2 else 1, heads_q, 1, 1)
-        s = s - slopes * (diagonal - j).abs().to(s.dtype)
-    left, right = window
-    if causal:
-        right = 0
-    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool)
-    if left >= 0:
-        visible &= j >= diagonal - left
-    if right >= 0:
-        visible &= j <= diagonal + right
-    s = s.masked_fill(~visible, -math.inf)
-    lse = torch.logsumexp(s, dim=-1)
-    seen = visible.any(-1).view(1, 1, -1, 1)
-    probs = torch.softmax(torch.where(seen, s, 0.0), dim=-1) * seen
-    if keep is not None:
-        probs = probs * keep / (1.0 - dropout_p)
-    out = torch.einsum("bhij,bjhd->bihd", probs, v)
-    return out, lse
+from lutflash.testing import MASK32, attention_reference, dropout_keep, philox4x32_10, poisoned_empty
 
 
 def random_qkv(batch, seqlen_q, seqlen_k, heads_q, heads_kv, d, dtype=torch.float32, seed=0):
@@ -126,23 +58,9 @@ def test_forward_fp32_matches_reference(d, variant):
                      dtype=torch.uint8)
     _C.attention_forward(q, k, v, None, None, None, None, out, lse, ws, 0, 0, 1 / math.sqrt(d),
                          0.0, -1, -1, 0.0, threads, variant, 0)
-    ref, ref_lse = reference_attention(q.double(), k.double(), v.double())
+    ref, ref_lse = attention_reference(q.double(), k.double(), v.double())
     assert rel_err(out, ref) < 1e-5
     assert torch.allclose(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
-
-
-def poisoned_empty(monkeypatch):
-    """Makes torch.empty inside lutflash.attention return NaN-filled float tensors, so that an
-    element the kernel forgets to write fails the comparison."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(math.nan)
-        return t
-
-    monkeypatch.setattr(lutflash.attention.torch, "empty", empty)
 
 
 @pytest.fixture
@@ -152,7 +70,7 @@ def poison(monkeypatch):
 
 def check_lowp(out, ref64, q, k, v, **kw):
     """FlashAttention's criterion: error vs float64 within 2x the naive low-precision error."""
-    naive, _ = reference_attention(q, k, v, **kw)
+    naive, _ = attention_reference(q, k, v, **kw)
     ours = (out.double() - ref64).abs().max().item()
     baseline = (naive.double() - ref64).abs().max().item()
     assert ours <= 2 * baseline + 1e-3, (ours, baseline)
@@ -164,7 +82,7 @@ def test_forward_low_precision(poison, dtype, causal):
     q, k, v = random_qkv(2, 96, 150, 4, 4, 64, dtype=dtype, seed=3)
     out = flash_attention(q, k, v, causal=causal)
     assert out.dtype == dtype
-    ref, _ = reference_attention(q.double(), k.double(), v.double(), causal=causal)
+    ref, _ = attention_reference(q.double(), k.double(), v.double(), causal=causal)
     check_lowp(out, ref, q, k, v, causal=causal)
 
 
@@ -217,7 +135,7 @@ def test_forward_and_gradients_match_reference(poison, case):
     q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
     out, lse = flash_attention(q, k, v, return_lse=True, **kwargs)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, ref_lse = reference_attention(q64, k64, v64, **ref_kwargs)
+    ref, ref_lse = attention_reference(q64, k64, v64, **ref_kwargs)
     assert rel_err(out, ref) < 1e-5
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite)
@@ -239,10 +157,10 @@ def test_gradients_low_precision(poison, dtype):
     grad = torch.randn_like(out)
     out.backward(grad)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, _ = reference_attention(q64, k64, v64, **ref_kwargs)
+    ref, _ = attention_reference(q64, k64, v64, **ref_kwargs)
     ref.backward(grad.double())
     ql, kl, vl = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    naive, _ = reference_attention(ql, kl, vl, **ref_kwargs)
+    naive, _ = attention_reference(ql, kl, vl, **ref_kwargs)
     naive.backward(grad)
     for ours, low, exact in ((q.grad, ql.grad, q64.grad), (k.grad, kl.grad, k64.grad),
                              (v.grad, vl.grad, v64.grad)):
@@ -258,7 +176,7 @@ def test_lse_gradient(poison):
     out, lse = flash_attention(q, k, v, causal=True, return_lse=True)
     (out.sum() + lse.sum()).backward()
     q64, k64 = (t.detach().double().requires_grad_() for t in (q, k))
-    ref, ref_lse = reference_attention(q64, k64, v.double(), causal=True)
+    ref, ref_lse = attention_reference(q64, k64, v.double(), causal=True)
     (ref.sum() + ref_lse.sum()).backward()
     assert grad_close(q.grad, q64.grad) and grad_close(k.grad, k64.grad)
 
@@ -273,7 +191,7 @@ def test_portable_backward_matches_reference():
     grad = torch.randn_like(out)
     dq, dk, dv = _backward(grad, q, k, v, out, lse, None, *args, variant=1)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    ref, _ = reference_attention(q64, k64, v64, **ref_kwargs)
+    ref, _ = attention_reference(q64, k64, v64, **ref_kwargs)
     ref.backward(grad.double())
     assert rel_err(out, ref) < 1e-5
     for ours, theirs in ((dq, q64.grad), (dk, k64.grad), (dv, v64.grad)):
@@ -285,11 +203,11 @@ def test_strided_inputs(poison):
     q, k, v = base[:, :, 0, ::2], base[:, :, 1, 1::2], base[:, :, 2, :3]
     assert not q.is_contiguous()
     out = flash_attention(q, k, v, causal=True)
-    ref, _ = reference_attention(q.double(), k.double(), v.double(), causal=True)
+    ref, _ = attention_reference(q.double(), k.double(), v.double(), causal=True)
     assert rel_err(out, ref) < 1e-5
     # A transposed last dimension is copied, not refused.
     qt = torch.randn(2, 32, 3, 50).permute(0, 3, 2, 1)
-    assert rel_err(flash_attention(qt, k, v), reference_attention(qt.double(), k.double(),
+    assert rel_err(flash_attention(qt, k, v), attention_reference(qt.double(), k.double(),
                                                                   v.double())[0]) < 1e-5
 
 
@@ -378,7 +296,7 @@ def test_varlen_matches_dense_per_sequence(poison, causal, window):
         q64, k64, v64 = (t[s].detach().double()[None].requires_grad_()
                          for t, s in ((q, qs), (k, ks), (v, ks)))
         keep = dropout_keep(4, 0, len(lengths_q), heads_q, lengths_q[b], lengths_k[b], 0.2)[b:b+1]
-        ref, ref_lse = reference_attention(q64, k64, v64, causal=causal, window=window,
+        ref, ref_lse = attention_reference(q64, k64, v64, causal=causal, window=window,
                                            alibi=alibi[b], keep=keep, dropout_p=0.2)
         if lengths_q[b] == 0:
             continue

@@ -6,10 +6,10 @@ import os
 
 import pytest
 import torch
-from test_attention import dropout_keep, poisoned_empty, reference_attention
 
 import lutflash
 from lutflash import flash_attention, flash_attention_varlen
+from lutflash.testing import attention_reference, dropout_keep, poisoned_empty
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("cuda_device")]
 
@@ -91,10 +91,10 @@ def test_forward_and_gradients_match_reference(poison, n):
                                else None, return_lse=True, **kwargs)
     assert out.dtype == case["dtype"] and out.shape == q.shape
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    ref, ref_lse = reference_attention(q64, k64, v64, **ref_kwargs)
+    ref, ref_lse = attention_reference(q64, k64, v64, **ref_kwargs)
     # The naive baseline: the reference in q's dtype (matmuls and softmax rounded to it).
     ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
-    naive, _ = reference_attention(ql, kl, vl, **ref_kwargs)
+    naive, _ = attention_reference(ql, kl, vl, **ref_kwargs)
     assert_lowp_close(out, naive, ref, "out")
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse.cpu()), finite)
@@ -117,8 +117,8 @@ def test_long_sequences(dtype, d):
     q, k, v = make_case(1, 1000, 1100, 2, 1, d, dtype, seed=d)
     for causal in (False, True):
         out = flash_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), causal=causal)
-        ref, _ = reference_attention(q.double(), k.double(), v.double(), causal=causal)
-        naive, _ = reference_attention(q.float(), k.float(), v.float(), causal=causal)
+        ref, _ = attention_reference(q.double(), k.double(), v.double(), causal=causal)
+        naive, _ = attention_reference(q.float(), k.float(), v.float(), causal=causal)
         assert_lowp_close(out, naive.to(dtype), ref, f"causal={causal}")
 
 
@@ -229,10 +229,10 @@ def test_fast_and_deterministic_backwards(poison_all, n):
         ref_kwargs["keep"] = dropout_keep(*seed, batch, hq, sq, sk, kwargs["dropout_p"])
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(n)).to(dtype)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    ref, _ = reference_attention(q64, k64, v64, alibi=alibi, **ref_kwargs)
+    ref, _ = attention_reference(q64, k64, v64, alibi=alibi, **ref_kwargs)
     ref.backward(grad.double())
     ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
-    naive, _ = reference_attention(ql, kl, vl, alibi=alibi, **ref_kwargs)
+    naive, _ = attention_reference(ql, kl, vl, alibi=alibi, **ref_kwargs)
     naive.backward(grad)
 
     def grads(deterministic):
@@ -262,8 +262,8 @@ def test_strided_inputs_and_unaligned_head_dim():
     assert torch.equal(out, ref)
     odd = [t[..., :13] for t in (q, k, v)]  # head dim 13: padded to 16 by the wrapper
     out = flash_attention(*odd)
-    exact, _ = reference_attention(*(t.cpu().double() for t in odd))
-    naive, _ = reference_attention(*(t.cpu().float() for t in odd))
+    exact, _ = attention_reference(*(t.cpu().double() for t in odd))
+    naive, _ = attention_reference(*(t.cpu().float() for t in odd))
     assert_lowp_close(out, naive.half(), exact, "d=13")
 
 
@@ -350,9 +350,9 @@ def test_decode_matches_reference(poison_all, n):
     q, k, v = make_case(batch, sq, sk, hq, hkv, d, dtype, seed=100 + n)
     out, lse = flash_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), causal=causal, window=window,
                                return_lse=True)
-    ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), causal=causal,
+    ref, ref_lse = attention_reference(q.double(), k.double(), v.double(), causal=causal,
                                        window=window)
-    naive, _ = reference_attention(q.float(), k.float(), v.float(), causal=causal,
+    naive, _ = attention_reference(q.float(), k.float(), v.float(), causal=causal,
                                    window=window)
     assert_lowp_close(out, naive.to(dtype), ref, "out")
     finite = torch.isfinite(ref_lse)
@@ -385,9 +385,9 @@ def test_decode_varlen(poison_all):
             qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
             if lengths_q[b] == 0:
                 continue
-            ref, ref_lse = reference_attention(q[qs].double()[None], k[ks].double()[None],
+            ref, ref_lse = attention_reference(q[qs].double()[None], k[ks].double()[None],
                                                v[ks].double()[None], causal=causal)
-            naive, _ = reference_attention(q[qs].float()[None], k[ks].float()[None],
+            naive, _ = attention_reference(q[qs].float()[None], k[ks].float()[None],
                                            v[ks].float()[None], causal=causal)
             assert_lowp_close(out[qs][None], naive.to(dtype), ref, f"b={b}")
             got = lse[:, qs].double()
@@ -427,8 +427,8 @@ def test_decode_forced_split_counts(poison_all, monkeypatch, mode):
     the combine's lanes hold several weights each; in every mode."""
     batch, sq, sk, hq, hkv, d, dtype = 1, 2, 9000, 8, 2, 128, torch.float16
     q, k, v = make_case(batch, sq, sk, hq, hkv, d, dtype, seed=77)
-    ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), causal=True)
-    naive, _ = reference_attention(q.float(), k.float(), v.float(), causal=True)
+    ref, ref_lse = attention_reference(q.double(), k.double(), v.double(), causal=True)
+    naive, _ = attention_reference(q.float(), k.float(), v.float(), causal=True)
     monkeypatch.setenv("LUTFLASH_DECODE", mode)
     for splits in (0, 1, 2, 3, 7, 33, 100, 141, 500):  # 0: the mode's own choice
         monkeypatch.setenv("LUTFLASH_DECODE_SPLITS", str(splits))
@@ -451,9 +451,9 @@ def test_forward_experiments(exp, d, monkeypatch):
         out, lse = lutflash.attention._forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), None,
                                                None, 0, 0, 1.0 / math.sqrt(d), 0.0, window[0],
                                                right, None, 0.0, None)
-        ref, ref_lse = reference_attention(q.double(), k.double(), v.double(),
+        ref, ref_lse = attention_reference(q.double(), k.double(), v.double(),
                                            window=(window[0], right))
-        naive, _ = reference_attention(q.float(), k.float(), v.float(), window=(window[0], right))
+        naive, _ = attention_reference(q.float(), k.float(), v.float(), window=(window[0], right))
         assert_lowp_close(out, naive.to(torch.bfloat16), ref, f"exp={exp} {causal} {window}")
         assert torch.allclose(lse.cpu().double(), ref_lse, atol=2e-3, rtol=1e-3)
 
@@ -467,8 +467,8 @@ def test_forward_tile_variants(variant, d):
         out, lse = lutflash.attention._forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), None, None, 0, 0,
                                                1.0 / math.sqrt(d), 0.0, -1, 0 if causal else -1,
                                                None, 0.0, None, variant=variant)
-        ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), causal=causal)
-        naive, _ = reference_attention(q.float(), k.float(), v.float(), causal=causal)
+        ref, ref_lse = attention_reference(q.double(), k.double(), v.double(), causal=causal)
+        naive, _ = attention_reference(q.float(), k.float(), v.float(), causal=causal)
         assert_lowp_close(out, naive.to(torch.float16), ref, f"variant={variant}")
         assert torch.allclose(lse.cpu().double(), ref_lse, atol=2e-3, rtol=1e-3)
 

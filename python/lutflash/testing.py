@@ -3,6 +3,8 @@ references and the tolerance rule of DESIGN.md ("Numerical checks")."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .bcq import MODES, WORD_K, BCQWeight, meta_per_group, padded_rows, words_per_row
@@ -70,3 +72,92 @@ def assert_close_to_reference(out, ref, naive=None, *, fp32_rtol: float = 1e-5,
     scale = ref.abs().max().item() if ref.numel() else 0.0
     bound = factor * naive_err + floor * scale
     assert err <= bound, f"max error {err:.3g} > {factor} x naive {naive_err:.3g} + floor"
+
+
+# Attention: Philox4x32-10 (the dropout contract of csrc/philox.h) and naive attention.
+
+
+PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
+MASK32 = 0xFFFFFFFF
+
+
+def philox4x32_10(counter, key0, key1):
+    """counter: four int64 tensors holding uint32 values; int64 products wrap modulo 2^64, so
+    their low 64 bits are the exact unsigned products."""
+    c0, c1, c2, c3 = counter
+    for _ in range(10):
+        p0, p1 = c0 * PHILOX_M0, c2 * PHILOX_M1
+        hi0, lo0 = (p0 >> 32) & MASK32, p0 & MASK32
+        hi1, lo1 = (p1 >> 32) & MASK32, p1 & MASK32
+        c0, c1, c2, c3 = hi1 ^ c1 ^ key0, lo1, hi0 ^ c3 ^ key1, lo0
+        key0, key1 = (key0 + PHILOX_W0) & MASK32, (key1 + PHILOX_W1) & MASK32
+    return c0, c1, c2, c3
+
+
+def dropout_keep(seed, offset, batch, heads, seqlen_q, seqlen_k, p):
+    """(batch, heads, Sq, Sk) bool: the contract of csrc/philox.h."""
+    b = torch.arange(batch).view(-1, 1, 1, 1)
+    h = torch.arange(heads).view(1, -1, 1, 1)
+    i = torch.arange(seqlen_q).view(1, 1, -1, 1)
+    j = torch.arange(seqlen_k).view(1, 1, 1, -1)
+    shape = (batch, heads, seqlen_q, seqlen_k)
+    counter = [(j >> 2).expand(shape), i.expand(shape), (b * heads + h).expand(shape),
+               torch.full(shape, offset & MASK32, dtype=torch.int64)]
+    words = torch.stack(philox4x32_10(counter, seed & MASK32, (seed >> 32) & MASK32), -1)
+    word = words.gather(-1, (j & 3).expand(shape).unsqueeze(-1)).squeeze(-1)
+    threshold = min(int(p * 4294967296.0), MASK32)
+    return word >= threshold
+
+
+def attention_reference(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
+                        alibi=None, keep=None, dropout_p=0.0):
+    """Naive attention in q's dtype and on q's device, on (B, S, H, D) tensors; returns (out,
+    lse). Float64 inputs make it the reference of DESIGN.md; inputs in a low precision make it
+    the naive computation whose error sets the tolerance. keep: the dropout mask (B, Hq, Sq, Sk)
+    of `dropout_keep`."""
+    batch, seqlen_q, heads_q, d = q.shape
+    seqlen_k, heads_kv = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    k = k.repeat_interleave(heads_q // heads_kv, dim=2)
+    v = v.repeat_interleave(heads_q // heads_kv, dim=2)
+    s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(seqlen_q, device=q.device).view(-1, 1)
+    j = torch.arange(seqlen_k, device=q.device).view(1, -1)
+    diagonal = i + seqlen_k - seqlen_q
+    if alibi is not None:
+        slopes = alibi.to(s.dtype).view(-1 if alibi.ndim == 2 else 1, heads_q, 1, 1)
+        s = s - slopes * (diagonal - j).abs().to(s.dtype)
+    left, right = window
+    if causal:
+        right = 0
+    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
+    if left >= 0:
+        visible &= j >= diagonal - left
+    if right >= 0:
+        visible &= j <= diagonal + right
+    s = s.masked_fill(~visible, -math.inf)
+    lse = torch.logsumexp(s, dim=-1)
+    seen = visible.any(-1).view(1, 1, -1, 1)
+    probs = torch.softmax(torch.where(seen, s, 0.0), dim=-1) * seen
+    if keep is not None:
+        probs = probs * keep.to(probs.device) / (1.0 - dropout_p)
+    out = torch.einsum("bhij,bjhd->bihd", probs, v)
+    return out, lse
+
+
+def poisoned_empty(monkeypatch):
+    """Makes torch.empty inside lutflash.attention return NaN-filled float tensors (pytest's
+    monkeypatch fixture), so that an element a kernel forgets to write fails the comparison."""
+    import lutflash.attention
+
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(math.nan)
+        return t
+
+    monkeypatch.setattr(lutflash.attention.torch, "empty", empty)
