@@ -49,7 +49,7 @@ for step in "${steps[@]}"; do
     sanitize)
         for script in scripts/sanitize_*.py; do
             name=sanitize-$(basename "$script" .py | sed 's/^sanitize_//')
-            for tool in memcheck racecheck; do
+            for tool in memcheck racecheck initcheck; do
                 run_step "$name-$tool" compute-sanitizer --tool $tool --error-exitcode 1 $PY "$script"
             done
         done ;;

@@ -193,16 +193,33 @@ def test_fully_masked_rows_and_empty(poison):
         assert torch.all(k.grad == 0) and torch.all(v.grad == 0)
 
 
-def test_deterministic_backward():
-    q, k, v = (t.to(DEVICE).requires_grad_() for t in make_case(2, 300, 300, 4, 2, 128,
-                                                              torch.bfloat16, 4))
-    grads = []
-    for _ in range(2):
-        out = flash_attention(q, k, v, causal=True, deterministic=True)
-        dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-        grads.append((dq, dk, dv))
-    for a, b in zip(*grads, strict=True):
-        assert torch.equal(a, b)
+# (batch, Sq, Sk, Hq, Hkv, d, dtype, options): a spread of shapes, Sq > Sk included
+REPEAT_CASES = [
+    (2, 300, 300, 4, 2, 128, torch.bfloat16, dict(causal=True)),
+    (1, 800, 64, 12, 12, 256, torch.float16, dict(causal=True, window=(30, 12))),
+    (1, 256, 108, 4, 4, 256, torch.bfloat16, dict(causal=True)),
+    (1, 2048, 64, 2, 2, 128, torch.bfloat16, dict(window=(20, 7))),
+    (3, 97, 1000, 4, 1, 64, torch.float16, dict(causal=True, softcap=3.0)),
+    (1, 4000, 16, 2, 1, 40, torch.float16, dict(causal=True, dropout_p=0.3, seed=2)),
+    (2, 64, 64, 2, 2, 96, torch.bfloat16, dict(window=(4, 4))),
+]
+
+
+@pytest.mark.parametrize("n", range(len(REPEAT_CASES)))
+def test_deterministic_calls_are_bitwise_repeatable(n):
+    """deterministic=True: two calls on the same inputs give bitwise-equal outputs, lse and
+    gradients (the forward never uses atomics; a race shows up as a difference)."""
+    batch, sq, sk, hq, hkv, d, dtype, options = REPEAT_CASES[n]
+    q, k, v = (t.to(DEVICE).requires_grad_() for t in make_case(batch, sq, sk, hq, hkv, d,
+                                                              dtype, 4 + n))
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(n)).to(DEVICE, dtype)
+    results = []
+    for _ in range(3):
+        out, lse = flash_attention(q, k, v, deterministic=True, return_lse=True, **options)
+        results.append((out, lse, *torch.autograd.grad(out, (q, k, v), grad)))
+    for first, later in ((results[0], results[1]), (results[0], results[2])):
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), first, later, strict=True):
+            assert torch.equal(a, b), name
 
 
 # The two CUDA backwards (the default fast one with float32 dQ atomics, and deterministic=True)
@@ -214,6 +231,12 @@ BACKWARD_CASES = [
     (1, 150, 150, 4, 4, 40, torch.float16, dict(dropout_p=0.2, seed=(5, 1))),
     (2, 129, 400, 2, 2, 32, torch.bfloat16, dict(alibi=True, window=(-1, 7))),
     (1, 520, 260, 4, 2, 128, torch.float16, dict(causal=True, dropout_p=0.1, seed=3)),
+    # queries outnumber keys: query blocks that see no key, bands clipped at both ends
+    (1, 800, 64, 4, 2, 256, torch.float16, dict(causal=True, window=(30, 12))),
+    (1, 600, 40, 4, 2, 128, torch.bfloat16, dict(causal=True)),
+    (2, 300, 16, 2, 2, 64, torch.float16, dict(window=(5, 0), alibi=True)),
+    (1, 1000, 24, 4, 1, 32, torch.bfloat16, dict(causal=True, softcap=4.0)),
+    (1, 700, 50, 2, 2, 96, torch.float16, dict(window=(3, 2), dropout_p=0.25, seed=9)),
 ]
 
 
