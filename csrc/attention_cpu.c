@@ -284,6 +284,15 @@ static const attention_kernels *kernels_for(int variant) {
     return &kernels_portable;
 }
 
+const char *attention_cpu_variant_isa(int variant) {
+#ifdef ATTENTION_X86
+    if (kernels_for(variant) == &kernels_avx512) return "avx512";
+#else
+    (void)variant;
+#endif
+    return "portable";
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* Geometry: sequences, visible keys, tiles.                                                 */
 

@@ -17,6 +17,9 @@ int64_t attention_cpu_backward_shared_bytes(int64_t head_dim, int64_t heads_q, i
 /* variant: 0 picks the best inner loops for this CPU, 1 forces portable C, 3 AVX-512 (falls
  * back to portable C where the CPU lacks it); tests use it to cover every path. */
 #define ATTENTION_CPU_VARIANT_MAX 3
+/* The instruction set of the inner loops that `variant` runs on this CPU: "portable" or
+ * "avx512" (what the kernels dispatch to, so that tests can tell a silent fallback). */
+const char *attention_cpu_variant_isa(int variant);
 
 /* Writes out and lse. */
 void attention_forward_cpu(const attention_fwd_params *p, int variant);

@@ -179,6 +179,16 @@ static word_lookup_fn *select_word_lookup(int variant) {
     return word_lookup_portable;
 }
 
+const char *lutgemm_cpu_variant_isa(int variant) {
+    word_lookup_fn *fn = select_word_lookup(variant);
+#ifdef LF_X86
+    if (fn == word_lookup_avx512) return "avx512";
+    if (fn == word_lookup_avx2) return "avx2";
+#endif
+    (void)fn;
+    return "portable";
+}
+
 /* One tile of LF_ROW_TILE output rows for up to LF_X_PASS activation rows. Rows are the
  * innermost loop, so each (word, plane) run of the packed weight streams from memory
  * contiguously while that word's tables stay in registers. */

@@ -1,5 +1,9 @@
 #include "runtime.h"
 
+#include <string.h>
+
+#include "attention_cpu.h"
+#include "lutgemm_cpu.h"
 #include "methods.h"
 
 #ifdef LUTFLASH_WITH_CUDA
@@ -82,6 +86,38 @@ static PyObject *py_cpu_features(PyObject *self, PyObject *args) {
 #endif
 }
 
+/* cpu_kernel_isa(op, variant): the instruction set ("portable", "avx2", "avx512") of the CPU
+ * inner loops that `op` ("lutgemm" or "attention") runs for `variant` (0 = best on this CPU;
+ * lutgemm: 1 portable, 2 AVX2, 3 AVX-512; attention: 1 portable, 3 AVX-512) on this machine.
+ * Tests use it to check that the kernel they ask for is the one that runs, not a fallback. */
+static PyObject *py_cpu_kernel_isa(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "cpu_kernel_isa(op, variant)");
+        return NULL;
+    }
+    const char *op = PyUnicode_Check(args[0]) ? PyUnicode_AsUTF8(args[0]) : NULL;
+    if (op == NULL || (strcmp(op, "lutgemm") != 0 && strcmp(op, "attention") != 0)) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "op: expected 'lutgemm' or 'attention', got %R", args[0]);
+        return NULL;
+    }
+    if (!PyLong_Check(args[1])) {
+        PyErr_Format(PyExc_TypeError, "variant: expected an int, got %.100s",
+                     Py_TYPE(args[1])->tp_name);
+        return NULL;
+    }
+    const long variant = PyLong_AsLong(args[1]);
+    if (variant == -1 && PyErr_Occurred()) return NULL;
+    if (variant < 0 || variant > 3) {
+        PyErr_Format(PyExc_ValueError, "variant: expected 0..3, got %ld", variant);
+        return NULL;
+    }
+    return PyUnicode_FromString(strcmp(op, "lutgemm") == 0
+                                    ? lutgemm_cpu_variant_isa((int)variant)
+                                    : attention_cpu_variant_isa((int)variant));
+}
+
 PyMethodDef runtime_methods[] = {
     {"cuda_device_count", py_cuda_device_count, METH_NOARGS,
      "Number of CUDA devices the extension's runtime sees (0 without CUDA)."},
@@ -89,5 +125,8 @@ PyMethodDef runtime_methods[] = {
      "Whether the extension was compiled with its CUDA kernels."},
     {"cpu_features", py_cpu_features, METH_NOARGS,
      "The instruction sets the CPU kernels can dispatch to on this machine."},
+    {"cpu_kernel_isa", (PyCFunction)(void (*)(void))py_cpu_kernel_isa, METH_FASTCALL,
+     "cpu_kernel_isa(op, variant): the instruction set ('portable', 'avx2', 'avx512') of the "
+     "CPU inner loops op ('lutgemm' or 'attention') runs for variant (0 = best) on this CPU."},
     {NULL, NULL, 0, NULL},
 };

@@ -506,3 +506,93 @@ def test_scalars_must_survive_float32():
         lutflash.flash_attention(q, q, q, softcap=1e39)
     with pytest.raises(ValueError, match="dropout_p"):
         lutflash.flash_attention(q, q, q, dropout_p=1 - 1e-9)
+
+
+# ------------------------------------------------------------------------------------------
+# Every CPU kernel variant, by the instruction set it runs: a variant this CPU cannot run is
+# skipped by name instead of silently testing the portable loops again.
+
+ATTENTION_VARIANTS = {"portable": 1, "avx512": 3}  # attention_cpu.h's variant numbers
+
+
+@pytest.fixture(params=list(ATTENTION_VARIANTS))
+def attention_variant(request):
+    name = request.param
+    if name == "avx512" and not _C.cpu_features().get("avx512f"):
+        pytest.skip("AVX-512 kernel: this CPU has no AVX-512F")
+    variant = ATTENTION_VARIANTS[name]
+    # the loops that run are the ones named, not a fallback
+    assert _C.cpu_kernel_isa("attention", variant) == name
+    return variant
+
+
+def test_best_attention_variant_is_the_widest_the_cpu_has():
+    best = "avx512" if _C.cpu_features().get("avx512f") else "portable"
+    assert _C.cpu_kernel_isa("attention", 0) == best
+    assert _C.cpu_kernel_isa("attention", 1) == "portable"
+
+
+# Several key blocks (BLOCK_K = 64) per query block, so that the online softmax carries its
+# running max and sum across steps; each feature at least once.
+VARIANT_CASES = [
+    dict(causal=False, window=(-1, -1), softcap=0.0, alibi=None, heads=(4, 2),
+         seqlens=(70, 200), dropout_p=0.0, d=64),
+    dict(causal=True, window=(-1, -1), softcap=0.0, alibi=None, heads=(4, 4),
+         seqlens=(130, 190), dropout_p=0.0, d=40),
+    dict(causal=False, window=(50, 10), softcap=4.0, alibi="heads", heads=(6, 1),
+         seqlens=(100, 230), dropout_p=0.0, d=96),
+    dict(causal=True, window=(-1, -1), softcap=0.0, alibi="batch_heads", heads=(2, 2),
+         seqlens=(65, 160), dropout_p=0.3, d=16),
+]
+
+
+def variant_call(case, variant, dtype=torch.float32, seed=0):
+    """(q, k, v, the kernel's raw argument tuple, reference kwargs) for _forward/_backward."""
+    q, k, v, kwargs, ref_kwargs = grid_case(case, dtype=dtype, seed=seed)
+    window = kwargs["window"]
+    args = (None, None, 0, 0, 1 / math.sqrt(q.shape[-1]), kwargs["softcap"], window[0],
+            0 if kwargs["causal"] else window[1], kwargs["alibi_slopes"], kwargs["dropout_p"],
+            torch.tensor(kwargs["seed"]) if "seed" in kwargs else None)
+    return q, k, v, args, ref_kwargs
+
+
+@pytest.mark.parametrize("case", VARIANT_CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_each_variant_matches_reference(attention_variant, case):
+    q, k, v, args, ref_kwargs = variant_call(case, attention_variant, seed=3)
+    out, lse = _forward(q, k, v, *args, variant=attention_variant)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = attention_reference(q64, k64, v64, **ref_kwargs)
+    assert rel_err(out, ref) < 1e-5
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert torch.allclose(lse.double()[finite], ref_lse[finite], atol=1e-5, rtol=1e-5)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+    dq, dk, dv = _backward(grad, q, k, v, out, lse, None, *args, variant=attention_variant)
+    ref.backward(grad.double())
+    for name, ours, theirs in (("dq", dq, q64.grad), ("dk", dk, k64.grad), ("dv", dv, v64.grad)):
+        assert grad_close(ours, theirs), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", VARIANT_CASES[:2] + VARIANT_CASES[3:],
+                         ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_low_precision_is_the_rounded_float32_result(attention_variant, case, dtype):
+    """fp16/bf16 inputs are read as the float32 values they hold and every result is rounded
+    once, to nearest with ties to even: out, dq, dk and dv equal, bitwise, the float32 kernel
+    on the same values rounded by torch. Truncation differs on about half the elements."""
+    q, k, v, args, _ = variant_call(case, attention_variant, dtype=dtype, seed=5)
+    q32, k32, v32 = (t.float() for t in (q, k, v))
+    out, lse = _forward(q, k, v, *args, variant=attention_variant)
+    out32, lse32 = _forward(q32, k32, v32, *args, variant=attention_variant)
+    assert out.dtype == dtype
+    assert torch.equal(lse, lse32)
+    # the check means something only if the float32 results need rounding
+    assert (out32.to(dtype).float() != out32).double().mean().item() > 0.9
+    assert torch.equal(out, out32.to(dtype)), (out != out32.to(dtype)).sum().item()
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+    grads = _backward(dout, q, k, v, out, lse, None, *args, variant=attention_variant)
+    grads32 = _backward(dout.float(), q32, k32, v32, out.float(), lse, None, *args,
+                        variant=attention_variant)
+    for name, ours, exact in zip(("dq", "dk", "dv"), grads, grads32, strict=True):
+        assert ours.dtype == dtype
+        assert torch.equal(ours, exact.to(dtype)), name

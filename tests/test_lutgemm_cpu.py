@@ -7,9 +7,15 @@ import torch
 
 import lutflash
 from lutflash import _C
+from lutflash.bcq import BCQWeight, meta_per_group, padded_rows, words_per_row
 from lutflash.testing import assert_close_to_reference, lutgemm_reference, random_bcq_weight, relative_error
 
 VARIANTS = ["portable", "avx2", "avx512"]
+# The C variant numbers (lutgemm_cpu.h) and, for the ones that need an instruction set this CPU
+# may lack, the reason a test of them is skipped there.
+VARIANT_IDS = {"portable": 1, "avx2": 2, "avx512": 3}
+MISSING_ISA = {"avx2": "AVX2 kernel: this CPU has no AVX2 and FMA",
+               "avx512": "AVX-512 kernel: this CPU has no AVX-512F"}
 
 
 def supported(variant):
@@ -20,8 +26,10 @@ def supported(variant):
 @pytest.fixture(params=VARIANTS)
 def cpu_variant(request):
     if not supported(request.param):
-        pytest.skip(f"this CPU has no {request.param}")
+        pytest.skip(MISSING_ISA[request.param])
     _C.lutgemm_cpu_variant(request.param)
+    # The inner loop that runs is the one asked for, not a silent fallback.
+    assert _C.cpu_kernel_isa("lutgemm", VARIANT_IDS[request.param]) == request.param
     yield request.param
     _C.lutgemm_cpu_variant("best")
 
@@ -137,3 +145,87 @@ def test_grid_of_layouts_is_covered():
     # every (bits, mode) pair the format allows builds and validates
     for bits, mode in itertools.product(range(1, 9), ["general", "uniform"]):
         random_bcq_weight(8, 32, bits, 32, mode).validate()
+
+
+def test_variants_run_the_instruction_set_they_name():
+    """The variant a test selects is the kernel that runs (cpu_kernel_isa reports what the C
+    dispatch picks), and "best" is the widest one this CPU has, so that no test passes by
+    exercising the portable loop under another name."""
+    features = _C.cpu_features()
+    best = ("avx512" if features.get("avx512f") else
+            "avx2" if features.get("avx2") and features.get("fma") else "portable")
+    assert _C.lutgemm_cpu_variant() == best
+    assert _C.cpu_kernel_isa("lutgemm", 0) == best
+    for name in VARIANTS:
+        if supported(name):
+            assert _C.cpu_kernel_isa("lutgemm", VARIANT_IDS[name]) == name
+    with pytest.raises(ValueError, match="op"):
+        _C.cpu_kernel_isa("conv", 0)
+    with pytest.raises(ValueError, match="variant"):
+        _C.cpu_kernel_isa("lutgemm", 4)
+
+
+X_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", X_DTYPES, ids=str)
+def test_bias_beyond_the_first_row_tile(cpu_variant, dtype, generator):
+    """n spans several 512-row work tiles (odd n, the last tile nearly empty): every output row
+    gets its own bias element, not the one at its position inside the tile."""
+    n, k = 1537, 128
+    qweight = random_bcq_weight(n, k, 3, 64, "general", generator=generator)
+    # a bias as large as the products, distinct per row, so that a misread one cannot hide
+    bias = (4 * torch.randn(n, generator=generator)).to(dtype)
+    for m in (1, 5):
+        x = torch.randn(m, k, generator=generator).to(dtype)
+        out = poisoned_call(x, qweight, bias)
+        ref = lutgemm_reference(x, qweight, bias)
+        naive = (x.float() @ qweight.dequantize(torch.float32).t() + bias.float()).to(dtype)
+        assert_close_to_reference(out, ref, naive)
+        # the bias alone: out(x, bias) - out(x, None) is the bias, row by row
+        shift = out.double() - poisoned_call(x, qweight).double()
+        tol = 1e-5 if dtype == torch.float32 else 0.1
+        assert (shift - bias.double()).abs().max().item() < tol * (1 + bias.double().abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_output_is_the_rounded_float32_result(cpu_variant, dtype, generator):
+    """fp16/bf16 outputs are the float32 result rounded to nearest, ties to even: the kernel on
+    the same values given as float32 (bitwise the same arithmetic) rounded by torch's own
+    conversion. Truncation (or any other rounding) differs on about half the elements."""
+    n, k = 600, 256
+    qweight = random_bcq_weight(n, k, 3, 128, "general", generator=generator)
+    x = torch.randn(9, k, generator=generator).to(dtype)
+    bias = torch.randn(n, generator=generator).to(dtype)
+    out = poisoned_call(x, qweight, bias)
+    exact = poisoned_call(x.float(), qweight, bias.float())
+    # the test means something only if the float32 results need rounding
+    assert (exact.to(dtype).float() != exact).double().mean().item() > 0.9
+    assert torch.equal(out, exact.to(dtype)), (out != exact.to(dtype)).sum().item()
+
+
+def all_ones_weight(n, k=32):
+    """1 bit, one group, alpha 1, offset 0, every code +1: Ŵ is all ones, out[i, r] = Σ x[i]."""
+    rows = padded_rows(n)
+    planes = torch.zeros(words_per_row(k), 1, rows, dtype=torch.int32)
+    planes[:, :, :n] = -1  # every bit set
+    meta = torch.zeros(1, meta_per_group(1, "general"), rows)
+    meta[0, 0, :n] = 1.0
+    return BCQWeight(planes, meta, (n, k), 1, k, "general")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_output_rounds_ties_to_even(cpu_variant, dtype):
+    """Sums exact in float32 that fall exactly halfway between two fp16/bf16 values (and just
+    off halfway) round like torch: ties to the even neighbour."""
+    ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)  # spacing of the type in [1, 2)
+    pairs = [(1.0, ulp / 2), (1.0 + ulp, ulp / 2), (-1.0, -ulp / 2), (-1.0 - ulp, -ulp / 2),
+             (1.0, ulp / 4), (1.0 + ulp, 3 * ulp / 4), (1.0, 3 * ulp / 4), (2.0 + 2 * ulp, ulp)]
+    x = torch.zeros(len(pairs), 32, dtype=dtype)
+    for row, (a, b) in enumerate(pairs):
+        x[row, 0], x[row, 5] = a, b
+        assert x[row, 0].item() == a and x[row, 5].item() == b  # both exact in the type
+    sums = torch.tensor([a + b for a, b in pairs], dtype=torch.float32)
+    out = poisoned_call(x, all_ones_weight(3))
+    expected = sums.to(dtype)[:, None].expand(-1, 3)
+    assert torch.equal(out, expected), (out[:, 0].tolist(), expected[:, 0].tolist())
