@@ -449,3 +449,146 @@ def test_gpu_training_gradients_match_eager(family, dtype, cuda_device):
     for name in ref:
         assert torch.isfinite(out[name]).all(), name
         assert_within_naive(out[name], naive[name], ref[name], name, scale=scale)
+
+
+# ------------------------------------------------------------------------------------------
+# A value head dim smaller than the query's (MLA), and the dropout rate that reaches the kernel.
+
+def test_value_head_dim_smaller_than_query_head_dim():
+    """v is zero-padded on the right up to the query head dim and the output cropped back:
+    the result equals eager attention with the narrow v, on the dense, padded and packed paths."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    forward = lutflash.integrations.transformers.lutflash_attention_forward
+    generator = torch.Generator().manual_seed(7)
+    query = torch.randn(3, 4, SEQ, 24, generator=generator)
+    key = torch.randn(3, 2, SEQ, 24, generator=generator)
+    value = torch.randn(3, 2, SEQ, 8, generator=generator)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups, module.training = True, 2, False
+    _, mask = padded_batch("left")
+    real = mask.bool()
+    causal = torch.ones(SEQ, SEQ, dtype=torch.bool).tril()
+    for attention_mask in (None, mask):
+        allowed = causal if attention_mask is None else real[:, None, None, :] & causal
+        additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        ref, _ = eager_attention_forward(module, query, key, value, additive, scaling=0.3)
+        out, _ = forward(module, query, key, value, attention_mask, scaling=0.3)
+        assert out.shape == (3, SEQ, 4, 8)
+        rows = slice(None) if attention_mask is None else real
+        assert max_rel_diff(out[rows], ref[rows]) < 1e-5
+    # packed: two sequences side by side in one row, kept apart by restarting position_ids
+    position_ids = torch.cat([torch.arange(6), torch.arange(SEQ - 6)])[None]
+    out, _ = forward(module, query[:1], key[:1], value[:1], None, scaling=0.3,
+                     position_ids=position_ids)
+    for span in (slice(0, 6), slice(6, SEQ)):
+        n = span.stop - span.start
+        alone = torch.zeros(n, n).masked_fill(~causal[:n, :n], torch.finfo(torch.float32).min)
+        ref, _ = eager_attention_forward(module, query[:1, :, span], key[:1, :, span],
+                                         value[:1, :, span], alone, scaling=0.3)
+        assert max_rel_diff(out[:, span], ref) < 1e-5
+
+
+def test_mla_model_matches_eager():
+    """DeepSeek-V3's attention (MLA: query/key head dim 24, value head dim 8) under "lutflash"
+    gives eager's logits, padded and not."""
+    config = transformers.DeepseekV3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None,
+        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=8,
+        first_k_dense_replace=2, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+        topk_group=1, max_position_embeddings=64, initializer_range=0.1, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    ids, mask = padded_batch("left")
+    for inputs, real in ((dict(input_ids=ids, attention_mask=mask), mask.bool()),
+                         (dict(input_ids=ids), torch.ones_like(mask, dtype=torch.bool))):
+        ref = logits_under(model, "eager", **inputs)
+        out = logits_under(model, "lutflash", **inputs)
+        assert max_rel_diff(out[real], ref[real]) < 1e-4
+
+
+def test_dropout_rate_reaches_the_kernel_unchanged():
+    """The kernel runs with exactly the dropout rate the module passes: through the integration
+    with a fixed seed the output equals, bitwise, flash_attention called directly with that rate
+    (dense path) and flash_attention_varlen (padded path)."""
+    forward = lutflash.integrations.transformers.lutflash_attention_forward
+    generator = torch.Generator().manual_seed(8)
+    query = torch.randn(2, 4, SEQ, 16, generator=generator)
+    key, value = torch.randn(2, 2, 2, SEQ, 16, generator=generator)
+    module = torch.nn.Module()
+    module.is_causal = True
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    torch.manual_seed(21)
+    out, _ = forward(module, query, key, value, None, dropout=0.3, scaling=0.25)
+    torch.manual_seed(21)
+    direct = lutflash.flash_attention(q, k, v, causal=True, softmax_scale=0.25, dropout_p=0.3)
+    assert torch.equal(out, direct)
+    torch.manual_seed(21)
+    other_rate = lutflash.flash_attention(q, k, v, causal=True, softmax_scale=0.25, dropout_p=0.15)
+    assert not torch.equal(out, other_rate)
+
+    mask = torch.ones(2, SEQ, dtype=torch.long)
+    mask[1, :5] = 0  # left padding: the varlen path
+    torch.manual_seed(22)
+    out, _ = forward(module, query, key, value, mask, dropout=0.3, scaling=0.25)
+    cu = torch.tensor([0, SEQ, 2 * SEQ - 5], dtype=torch.int32)
+    keep = mask.bool().flatten()
+    packed = [t.reshape(-1, *t.shape[2:])[keep] for t in (q, k, v)]
+    torch.manual_seed(22)
+    direct = lutflash.flash_attention_varlen(*packed, cu, cu, SEQ, SEQ, causal=True,
+                                             softmax_scale=0.25, dropout_p=0.3)
+    assert torch.equal(out.reshape(-1, 4, 16)[keep], direct)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "varlen"])
+def test_dropout_mask_statistics_through_the_integration(padded):
+    """With v the identity (Sk = head dim) the output is P · keep / (1 - p): the fraction of
+    dropped probabilities is the configured p, and the kept ones are scaled by 1 / (1 - p)."""
+    forward = lutflash.integrations.transformers.lutflash_attention_forward
+    p, heads, seq = 0.25, 4, 64
+    generator = torch.Generator().manual_seed(9)
+    query = torch.randn(2, heads, seq, seq, generator=generator) * 0.1
+    key = torch.randn(2, heads, seq, seq, generator=generator) * 0.1
+    value = torch.eye(seq).expand(2, heads, seq, seq)
+    module = torch.nn.Module()
+    module.is_causal = False
+    mask = torch.ones(2, seq, dtype=torch.long) if padded else None
+    if padded:
+        mask[1, :3] = 0  # one padded key: the varlen path
+    plain, _ = forward(module, query, key, value, mask, is_causal=False)
+    torch.manual_seed(3)
+    dropped, _ = forward(module, query, key, value, mask, dropout=p, is_causal=False)
+    visible = plain > 0  # the probabilities the kernel computed (padded keys are exactly 0)
+    kept = dropped[visible] != 0
+    assert abs(1 - kept.double().mean().item() - p) < 0.015
+    torch.testing.assert_close(dropped[visible][kept], plain[visible][kept] / (1 - p),
+                               rtol=1e-5, atol=0)
+
+
+def test_model_dropout_rate_reaches_the_kernel(monkeypatch):
+    """A model configured with attention_dropout = 0.3 makes every kernel call with exactly 0.3
+    in training and 0 in eval mode."""
+    integration = lutflash.integrations.transformers
+    rates = []
+    for name in ("flash_attention", "flash_attention_varlen"):
+        original = getattr(integration, name)
+
+        def recording(*args, _original=original, **kwargs):
+            rates.append(kwargs.get("dropout_p"))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(integration, name, recording)
+    torch.manual_seed(0)
+    config = CONFIGS["llama"]()
+    config.attention_dropout = 0.3
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="lutflash")
+    ids, mask = padded_batch("left")
+    with torch.no_grad():
+        for train, expected in ((True, 0.3), (False, 0.0)):
+            model.train(train)
+            for inputs in (dict(input_ids=ids, attention_mask=mask), dict(input_ids=ids)):
+                rates.clear()
+                model(**inputs)
+                assert rates == [expected] * config.num_hidden_layers, (train, rates)
