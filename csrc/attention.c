@@ -355,16 +355,6 @@ static int check_cuda_layout(const lf_tensor *t, int count, const char *op) {
     return 0;
 }
 
-#ifdef LUTFLASH_WITH_CUDA
-/* cuda/attention_fwd.cu: the decode (split-KV) path's workspace. */
-int64_t attention_cuda_forward_workspace_bytes(int64_t batch, int64_t heads_q, int64_t heads_kv,
-                                               int64_t seqlen_q, int64_t seqlen_k,
-                                               int64_t head_dim, int64_t total_q);
-/* cuda/attention_bwd.cu: the fast (non-deterministic) backward's float32 dQ accumulator. */
-int64_t attention_cuda_backward_workspace_bytes(int64_t heads_q, int64_t head_dim,
-                                                int64_t total_q);
-#endif
-
 static int launch_attention_forward(const void *arg, void *stream) {
 #ifdef LUTFLASH_WITH_CUDA
     return attention_forward_cuda((const attention_fwd_params *)arg, stream);
@@ -466,8 +456,15 @@ static PyObject *py_attention_forward(PyObject *self, PyObject *const *args, Py_
     if (check_output_like(out, q, q->dtype, q->ndim, q->shape) < 0 ||
         check_lse_like(lse, q, lse_ndim, lse_shape, 1) < 0)
         goto done;
-    const int64_t need = q->device_type == LF_DEVICE_CPU
-                             ? attention_cpu_forward_thread_bytes(p.head_dim) : 0;
+    int64_t need = 0;
+    if (q->device_type == LF_DEVICE_CPU)
+        need = attention_cpu_forward_thread_bytes(p.head_dim);
+#ifdef LUTFLASH_WITH_CUDA
+    else /* the decode path's split records: the kernels trust this size */
+        need = attention_cuda_forward_workspace_bytes(
+            p.batch, p.heads_q, p.heads_kv, p.seqlen_q, p.seqlen_k, p.head_dim,
+            p.cu_seqlens_q ? p.total_q : p.batch * p.seqlen_q);
+#endif
     const int outputs[3] = {FWD_OUT, FWD_LSE, FWD_WORKSPACE};
     if (check_workspace(&t[FWD_WORKSPACE], q, need) < 0 || check_disjoint(t, FWD_COUNT, outputs, 3) < 0)
         goto done;

@@ -6,7 +6,7 @@
 
 #include <stdint.h>
 
-#include "bcq_format.h" /* lf_scalar */
+#include "scalar_type.h"
 
 #define ATTENTION_MAX_HEAD_DIM 256
 

@@ -5,6 +5,8 @@
 
 #include <stdint.h>
 
+#include "scalar_type.h"
+
 #define BCQ_FORMAT_VERSION 1
 #define BCQ_MAX_BITS 8
 #define BCQ_WORD_K 32  /* k positions per packed 32-bit word */
@@ -14,13 +16,6 @@ typedef enum {
     BCQ_MODE_GENERAL = 0, /* per (row, group): alpha_0..alpha_{q-1}, offset */
     BCQ_MODE_UNIFORM = 1, /* per (row, group): scale s, offset; alpha_i = s * 2^(i-1) */
 } bcq_mode;
-
-/* Element types of activations, outputs and metadata. */
-typedef enum {
-    LF_SCALAR_F32 = 0,
-    LF_SCALAR_F16 = 1,
-    LF_SCALAR_BF16 = 2,
-} lf_scalar;
 
 static inline int64_t bcq_padded_rows(int64_t n) {
     return (n + BCQ_ROW_PAD - 1) / BCQ_ROW_PAD * BCQ_ROW_PAD;

@@ -5,7 +5,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "bcq_format.h"
+#include "scalar_type.h"
 
 static inline float lf_f16_to_f32(uint16_t bits) {
     _Float16 h;

@@ -7,7 +7,7 @@
 #include <Python.h>
 #include <stdint.h>
 
-#include "bcq_format.h"
+#include "scalar_type.h"
 
 #define LF_MAX_DIMS 8
 

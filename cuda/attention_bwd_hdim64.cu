@@ -1,6 +1,6 @@
-/* The backward kernels of head dims up to 64 (cuda/attention_cuda.cuh), one file per head dim
- * so that nvcc runs them in parallel. */
-#include "attention_cuda.cuh"
+/* The attention backward at padded head dim 64, one file per head dim so that nvcc compiles
+ * them in parallel (declared extern in attention_bwd.cu). */
+#include "attention_bwd_launch.cuh"
 
 namespace attn {
 template cudaError_t run_attn_bwd<64, __half>(const attention_bwd_params &, cudaStream_t);

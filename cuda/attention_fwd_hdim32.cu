@@ -1,6 +1,6 @@
-/* The forward kernels of head dims up to 32 (cuda/attention_cuda.cuh), one file per head dim
- * so that nvcc runs them in parallel. */
-#include "attention_cuda.cuh"
+/* The attention forward at padded head dim 32, one file per head dim so that nvcc compiles
+ * them in parallel (declared extern in attention_fwd.cu). */
+#include "attention_fwd_launch.cuh"
 
 namespace attn {
 template cudaError_t run_attn_fwd<32, __half>(const attention_fwd_params &, cudaStream_t);

@@ -1,6 +1,6 @@
 /* The C ABI of lutflash's CUDA code: every GPU entry point the extension calls.
- * Plain C; each function returns 0 or a cudaError_t value and never allocates. The stream is
- * the last argument (a cudaStream_t passed as void*). */
+ * Plain C; the launchers return 0 or a cudaError_t value, never allocate and never synchronize
+ * with the host. The stream is the last argument (a cudaStream_t passed as void*). */
 #ifndef LUTFLASH_CUDA_H
 #define LUTFLASH_CUDA_H
 
@@ -17,15 +17,28 @@ const char *lf_cuda_error_string(int error);
 /* Makes `device` current and returns the previous current device in *previous. */
 int lf_cuda_set_device(int device, int *previous);
 
-/* Workspace bytes lutgemm_cuda needs for these parameters (m, n, k, bits, ...). */
+/* LUT-GEMM (cuda/lutgemm_cuda.cu): out = x · Ŵᵀ (+ bias) for fp16/bf16/fp32 x. The
+ * workspace must hold lutgemm_cuda_workspace_bytes(p) bytes. */
 int64_t lutgemm_cuda_workspace_bytes(const lutgemm_params *p);
 int lutgemm_cuda(const lutgemm_params *p, void *stream);
 
 /* flash_attention on fp16/bf16 (cuda/attention_fwd.cu, attention_bwd.cu): head dims that are
- * multiples of 8 up to 256, every row and base 16-byte aligned; no workspace. The backward
- * writes delta, dq, dk and dv with a fixed summation order (bitwise deterministic). */
+ * multiples of 8 up to 256 (padded up to 32, 64, 96, 128 or 256 inside), every row and base
+ * 16-byte aligned. */
 int attention_cuda_padded_head_dim(int64_t head_dim);
+/* The forward's workspace: the decode path's split records (0 where that path does not apply
+ * or needs no split). seqlen_q and seqlen_k are the dense lengths or the varlen maxima;
+ * total_q = batch * seqlen_q for dense inputs, the packed row count for varlen ones. */
+int64_t attention_cuda_forward_workspace_bytes(int64_t batch, int64_t heads_q, int64_t heads_kv,
+                                               int64_t seqlen_q, int64_t seqlen_k,
+                                               int64_t head_dim, int64_t total_q);
 int attention_forward_cuda(const attention_fwd_params *p, void *stream);
+/* The backward's workspace: the float32 dQ accumulator of the fast backward (deterministic =
+ * 0), which sums dQ with atomics (run-to-run differences in the last bits); 0 at head dims
+ * over 128, which always take the deterministic passes. deterministic = 1 needs no workspace
+ * and gives bitwise-repeatable gradients. */
+int64_t attention_cuda_backward_workspace_bytes(int64_t heads_q, int64_t head_dim,
+                                                int64_t total_q);
 int attention_backward_cuda(const attention_bwd_params *p, void *stream);
 
 #ifdef __cplusplus
