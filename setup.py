@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -36,7 +35,8 @@ def cudart_static_dir(nvcc):
     so its own report of the toolkit root (TOP in a dry run) comes first."""
     roots = [Path(nvcc).resolve().parent.parent]
     try:
-        dry = subprocess.run([nvcc, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull], capture_output=True, text=True).stderr
+        dry = subprocess.run([nvcc, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True).stderr
         roots = [Path(line.split("=", 1)[1]).resolve() for line in dry.splitlines()
                  if line.startswith("#$ TOP=")] + roots
     except OSError:
@@ -84,47 +84,65 @@ class BuildExtWithCuda(build_ext):
         super().build_extension(ext)
 
     def compile_cuda(self, nvcc):
+        """Objects live in build/cuda-<archs>/ of the checkout (not the build folder of the
+        moment, which pip makes afresh for every install), so a second install recompiles only
+        the sources whose own text, included headers (nvcc -MD) or command line changed."""
         sources = sorted((ROOT / "cuda").glob("*.cu"))
         if not sources:
             return []
         archs = cuda_archs()
-        build_dir = Path(self.build_temp) / "cuda"
+        build_dir = ROOT / "build" / ("cuda-" + "-".join(archs))
         build_dir.mkdir(parents=True, exist_ok=True)
-        include = sysconfig.get_paths()["include"]
+        # paths relative to the checkout (nvcc runs there): the recorded command and the
+        # dependency lists then hold for a copy of the tree elsewhere too
         common = [
             "-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-lineinfo", "--use_fast_math",
-            "-Xptxas=--warn-on-spills", "-I", str(ROOT / "cuda"), "-I", str(ROOT / "csrc"),
-            "-I", include, "--expt-relaxed-constexpr",
+            "-Xptxas=--warn-on-spills", "-I", "cuda", "-I", "csrc", "--expt-relaxed-constexpr",
         ]
         jobs, objects = [], []
-        # CUDA sources include the plain-C headers of csrc/ (parameter structs) too.
-        headers = [*(ROOT / "cuda").glob("*.cuh"), *(ROOT / "cuda").glob("*.h"),
-                   *(ROOT / "csrc").glob("*.h")]
         for src in sources:
             gencode = gencode_flags(archs, hopper_only=src.stem.endswith("_sm90"))
             if not gencode:
                 continue
             obj = build_dir / (src.stem + ".o")
+            deps, cmd_file = obj.with_suffix(".d"), obj.with_suffix(".cmd")
             objects.append(str(obj))
-            stale = not obj.exists() or any(
-                p.stat().st_mtime > obj.stat().st_mtime for p in [src, *headers])
-            if stale:
-                jobs.append([nvcc, *common, *gencode, "-c", str(src), "-o", str(obj)])
+            rel = lambda p: str(p.relative_to(ROOT))  # noqa: E731
+            flags = [*common, *gencode, "-MD", "-MF", rel(deps), "-c", rel(src), "-o", rel(obj)]
+            if self._stale(obj, deps, cmd_file, " ".join(flags)):
+                jobs.append(([nvcc, *flags], cmd_file))
         parallel = max(1, min(len(jobs), os.cpu_count() or 1))
         running = []
-        for cmd in jobs:
+        for cmd, cmd_file in jobs:
             print(" ".join(cmd))
-            running.append(subprocess.Popen(cmd))
+            running.append((subprocess.Popen(cmd, cwd=ROOT), cmd_file))
             if len(running) >= parallel:
-                self._wait(running.pop(0))
-        for proc in running:
-            self._wait(proc)
+                self._wait(*running.pop(0))
+        for proc, cmd_file in running:
+            self._wait(proc, cmd_file)
         return objects
 
     @staticmethod
-    def _wait(proc):
+    def _stale(obj, deps, cmd_file, cmd):
+        """True unless obj exists, was built with the same flags, and is newer than every
+        file of the checkout that its dependency list names (the source and our headers;
+        the toolkit's headers are left out)."""
+        try:
+            if cmd_file.read_text() != cmd:
+                return True
+            built = obj.stat().st_mtime
+            text = deps.read_text().replace("\\\n", " ")
+            files = [f for f in text.split(":", 1)[1].split() if not os.path.isabs(f)]
+            return not files or any((ROOT / f).stat().st_mtime > built for f in files)
+        except (OSError, IndexError):
+            return True
+
+    @staticmethod
+    def _wait(proc, cmd_file):
         if proc.wait() != 0:
+            cmd_file.unlink(missing_ok=True)
             sys.exit(f"lutflash: nvcc failed: {' '.join(proc.args)}")
+        cmd_file.write_text(" ".join(proc.args[1:]))
 
 
 extension = Extension(

@@ -3,10 +3,10 @@
 # $OUT (default ./gpu_out). Usage:
 #   scripts/gpu_check.sh [steps...]     steps: build test sanitize bench-lutgemm bench-attention
 #                                       (default: all of them, in that order)
-# LUTFLASH_PREBUILT=DIR: DIR holds cuda/*.o built elsewhere for this GPU
-# (LUTFLASH_CUDA_ARCHS=90 python setup.py build_ext --inplace --build-temp DIR); the build
-# step then reuses them instead of running nvcc. LUTFLASH_COMMIT names the commit in the
-# summary where the tree has no .git.
+# LUTFLASH_PREBUILT=1: build/cuda-<archs>/ holds the CUDA objects of this tree compiled on
+# another machine (LUTFLASH_CUDA_ARCHS=90 python setup.py build_ext there, then the device
+# tool's `carry` of build/cuda-90): the build step marks them current and compiles only the C
+# files. LUTFLASH_COMMIT names the commit in the summary where the tree has no .git.
 # The build targets only the GPU in hand (LUTFLASH_CUDA_ARCHS from its compute capability,
 # unless set). Every step runs even if an earlier one failed; the exit code is the number of
 # failed steps.
@@ -34,11 +34,10 @@ for step in "${steps[@]}"; do
         # compat mode builds the extension in place (python/lutflash/_C*.so), so the package
         # imports from the tree whichever way the machine's pip handles editable installs
         if [ -n "${LUTFLASH_PREBUILT:-}" ]; then
-            # CUDA objects compiled on another machine for this GPU's arch and carried here
-            # (the device tool's `carry`): mark them current, compile only the C files
-            rm -rf "$LUTFLASH_PREBUILT/csrc"
-            find "$LUTFLASH_PREBUILT" -name '*.o' -exec touch {} +
-            run_step build $PY setup.py -q build_ext --inplace --build-temp "$LUTFLASH_PREBUILT"
+            # carried CUDA objects (setup.py keeps them in build/cuda-<archs>/): copies arrive
+            # older than the sources, so mark them current; only the C files compile
+            find build -path 'build/cuda-*' -name '*.o' -exec touch {} +
+            run_step build $PY setup.py -q build_ext --inplace
         else
             run_step build $PY -m pip install --no-build-isolation -q -e . \
                 --config-settings editable_mode=compat
