@@ -2,33 +2,59 @@
 
     python benchmarks/bench_lutgemm.py --device cpu    # LLaMA-7B shapes, m = 1, 4, 16
     python benchmarks/bench_lutgemm.py --device cuda   # OPT-175B / LLaMA-2-7B / 70B shapes
+    python benchmarks/bench_lutgemm.py --device cuda --quick --json a.json   # before/after run
 
 CPU peers: torch F.linear in float32. CUDA peers: F.linear in float16 (cuBLAS),
 torch._weight_int4pack_mm (torch's int4 group-128 kernel, bfloat16), and the memory floor:
 bytes of the packed weight and metadata over the bandwidth of a device-to-device copy measured
-in this run. GPU times are CUDA-event medians with L2 flushed before every repetition.
-Prints a table; --json and --plot write the numbers and a latency-vs-m plot.
+in this run. GPU times are CUDA-event medians with L2 flushed before every repetition
+(timing.CudaTimer). Each lutflash product at m in --check-m is also compared with F.linear on
+the dequantized weight, so that a wrong answer cannot pass for a fast one.
+
+--quick (CUDA): 6 shapes (square 12288² and 4096², up-projections 4096→11008 and 8192→28672,
+down-projections 11008→4096 and 28672→8192) at m = 1 (the m <= 2 kernel), 4 and 16 (tensor
+cores with k split) and 256 (tensor cores), every --bits and --modes: 192 timings of 53 calls
+of ~0.2 ms flush and spin plus <= 0.3 ms of kernel, about 4 s of GPU time on an H200; with
+start-up, the copy bandwidth and the weights' set-up (made on the CPU) about 30 s in all.
+--quick (CPU): 4096², m = 1 and 16. A before/after comparison is this script run at two
+commits, then `python benchmarks/compare.py before.json after.json`.
+
+JSON (--json), stable; readers: report.py, compare.py:
+    {"meta": {"device": "cpu"|"cuda", "torch": str, "date": "YYYY-MM-DD", "commit": str,
+              "quick": bool, "reps": int,
+              CPU: "cpu": str, "threads": int;
+              CUDA: "gpu": str, "copy_bandwidth_bytes_per_s": float,
+                    "bits_per_weight": {bits: float}},
+     "rows": [{"shape": "K->N", "m": int, "<timing>": µs, ...}],
+     "checks": [{"shape": "K->N", "m": int, "impl": str, "rel_err": float}]}
+    timings, CPU: "F.linear fp32", "lutflash {bits}b" (general mode);
+    CUDA: "cuBLAS fp16", "torch int4" (absent where torch lacks it), "lutflash {bits}b {u|g}"
+    (uniform or general mode) and "floor {bits}b {u|g}" (the memory floor, not a measurement).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timing import CudaTimer, copy_bandwidth, git_commit, time_cpu
+from timing import CudaTimer, copy_bandwidth, environment, time_cpu, write_json
 
 import lutflash
 from lutflash.bcq import bits_per_weight
-from lutflash.testing import random_bcq_weight
+from lutflash.testing import random_bcq_weight, relative_error
 
 CPU_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 CUDA_SHAPES = [(12288, 12288), (12288, 49152), (49152, 12288), (4096, 4096), (4096, 11008),
                (11008, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]
+CPU_M = [1, 4, 16]
+CUDA_M = [1, 2, 4, 8, 16, 32, 64, 256, 1024, 4096]
+QUICK_CPU_SHAPES, QUICK_CPU_M = [(4096, 4096)], [1, 16]
+QUICK_CUDA_SHAPES = [(12288, 12288), (4096, 4096), (4096, 11008), (8192, 28672), (11008, 4096),
+                     (28672, 8192)]
+QUICK_CUDA_M = [1, 4, 16, 256]
+CHECK_TOLERANCE = 1e-2  # relative error against F.linear on the dequantized weight
 
 
 def int4_peer(weight: torch.Tensor, group_size: int = 128):
@@ -50,35 +76,47 @@ def int4_peer(weight: torch.Tensor, group_size: int = 128):
         return None
 
 
-def bench_cpu(args) -> list[dict]:
-    rows = []
-    for k, n in args.shapes or CPU_SHAPES:
+def check(checks: list, args, shape: str, m: int, label: str, x, qweight) -> None:
+    """Relative error of lutflash.lutgemm against F.linear on the dequantized weight."""
+    if m not in args.check_m:
+        return
+    error = relative_error(lutflash.lutgemm(x, qweight), F.linear(x, qweight.dequantize(x.dtype)))
+    checks.append({"shape": shape, "m": m, "impl": label, "rel_err": error})
+    if not error < CHECK_TOLERANCE:
+        print(f"  WRONG: {label} at {shape} m={m}: relative error {error:.2e}", flush=True)
+
+
+def bench_cpu(args) -> tuple[list[dict], list[dict]]:
+    rows, checks = [], []
+    for k, n in args.shapes:
         weight = torch.randn(n, k) * 0.02
-        for m in args.m or [1, 4, 16]:
+        qweights = {bits: random_bcq_weight(n, k, bits, 128, "general") for bits in args.bits}
+        for m in args.m:
             x = torch.randn(m, k)
             row = {"shape": f"{k}->{n}", "m": m,
                    "F.linear fp32": time_cpu(lambda: F.linear(x, weight), args.reps)}
-            for bits in args.bits:
-                qweight = random_bcq_weight(n, k, bits, 128, "general")
-                row[f"lutflash {bits}b"] = time_cpu(lambda: lutflash.lutgemm(x, qweight), args.reps)
+            for bits, qweight in qweights.items():
+                label = f"lutflash {bits}b"
+                row[label] = time_cpu(lambda: lutflash.lutgemm(x, qweight), args.reps)
+                check(checks, args, row["shape"], m, label, x, qweight)
             rows.append(row)
             print_row(row, "F.linear fp32")
-    return rows
+    return rows, checks
 
 
-def bench_cuda(args) -> tuple[list[dict], float]:
+def bench_cuda(args) -> tuple[list[dict], list[dict], float]:
     device = torch.device("cuda")
     timer = CudaTimer(device)
     bandwidth = copy_bandwidth(timer, device)
     print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s ({torch.cuda.get_device_name()})")
-    rows = []
-    for k, n in args.shapes or CUDA_SHAPES:
+    rows, checks = [], []
+    for k, n in args.shapes:
         weight = torch.randn(n, k, device=device, dtype=torch.float16) * 0.02
         qweights = {(bits, mode): random_bcq_weight(n, k, bits, 128, mode,
                                                     meta_dtype=torch.float16, device=device)
                     for bits in args.bits for mode in args.modes}
         int4 = int4_peer(weight)
-        for m in args.m or [1, 2, 4, 8, 16, 32, 64, 256, 1024, 4096]:
+        for m in args.m:
             x = torch.randn(m, k, device=device, dtype=torch.float16)
             row = {"shape": f"{k}->{n}", "m": m,
                    "cuBLAS fp16": timer(lambda: F.linear(x, weight), args.reps)}
@@ -89,9 +127,10 @@ def bench_cuda(args) -> tuple[list[dict], float]:
                 label = f"lutflash {bits}b {mode[0]}"
                 row[label] = timer(lambda: lutflash.lutgemm(x, qweight), args.reps)
                 row[f"floor {bits}b {mode[0]}"] = qweight.nbytes() / bandwidth * 1e6
+                check(checks, args, row["shape"], m, label, x, qweight)
             rows.append(row)
             print_row(row, "cuBLAS fp16")
-    return rows, bandwidth
+    return rows, checks, bandwidth
 
 
 def print_row(row: dict, peer: str) -> None:
@@ -128,6 +167,7 @@ def plot(rows: list[dict], path: Path, device: str) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
     print(f"wrote {path}")
 
 
@@ -135,30 +175,45 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--quick", action="store_true",
+                        help="a representative subset for before/after runs (see above); "
+                        "--shapes and --m still override it")
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
-    parser.add_argument("--modes", nargs="+", default=["general", "uniform"])
+    parser.add_argument("--modes", nargs="+", default=["general", "uniform"],
+                        help="CUDA only; the CPU rows are general mode")
     parser.add_argument("--m", type=int, nargs="+")
     parser.add_argument("--shapes", type=lambda s: tuple(int(v) for v in s.split("x")), nargs="+",
                         help="k x n pairs such as 4096x11008")
-    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--reps", type=int, default=None, help="default 20 (CPU), 50 (CUDA)")
+    parser.add_argument("--check-m", type=int, nargs="*", default=[1, 16, 256],
+                        help="the m at which every product is checked (none: no checks)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.exit(1, "--device cuda: no GPU visible to torch\n")
+    if args.shapes is None:
+        args.shapes = ((QUICK_CUDA_SHAPES if cuda else QUICK_CPU_SHAPES) if args.quick
+                       else (CUDA_SHAPES if cuda else CPU_SHAPES))
+    if args.m is None:
+        args.m = (QUICK_CUDA_M if cuda else QUICK_CPU_M) if args.quick else (CUDA_M if cuda else CPU_M)
+    args.reps = args.reps or (50 if cuda else 20)
     torch.manual_seed(0)
-    meta = {"device": args.device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "commit": git_commit()}
-    if args.device == "cpu":
-        args.reps = args.reps or 20
-        meta.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
-        rows = bench_cpu(args)
-    else:
-        args.reps = args.reps or 50
-        rows, bandwidth = bench_cuda(args)
-        meta.update(gpu=torch.cuda.get_device_name(), copy_bandwidth_bytes_per_s=bandwidth,
+    meta = environment(args.device)
+    meta.update(quick=args.quick, reps=args.reps)
+    if cuda:
+        rows, checks, bandwidth = bench_cuda(args)
+        meta.update(copy_bandwidth_bytes_per_s=bandwidth,
                     bits_per_weight={b: bits_per_weight(b, 128, "general") for b in args.bits})
+    else:
+        rows, checks = bench_cpu(args)
+    wrong = [c for c in checks if not c["rel_err"] < CHECK_TOLERANCE]
+    if checks:
+        print(f"checks: {len(checks) - len(wrong)} of {len(checks)} products within relative "
+              f"error {CHECK_TOLERANCE:g} of F.linear on the dequantized weight")
     if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        print(f"wrote {args.json}")
+        write_json(args.json, {"meta": meta, "rows": rows, "checks": checks})
     if args.plot:
         plot(rows, args.plot, args.device)
 

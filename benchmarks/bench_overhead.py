@@ -5,33 +5,22 @@
 Both calls do almost no arithmetic (m = 1, 32 -> 8), so the time per call is the cost of
 getting from Python into the kernel and back. Reported: best-of-5 mean CPU time per call over
 many calls, for each layer of the stack (the raw extension call, the op, LutLinear), with and
-without autograd recording.
+without autograd recording (timing.cpu_time_per_call). --json writes
+    {"device", "torch", "date", "commit", CPU: "cpu", "threads", CUDA: "gpu",
+     "us_per_call": {case: µs}}
 """
 
 import argparse
-import json
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import cpu_time_per_call, environment, write_json
 
 import lutflash
 from lutflash import _C
 from lutflash.nn import LutLinear
 from lutflash.ops import _lutgemm_op
 from lutflash.testing import random_bcq_weight
-
-
-def per_call_us(fn, calls: int) -> float:
-    for _ in range(calls // 10):
-        fn()
-    best = float("inf")
-    for _ in range(5):
-        start = time.process_time()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.process_time() - start) / calls)
-    return best * 1e6
 
 
 def main():
@@ -66,14 +55,14 @@ def main():
     }
     results = {}
     for name, fn in cases.items():
-        results[name] = per_call_us(fn, args.calls)
+        results[name] = cpu_time_per_call(fn, args.calls)
         if device.type == "cuda":
             torch.cuda.synchronize()
         print(f"{name:42s} {results[name]:7.2f} us/call")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": args.device, "torch": torch.__version__, "us_per_call": results}, f,
-                      indent=1)
+        record = environment(args.device)
+        record["us_per_call"] = results
+        write_json(args.json, record)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,25 @@
 """Time lutflash.quantize (C, OpenMP) for each method on one weight, and its error.
 
 The peer is torch's own CPU ops doing asymmetric round-to-nearest over the same groups
-(what a pure-PyTorch rtn quantizer costs). Prints a table; --json writes the numbers.
+(what a pure-PyTorch rtn quantizer costs). Times are medians of --repeats wall and process
+(CPU, all threads) times (timing.time_cpu_detail). Prints a table; --json writes the numbers:
+    {"benchmark": "bcq_quantize", "date", "commit", "machine": {"cpu", "cores", "torch",
+     "load_average_before"}, "config": {"n", "k", "bits", "group_size", "rounds", "repeats",
+     "seed"}, "results": [{"impl": "torch" | "lutflash", "method", "seconds", "cpu_seconds",
+     "rel_mse"}]}
 
-    PYTHONPATH=python python benchmarks/bench_quantize.py --n 4096 --k 11008 --bits 3
+    python benchmarks/bench_quantize.py --n 4096 --k 11008 --bits 3
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import statistics
 import time
 
 import torch
+from timing import git_commit, time_cpu_detail, write_json
 
 from lutflash.bcq import METHODS, quantize
 
@@ -30,18 +34,6 @@ def torch_rtn(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     zp = torch.round(-lo / scale).clamp(0, top)
     codes = (torch.round(w / scale) + zp).clamp(0, top)
     return (scale * (codes - zp)).reshape(n, k)
-
-
-def timed(fn, repeats: int) -> tuple[float, float, object]:
-    """Median wall seconds, median CPU seconds (all threads) and the last result. CPU time
-    shows whether the wall time was inflated by other work on a shared machine."""
-    walls, cpus, result = [], [], None
-    for _ in range(repeats):
-        wall, cpu = time.perf_counter(), time.process_time()
-        result = fn()
-        walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu)
-    return statistics.median(walls), statistics.median(cpus), result
 
 
 def main() -> None:
@@ -63,13 +55,13 @@ def main() -> None:
     norm = weight.square().mean().item()
     rows = []
 
-    seconds, cpu, approx = timed(lambda: torch_rtn(weight, args.bits, args.group_size),
+    seconds, cpu, approx = time_cpu_detail(lambda: torch_rtn(weight, args.bits, args.group_size),
                                  args.repeats)
     rows.append({"impl": "torch", "method": "rtn", "seconds": seconds, "cpu_seconds": cpu,
                  "rel_mse": (approx - weight).square().mean().item() / norm})
     for method in args.methods:
         quantize(weight[:8], args.bits, args.group_size, method, rounds=args.rounds)  # warm-up
-        seconds, cpu, q = timed(lambda m=method: quantize(weight, args.bits, args.group_size, m,
+        seconds, cpu, q = time_cpu_detail(lambda m=method: quantize(weight, args.bits, args.group_size, m,
                                                           rounds=args.rounds), args.repeats)
         rel_mse = (q.dequantize() - weight).square().mean().item() / norm
         rows.append({"impl": "lutflash", "method": method, "seconds": seconds, "cpu_seconds": cpu,
@@ -88,6 +80,7 @@ def main() -> None:
         record = {
             "benchmark": "bcq_quantize",
             "date": time.strftime("%Y-%m-%d"),
+            "commit": git_commit(),
             "machine": {"cpu": platform.processor() or platform.machine(),
                         "cores": os.cpu_count(), "torch": torch.__version__,
                         "load_average_before": load_before},
@@ -96,9 +89,7 @@ def main() -> None:
                        "repeats": args.repeats, "seed": args.seed},
             "results": rows,
         }
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=2)
-        print(f"wrote {args.json}")
+        write_json(args.json, record)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 
 Reads the JSON written by bench_lutgemm.py --device cuda and bench_attention.py --device cuda
 and prints, for each target, the measured table and how many points meet it. Numbers only come
-from the files: this script measures nothing.
+from the files: this script measures nothing. (compare.py sets two such files side by side.)
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ def attention_report(data: dict) -> None:
           f"torch {data.get('torch')}\n")
     seqlens = sorted({r["seqlen"] for r in rows})
     for index, name, target in ((0, "forward", 1.0), (1, "forward+backward", 0.9)):
+        if not any(r["lutflash"][index] for r in rows):
+            continue  # the section did not run
         print(f"{name}: lutflash TFLOP/s (× FA2; target ≥ {target} at seqlen ≥ 1k), FA2, cuDNN\n")
         print("| dtype | D | causal | " + " | ".join(f"S={s}" for s in seqlens) + " |")
         print("|---" * (3 + len(seqlens)) + "|")
@@ -115,10 +117,15 @@ def attention_report(data: dict) -> None:
 
     decode, bandwidth = data.get("decode", []), data.get("copy_bandwidth")
     if decode and bandwidth:
-        print(f"decode (Sq = 1, D = 128, Hq = 32, fp16), copy bandwidth {bandwidth / 1e12:.2f} TB/s:\n")
-        print("| B | Hkv | Sk | lutflash µs | % of copy | FA2 µs | speedup vs FA2 | target |")
-        print("|---|---|---|---|---|---|---|---|")
+        graphs = any(r.get("lutflash_graph_us") for r in decode)
+        print(f"decode (Sq = 1, D = 128, Hq = 32), copy bandwidth {bandwidth / 1e12:.2f} TB/s"
+              + ("; graph: one call replayed from a CUDA graph" if graphs else "") + ":\n")
+        print("| dtype | B | Hkv | Sk | lutflash µs | % of copy | FA2 µs | speedup vs FA2 | "
+              + ("graph µs: lutflash / FA2 | " if graphs else "") + "target |")
+        print("|---" * (10 if graphs else 9) + "|")
         for r in decode:
+            if not r.get("lutflash_us"):
+                continue
             share = 100 * r["bytes"] / (r["lutflash_us"] * 1e-6) / bandwidth
             speedup = r["fa2_us"] / r["lutflash_us"] if r.get("fa2_us") else float("nan")
             if r["seqlen_k"] >= 16384:
@@ -127,8 +134,11 @@ def attention_report(data: dict) -> None:
                 verdict = f"≥ 1.3× FA2: {'met' if speedup >= 1.3 else 'missed'}"
             else:
                 verdict = ""
-            print(f"| {r['batch']} | {r['heads_kv']} | {r['seqlen_k']} | {r['lutflash_us']:.1f} | "
-                  f"{share:.0f}% | {r.get('fa2_us') or float('nan'):.1f} | {speedup:.2f} | {verdict} |")
+            graph = (f"{r.get('lutflash_graph_us') or float('nan'):.1f} / "
+                     f"{r.get('fa2_graph_us') or float('nan'):.1f} | " if graphs else "")
+            print(f"| {r.get('dtype', 'float16')} | {r['batch']} | {r['heads_kv']} | {r['seqlen_k']} | "
+                  f"{r['lutflash_us']:.1f} | {share:.0f}% | {r.get('fa2_us') or float('nan'):.1f} | "
+                  f"{speedup:.2f} | {graph}{verdict} |")
         print()
 
 
