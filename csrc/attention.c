@@ -136,6 +136,12 @@ static int check_cu_seqlens(const lf_tensor *cu, const lf_tensor *q, int64_t tot
         PyErr_Format(PyExc_ValueError, "%s: expected batch + 1 >= 1 offsets, got none", cu->name);
         return -1;
     }
+    if (cu->shape[0] - 1 > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: batches above 2^31 - 1 sequences are not supported, got %lld", cu->name,
+                     (long long)(cu->shape[0] - 1));
+        return -1;
+    }
     if (cu->device_type != LF_DEVICE_CPU) return 0; /* values live on the GPU */
     int32_t *offsets = PyMem_Malloc(sizeof(int32_t) * (size_t)cu->shape[0]);
     if (offsets == NULL) {
@@ -250,7 +256,8 @@ static int check_inputs(lf_tensor *t, call_options *o, attention_fwd_params *p,
         p->seqlen_q = q->shape[1];
         p->seqlen_k = k->shape[1];
         if (p->seqlen_q > INT32_MAX || p->seqlen_k > INT32_MAX) {
-            PyErr_SetString(PyExc_ValueError, "q: sequence lengths above 2^31 - 1 are not supported");
+            PyErr_Format(PyExc_ValueError, "%s: sequence lengths above 2^31 - 1 are not supported",
+                         p->seqlen_q > INT32_MAX ? q->name : k->name);
             return -1;
         }
         lse_shape[0] = batch, lse_shape[1] = heads_q, lse_shape[2] = p->seqlen_q;
@@ -272,6 +279,17 @@ static int check_inputs(lf_tensor *t, call_options *o, attention_fwd_params *p,
         if (alibi->ndim == 2 ? lf_check_shape(alibi, 2, per_batch) < 0
                              : lf_check_shape(alibi, 1, per_head) < 0)
             return -1;
+        if (alibi->device_type == LF_DEVICE_CPU) { /* on a GPU, reading would synchronize */
+            const int64_t count = lf_tensor_numel(alibi);
+            for (int64_t i = 0; i < count; ++i) {
+                if (!isfinite(((const float *)alibi->data)[i])) {
+                    PyErr_Format(PyExc_ValueError,
+                                 "%s: expected finite values, got NaN or infinity at index "
+                                 "%lld", alibi->name, (long long)i);
+                    return -1;
+                }
+            }
+        }
         p->alibi_slopes = (const float *)alibi->data;
         p->alibi_batch_stride = alibi->ndim == 2 ? heads_q : 0;
     }

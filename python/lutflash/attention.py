@@ -32,6 +32,7 @@ import torch
 from . import _C
 
 MAX_HEAD_DIM = 256
+_INT32_MAX = 2**31 - 1
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 __all__ = ["flash_attention", "flash_attention_varlen"]
@@ -268,6 +269,14 @@ def _check_qkv(q, k, v, ndim: int, layout: str) -> None:
     if heads_q < 1 or heads_kv < 1 or heads_q % heads_kv:
         raise ValueError(f"k: expected a number of kv heads that divides the {heads_q} query "
                          f"heads of q, got {heads_kv}")
+    if ndim == 4:  # the kernels' limits, checked before out and lse are allocated
+        for name, t in (("q", q), ("k", k)):
+            if t.shape[1] > _INT32_MAX:
+                raise ValueError(f"{name}: sequence lengths above 2^31 - 1 are not supported, "
+                                 f"got {t.shape[1]}")
+        if q.shape[0] * heads_q > 2**32:
+            raise ValueError(f"q: batch * heads above 2^32 is not supported, got "
+                             f"{q.shape[0]} * {heads_q}")
 
 
 def _check_options(q, batch: int, causal, softmax_scale, window, softcap, alibi_slopes,
@@ -310,6 +319,11 @@ def _check_options(q, batch: int, causal, softmax_scale, window, softcap, alibi_
         if alibi_slopes.device != q.device:
             raise ValueError(f"alibi_slopes: expected a tensor on {q.device}, got "
                              f"{alibi_slopes.device}")
+        # a NaN or infinite slope gives NaN scores (inf * 0 on the diagonal); the values are
+        # read only on the CPU (on a GPU that would synchronize; the C layer checks there too)
+        if (alibi_slopes.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not torch.isfinite(alibi_slopes).all()):
+            raise ValueError("alibi_slopes: expected finite values, got NaN or infinity")
         alibi_slopes = alibi_slopes.contiguous()
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__}")
@@ -347,13 +361,16 @@ def _check_cu_seqlens(name: str, cu: torch.Tensor, q: torch.Tensor, max_name: st
         raise TypeError(f"{name}: expected dtype int32, got {cu.dtype}")
     if cu.ndim != 1 or cu.shape[0] < 1:
         raise ValueError(f"{name}: expected shape (batch + 1,), got {tuple(cu.shape)}")
+    if cu.shape[0] - 1 > _INT32_MAX:
+        raise ValueError(f"{name}: batches above 2^31 - 1 sequences are not supported, got "
+                         f"{cu.shape[0] - 1}")
     if cu.device != q.device:
         raise ValueError(f"{name}: expected a tensor on {q.device} (the device of q), got "
                          f"{cu.device}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
         raise TypeError(f"{max_name}: expected an int, got {type(max_seqlen).__name__}")
-    if max_seqlen < 0:
-        raise ValueError(f"{max_name}: expected an int >= 0, got {max_seqlen}")
+    if not 0 <= max_seqlen <= _INT32_MAX:
+        raise ValueError(f"{max_name}: expected an int in [0, 2^31 - 1], got {max_seqlen}")
 
 
 def _check_cu_seqlens_values(name: str, cu: torch.Tensor, total: int, max_name: str,

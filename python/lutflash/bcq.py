@@ -28,6 +28,7 @@ ROW_PAD = _C.BCQ_ROW_PAD
 MODES = ("general", "uniform")
 METHODS = ("rtn", "greedy", "alternating")
 META_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_DIM = 2**31 - 1  # n and k, as the C layer takes them
 
 
 def padded_rows(n: int) -> int:
@@ -44,11 +45,15 @@ def meta_per_group(bits: int, mode: str) -> int:
 
 def check_layout(n: int, k: int, bits: int, group_size: int, mode: str) -> None:
     """Raises ValueError unless (n, k, bits, group_size, mode) describe a valid BCQ weight."""
-    for name, value in (("n", n), ("k", k), ("bits", bits), ("group_size", group_size)):
+    for name, value in (("n (out_features)", n), ("k (in_features)", k), ("bits", bits),
+                        ("group_size", group_size)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
     if n < 1 or k < 1:
         raise ValueError(f"shape: expected positive (out_features, in_features), got ({n}, {k})")
+    for name, value in (("n (out_features)", n), ("k (in_features)", k)):
+        if value > MAX_DIM:  # checked before anything of that size is allocated
+            raise ValueError(f"{name}: expected at most 2^31 - 1 (the kernels' limit), got {value}")
     if not 1 <= bits <= MAX_BITS:
         raise ValueError(f"bits: expected an int in [1, {MAX_BITS}], got {bits}")
     if group_size != k and (group_size < 1 or group_size % WORD_K or k % group_size):
@@ -155,7 +160,8 @@ class BCQWeight:
 
     @classmethod
     def from_state_tensors(cls, planes, meta, layout) -> BCQWeight:
-        layout = [int(v) for v in layout.tolist()]
+        check_layout_tensor(layout, "layout")
+        layout = [int(v) for v in layout.flatten().tolist()]
         if len(layout) != 6:
             raise ValueError(f"layout: expected 6 entries, got {len(layout)}")
         version, n, k, bits, group_size, mode = layout
@@ -165,6 +171,13 @@ class BCQWeight:
         if mode not in (0, 1):
             raise ValueError(f"layout: mode must be 0 (general) or 1 (uniform), got {mode}")
         return cls(planes, meta, (n, k), bits, group_size, MODES[mode], version)
+
+
+def check_layout_tensor(layout, name: str) -> None:
+    """A stored layout is an integer tensor (int64 as written; int32 accepted)."""
+    if not isinstance(layout, torch.Tensor) or layout.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name}: expected an int64 tensor [version, n, k, bits, group_size, "
+                        f"mode], got {_describe(layout)}")
 
 
 def _describe(obj) -> str:
@@ -210,6 +223,8 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int | None = 128,
                          f"{tuple(weight.shape)}")
     if not weight.is_floating_point():
         raise TypeError(f"weight: expected a floating-point tensor, got {weight.dtype}")
+    if weight.is_meta:
+        raise ValueError("weight: expected a tensor with data, got one on the meta device")
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     n, k = weight.shape

@@ -14,6 +14,7 @@ from .bcq import (
     MODES,
     BCQWeight,
     check_layout,
+    check_layout_tensor,
     meta_per_group,
     padded_rows,
     quantize,
@@ -68,7 +69,17 @@ class LutLinear(nn.Module):
 
     @classmethod
     def from_bcq(cls, qweight: BCQWeight, bias: torch.Tensor | None = None) -> LutLinear:
+        if not isinstance(qweight, BCQWeight):
+            raise TypeError(f"qweight: expected a lutflash.BCQWeight, got {type(qweight).__name__}")
         n, k = qweight.shape
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor):
+                raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
+            if tuple(bias.shape) != (n,):
+                raise ValueError(f"bias: expected shape ({n},) (out_features), got "
+                                 f"{tuple(bias.shape)}")
+            if not bias.is_floating_point():
+                raise TypeError(f"bias: expected a floating-point tensor, got {bias.dtype}")
         module = cls(k, n, bias is not None, bits=qweight.bits, group_size=qweight.group_size,
                      mode=qweight.mode, device=qweight.device, dtype=qweight.meta.dtype)
         with torch.no_grad():
@@ -107,10 +118,14 @@ class LutLinear(nn.Module):
                                  f"{self.extra_repr()}, got {tuple(value.shape)}")
             if name == "planes" and value is not None and value.dtype != torch.int32:
                 raise TypeError(f"{prefix}planes: expected dtype torch.int32, got {value.dtype}")
+            if name == "meta" and value is not None and value.dtype not in META_DTYPES:
+                raise TypeError(f"{prefix}meta: expected dtype float32, float16 or bfloat16, got "
+                                f"{value.dtype}")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
     def _check_layout(self, layout: torch.Tensor, prefix: str) -> None:
+        check_layout_tensor(layout, f"{prefix}layout")
         values = [int(v) for v in layout.flatten().tolist()]
         if len(values) != 6:
             raise ValueError(f"{prefix}layout: expected 6 entries, got {len(values)}")
