@@ -429,7 +429,7 @@ def test_gpu_training_gradients_match_eager(family, dtype, cuda_device):
     """One training step on a right-padded batch (the varlen backward)."""
     ids, mask = (t.to(cuda_device) for t in padded_batch("right"))
     labels = ids.masked_fill(mask == 0, -100)
-    models = dict(zip(("ref", "naive"), gpu_pair(family, cuda_device, dtype)))
+    models = dict(zip(("ref", "naive"), gpu_pair(family, cuda_device, dtype), strict=True))
     results = {}
     for run, (key, implementation) in {"ref": ("ref", "eager"), "naive": ("naive", "eager"),
                                        "out": ("naive", "lutflash")}.items():
