@@ -19,13 +19,13 @@ inline int64_t bwd_dq_accum_bytes(const attention_fwd_params &p) {
     return bwd_dq_accum_rows(p) * p.heads_q * p.head_dim * 4;
 }
 
-template <typename Kernel>
-cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int threads, int smem_bytes,
-                             cudaStream_t stream, const attention_bwd_params &bp) {
+template <auto kKernel>
+cudaError_t launch_with_smem(dim3 grid, int threads, int smem_bytes, cudaStream_t stream,
+                             const attention_bwd_params &bp) {
     if (grid.x == 0) return cudaSuccess;
-    const cudaError_t err = lf::setup_kernel(kernel, threads, smem_bytes, nullptr);
+    const cudaError_t err = lf::setup_kernel<kKernel>(threads, smem_bytes, nullptr);
     if (err != cudaSuccess) return err;
-    kernel<<<grid, threads, smem_bytes, stream>>>(bp);
+    kKernel<<<grid, threads, smem_bytes, stream>>>(bp);
     return cudaGetLastError();
 }
 
@@ -41,10 +41,10 @@ cudaError_t run_attn_bwd_fused(const attention_bwd_params &bp, cudaStream_t stre
     const dim3 grid((unsigned)((p.seqlen_k + kBN - 1) / kBN), (unsigned)p.batch,
                     (unsigned)p.heads_kv);
     const bool extras = p.softcap > 0.0f || p.alibi_slopes != nullptr || p.dropout_p > 0.0f;
-    err = extras ? launch_with_smem(attn_bwd_fused_kernel<kD, kBN, kBM, T, true>, grid,
-                                    Cfg::kThreads, Cfg::kSmemBytes, stream, bp)
-                 : launch_with_smem(attn_bwd_fused_kernel<kD, kBN, kBM, T, false>, grid,
-                                    Cfg::kThreads, Cfg::kSmemBytes, stream, bp);
+    err = extras ? launch_with_smem<attn_bwd_fused_kernel<kD, kBN, kBM, T, true>>(
+                       grid, Cfg::kThreads, Cfg::kSmemBytes, stream, bp)
+                 : launch_with_smem<attn_bwd_fused_kernel<kD, kBN, kBM, T, false>>(
+                       grid, Cfg::kThreads, Cfg::kSmemBytes, stream, bp);
     if (err != cudaSuccess) return err;
     const int64_t threads = rows * p.heads_q * (p.head_dim / 8);
     if (threads == 0) return cudaSuccess;
@@ -70,15 +70,15 @@ template <int kD, typename T> cudaError_t run_attn_bwd(const attention_bwd_param
     using KV = BwdKVConfig<kD, kBN, kBL, kSplit>;
     const dim3 kv_grid((unsigned)((p.seqlen_k + kBN - 1) / kBN * kSplit), (unsigned)p.batch,
                        (unsigned)p.heads_kv);
-    cudaError_t err = launch_with_smem(attn_bwd_dkdv_kernel<kD, kBN, kBL, kSplit, T>, kv_grid,
-                                       KV::kThreads, KV::kSmemBytes, stream, bp);
+    cudaError_t err = launch_with_smem<attn_bwd_dkdv_kernel<kD, kBN, kBL, kSplit, T>>(
+        kv_grid, KV::kThreads, KV::kSmemBytes, stream, bp);
     if (err != cudaSuccess) return err;
     constexpr int kBM = 64, kBK = kD <= 128 ? 64 : 32;
     using Q = BwdQConfig<kD, kBM, kBK>;
     const dim3 q_grid((unsigned)((p.seqlen_q + kBM - 1) / kBM), (unsigned)p.batch,
                       (unsigned)p.heads_q);
-    return launch_with_smem(attn_bwd_dq_kernel<kD, kBM, kBK, T>, q_grid, Q::kThreads,
-                            Q::kSmemBytes, stream, bp);
+    return launch_with_smem<attn_bwd_dq_kernel<kD, kBM, kBK, T>>(q_grid, Q::kThreads,
+                                                                Q::kSmemBytes, stream, bp);
 }
 
 }  // namespace attn

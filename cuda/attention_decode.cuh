@@ -387,8 +387,8 @@ inline int decode_splits(int64_t batch, int64_t heads_q, int64_t heads_kv, int64
 template <int kD, typename T> cudaError_t run_attn_decode(const attention_fwd_params &p,
                                                           int splits, cudaStream_t stream) {
     using Cfg = DecodeConfig<kD>;
-    auto kernel = attn_decode_kernel<kD, T>;
-    cudaError_t err = lf::setup_kernel(kernel, Cfg::kThreads, Cfg::kSmemBytes, nullptr);
+    constexpr auto kernel = attn_decode_kernel<kD, T>;
+    cudaError_t err = lf::setup_kernel<kernel>(Cfg::kThreads, Cfg::kSmemBytes, nullptr);
     if (err != cudaSuccess) return err;
     const int64_t rows = p.heads_q / p.heads_kv * p.seqlen_q;
     const dim3 grid((unsigned)((rows + kDecodeRows - 1) / kDecodeRows * splits),

@@ -267,11 +267,11 @@ template <int kD, int kBM, int kBN, int kWarps, typename T, bool kExtras, int kM
           int kOpt = kFwdOptDefault>
 cudaError_t launch_attn_fwd(const attention_fwd_params &p, cudaStream_t stream) {
     using Cfg = FwdConfig<kD, kBM, kBN, kWarps>;
-    auto kernel = attn_fwd_kernel<kD, kBM, kBN, kWarps, T, kExtras, kMinBlocks, kOpt>;
+    constexpr auto kernel = attn_fwd_kernel<kD, kBM, kBN, kWarps, T, kExtras, kMinBlocks, kOpt>;
     const dim3 grid((unsigned)((p.seqlen_q + kBM - 1) / kBM), (unsigned)p.batch,
                     (unsigned)p.heads_q);
     if (grid.x == 0) return cudaSuccess;
-    const cudaError_t err = lf::setup_kernel(kernel, Cfg::kThreads, Cfg::kSmemBytes, nullptr);
+    const cudaError_t err = lf::setup_kernel<kernel>(Cfg::kThreads, Cfg::kSmemBytes, nullptr);
     if (err != cudaSuccess) return err;
     kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
     return cudaGetLastError();
