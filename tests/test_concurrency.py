@@ -104,63 +104,6 @@ def test_cpu_threads_match_serial(two_torch_threads, dtype):
     assert_bitwise_equal(run_concurrently(works), serial)
 
 
-def test_cpu_ops_release_the_gil(two_torch_threads):
-    """While one thread is inside a long lutgemm or flash_attention call, another thread keeps
-    running Python: the kernels run with the GIL released, so calls from several Python threads
-    overlap (the concurrency the test above exercises)."""
-    # The C entry points themselves, with everything allocated beforehand, so that the Python
-    # around them is negligible next to the kernel.
-    g = torch.Generator().manual_seed(5)
-    n, k = 8192, 4096
-    qweight = random_bcq_weight(n, k, 3, 128, "general", generator=g)
-    x = torch.randn(64, k, generator=g)
-    out = torch.empty(64, n)
-    mode = lutflash.bcq.MODES.index(qweight.mode)
-    ws = torch.empty(_C.lutgemm_workspace_bytes(False, 64, n, k, 3, 128, mode), dtype=torch.uint8)
-    q, kk, v = (torch.randn(1, 1024, 8, 128, generator=g) for _ in range(3))
-    attn_out, lse = torch.empty_like(q), torch.empty(1, 8, 1024)
-    threads = torch.get_num_threads()
-    attn_ws = torch.empty(_C.attention_workspace_bytes(False, 128, False, threads, 8, 1, 1024),
-                          dtype=torch.uint8)
-    ops = {"lutgemm": lambda: _C.lutgemm(x, qweight.planes, qweight.meta, None, out, ws, n, k, 3,
-                                         128, mode, 0, None),
-           "flash_attention": lambda: _C.attention_forward(
-               q, kk, v, None, None, None, None, attn_out, lse, attn_ws, 0, 0, 128 ** -0.5, 0.0,
-               -1, -1, 0.0, threads, 0, 0)}
-
-    counter = [0]
-    stop = threading.Event()
-
-    def spin():
-        while not stop.is_set():
-            counter[0] += 1
-
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-4)  # a thread waiting for the GIL gets it within 0.1 ms
-    spinner = threading.Thread(target=spin)
-    spinner.start()
-    try:
-        start, before = time.perf_counter(), counter[0]
-        time.sleep(0.05)
-        rate = (counter[0] - before) / (time.perf_counter() - start)  # increments per second
-        for name, op in ops.items():
-            op()  # warm up
-            before, start = counter[0], time.perf_counter()
-            op()
-            elapsed, during = time.perf_counter() - start, counter[0] - before
-            # Holding the GIL, the call would let the spinner run for a switch interval or two
-            # (~0.2 ms); released, the spinner shares the CPUs for the whole call (here it gets
-            # 30-45% of the call's time on 2 cores next to 2 OpenMP threads).
-            assert elapsed > 0.04, f"{name}: too fast ({elapsed:.3f} s) to tell"
-            assert during / rate > 0.1 * elapsed, (
-                f"{name}: another Python thread ran {during / rate * 1e3:.2f} ms of a "
-                f"{elapsed * 1e3:.0f} ms call: the GIL was held")
-    finally:
-        stop.set()
-        spinner.join()
-        sys.setswitchinterval(interval)
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_cuda_streams_match_serial(cuda_device, dtype):
