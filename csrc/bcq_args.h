@@ -1,4 +1,4 @@
-/* Validation shared by the entry points that take a packed BCQ weight. */
+/* Validation shared by the entry points that take a packed BCQ weight (bcq_format.c). */
 #ifndef LUTFLASH_BCQ_ARGS_H
 #define LUTFLASH_BCQ_ARGS_H
 
