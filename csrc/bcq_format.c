@@ -1,5 +1,7 @@
 /* Validation of the arguments that describe a packed BCQ weight (csrc/bcq_args.h), shared by
  * the entry points that take one: lutgemm (lutgemm.c) and the quantizers (bcq_quantize.c). */
+#include "tensor_arg.h" /* Python.h first */
+
 #include "bcq_args.h"
 
 /* Checks the scalar arguments that describe a BCQ weight (shared with the quantizers). */
