@@ -164,11 +164,20 @@ def test_quantize_model_names_the_failing_layer():
         lutflash.quantize_model(model, bits=3, group_size=32, progress=False)
 
 
-def test_gradient_of_a_layer_wider_than_one_dequantization_chunk(monkeypatch, generator):
-    monkeypatch.setattr(lutflash.ops, "_GRAD_ROWS_PER_CHUNK", 16)  # 3 chunks, the last partial
-    qweight = random_bcq_weight(40, 64, 2, 32, "general", generator=generator)
-    x = torch.randn(3, 64, generator=generator, requires_grad=True)
+@pytest.mark.parametrize("group_size", [32, None])
+def test_gradient_of_a_layer_wider_than_one_dequantization_chunk(monkeypatch, generator,
+                                                                  group_size):
+    # blocks of 32 input columns: 3 blocks of the 80 (the last partial)
+    monkeypatch.setattr(lutflash.ops, "_GRAD_CHUNK_ELEMENTS", 40 * 32)
+    qweight = random_bcq_weight(40, 96 if group_size else 80, 2, group_size, "general",
+                                generator=generator)
+    k = qweight.shape[1]
+    x = torch.randn(3, k, generator=generator, requires_grad=True)
     grad_out = torch.randn(3, 40, generator=generator)
     lutflash.lutgemm(x, qweight).backward(grad_out)
     expected = grad_out.double() @ qweight.dequantize(torch.float64)
     assert relative_error(x.grad, expected) < 1e-5
+    # in float16, every element of the gradient is rounded once, as grad_out @ W would be
+    xh = x.detach().half().requires_grad_()
+    lutflash.lutgemm(xh, qweight).backward(grad_out.half())
+    assert torch.equal(xh.grad, grad_out.half() @ qweight.dequantize(torch.float16))

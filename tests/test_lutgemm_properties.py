@@ -199,7 +199,7 @@ class GradCase:
     via: str               # "function" (lutflash.lutgemm) or "module" (LutLinear)
     grad_x: bool
     grad_bias: bool
-    grad_chunks: int | None  # backward dequantizes Ŵ in this many row chunks (None: as is)
+    grad_chunks: int | None  # backward dequantizes Ŵ in about this many column blocks (None: one)
 
 
 @st.composite
@@ -360,9 +360,10 @@ def check_grad(gcase: GradCase, device: torch.device):
     with contextlib.ExitStack() as stack:
         stack.enter_context(kernel_choice(device, case.choice))
         stack.enter_context(poisoned_outputs())
-        if gcase.grad_chunks is not None:  # the last chunk partial where n % chunks != 0
+        if gcase.grad_chunks is not None:  # blocks of whole words/groups, the last partial
             mp = stack.enter_context(pytest.MonkeyPatch.context())
-            mp.setattr(lutflash.ops, "_GRAD_ROWS_PER_CHUNK", -(-case.n // gcase.grad_chunks))
+            mp.setattr(lutflash.ops, "_GRAD_CHUNK_ELEMENTS",
+                       case.n * -(-case.k // gcase.grad_chunks))
         out = layer(x) if gcase.via == "module" else lutflash.lutgemm(x, qweight, bias)
         out.backward(grad_out)
     assert_matches(out.detach(), reference(x, qweight, bias), naive(x.detach(), qweight, bias))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _C
-from .bcq import MODES, BCQWeight, dequantize_packed
+from .bcq import MODES, WORD_K, BCQWeight, dequantize_packed
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -99,21 +99,31 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-_GRAD_ROWS_PER_CHUNK = 4096
+# Dense weight elements the backward dequantizes at once (128 MB in float16).
+_GRAD_CHUNK_ELEMENTS = 1 << 26
 
 
 def _grad_input(grad_out, planes, meta, n, k, bits, group_size, mode):
-    """grad_out · Ŵ, dequantizing Ŵ a chunk of rows at a time so that a large layer's backward
-    never holds the whole dense weight; partial products are summed in float32."""
+    """grad_out · Ŵ, dequantizing Ŵ a block of input columns at a time so that a large
+    layer's backward never holds the whole dense weight. Each block of grad_x columns is one
+    product over all of n, so every element is rounded once, as in a plain matmul (blocks of
+    weight rows would round partial sums that may cancel)."""
     grad = grad_out.reshape(-1, n)
-    total = None
-    for r0 in range(0, n, _GRAD_ROWS_PER_CHUNK):
-        r1 = min(n, r0 + _GRAD_ROWS_PER_CHUNK)
-        weight = dequantize_packed(planes[:, :, r0:r1], meta[:, :, r0:r1], r1 - r0, k, bits,
-                                   group_size, mode, dtype=grad_out.dtype)
-        part = (grad[:, r0:r1] @ weight).float()
-        total = part if total is None else total + part
-    return total.to(grad_out.dtype).reshape(*grad_out.shape[:-1], k)
+    unit = WORD_K if group_size == k else group_size  # blocks of whole words and groups
+    cols = max(unit, _GRAD_CHUNK_ELEMENTS // max(n, 1) // unit * unit)
+    parts = []
+    for c0 in range(0, k, cols):
+        c1 = min(k, c0 + cols)
+        words = planes[c0 // WORD_K:-(-c1 // WORD_K)]
+        if group_size == k:  # one group: its metadata covers every block
+            block_meta, block_group = meta, c1 - c0
+        else:
+            block_meta, block_group = meta[c0 // group_size:c1 // group_size], group_size
+        weight = dequantize_packed(words, block_meta, n, c1 - c0, bits, block_group, mode,
+                                   dtype=grad_out.dtype)
+        parts.append(grad @ weight)
+    grad_x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return grad_x.reshape(*grad_out.shape[:-1], k)
 
 
 def _backward(ctx, grad_out):
