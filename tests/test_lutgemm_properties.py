@@ -34,7 +34,7 @@ import lutflash
 from lutflash import _C
 from lutflash.bcq import META_DTYPES, METHODS, MODES, WORD_K
 from lutflash.nn import LutLinear
-from lutflash.testing import assert_close_to_reference, lutgemm_reference, random_bcq_weight
+from lutflash.testing import assert_close_to_reference, lutgemm_reference, poisoned_empty, random_bcq_weight
 
 X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 X_LAYOUTS = ("contiguous", "padded_rows", "transposed", "broadcast", "row_step", "permuted")
@@ -275,18 +275,9 @@ def kernel_choice(device: torch.device, choice: str):
 
 @contextlib.contextmanager
 def poisoned_outputs():
-    """torch.empty returns NaN-filled float tensors, so an output element the kernel leaves
-    unwritten fails the comparison (the workspace is uint8 and stays as it is)."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(math.nan)
-        return t
-
+    """NaN-filled torch.empty (lutflash.testing.poisoned_empty) for the duration."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch, "empty", empty)
+        poisoned_empty(mp)
         yield
 
 
