@@ -88,7 +88,7 @@ enum {
     LUT1_L2_128 = 8,    // with NOALLOC: .L2::128B prefetch size on the plane loads
     LUT1_L2_256 = 16,   // with NOALLOC: .L2::256B prefetch size on the plane loads
 };
-// H100, 12288², m = 1, 3-bit (benchmarks/NOTES_lutgemm_cuda.md section 6): no-allocate loads
+// H100, 12288², m = 1, 3-bit (benchmarks/notes/lutgemm_cuda.md section 6): no-allocate loads
 // and chunked row sets took the kernel from 44.5 to 38.2 µs (each helps on its own), the 256 B
 // L2 prefetch size to 37.2; a loads-only build of the kernel runs 36.2: the loads bound it.
 constexpr int LUT1_DEFAULT_FLAGS = LUT1_NOALLOC | LUT1_CHUNKED | LUT1_L2_256;

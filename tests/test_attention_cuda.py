@@ -336,7 +336,7 @@ def test_opcheck():
     torch.library.opcheck(lutflash.attention._flash_attention_op, args)
 
 
-# Decode (split-KV, cuda/attention_cuda.cuh attn_decode_kernel): up to 16 query rows, plain
+# Decode (split-KV, cuda/attention_decode.cuh attn_decode_kernel): up to 16 query rows, plain
 # scores. The cases reach one split (direct write) and many (workspace records + combine),
 # several row groups, GQA groups and masks that leave whole splits empty.
 DECODE_CASES = [  # (batch, Sq, Sk, Hq, Hkv, d, dtype, causal, window)
