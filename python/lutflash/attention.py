@@ -30,16 +30,12 @@ import math
 import torch
 
 from . import _C
+from ._runtime import FLOAT_DTYPES, stream_of
 
 MAX_HEAD_DIM = 256
 _INT32_MAX = 2**31 - 1
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 __all__ = ["flash_attention", "flash_attention_varlen"]
-
-
-def _stream_of(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 
 def _inner_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -100,7 +96,7 @@ def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, so
                                     max_seqlen_k),
                          max_seqlen_q, max_seqlen_k,
                          softmax_scale, softcap, window_left, window_right, dropout_p, threads,
-                         variant, _stream_of(q.device))
+                         variant, stream_of(q.device))
     if out.shape[-1] != d:
         out = out[..., :d].contiguous()
     return out, lse
@@ -131,7 +127,7 @@ def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seq
     _C.attention_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state, dout,
                           out, lse, dlse, dq, dk, dv, delta, workspace,
                           max_seqlen_q, max_seqlen_k, softmax_scale, softcap, window_left,
-                          window_right, dropout_p, threads, variant, _stream_of(q.device),
+                          window_right, dropout_p, threads, variant, stream_of(q.device),
                           int(deterministic))
     if dq.shape[-1] != d:
         dq, dk, dv = (t[..., :d].contiguous() for t in (dq, dk, dv))
@@ -202,12 +198,16 @@ def _save(ctx, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_
     ctx.options = options
 
 
-def _grads(ctx, grad_out, grad_lse):
+def _autograd_backward(ctx, grad_out, grad_lse):
+    """The autograd formula of both ops (dense and varlen): dq, dk, dv and None for the rest."""
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state = ctx.saved_tensors
     max_q, max_k, scale, softcap, left, right, dropout_p, deterministic = ctx.options
-    return _flash_attention_backward_op(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens_q,
-                                        cu_seqlens_k, max_q, max_k, scale, softcap, left, right,
-                                        alibi_slopes, dropout_p, rng_state, deterministic)
+    dq, dk, dv = _flash_attention_backward_op(grad_out, q, k, v, out, lse, grad_lse,
+                                              cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale,
+                                              softcap, left, right, alibi_slopes, dropout_p,
+                                              rng_state, deterministic)
+    # one gradient per input the op was called with (the dispatcher may drop defaulted ones)
+    return (dq, dk, dv) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
 def _setup_dense(ctx, inputs, output):
@@ -217,10 +217,6 @@ def _setup_dense(ctx, inputs, output):
           (0, 0, scale, softcap, left, right, dropout_p, deterministic))
 
 
-def _backward_dense(ctx, grad_out, grad_lse):
-    dq, dk, dv = _grads(ctx, grad_out, grad_lse)
-    # one gradient per input the op was called with (the dispatcher may drop defaulted ones)
-    return (dq, dk, dv) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
 def _setup_varlen(ctx, inputs, output):
@@ -230,13 +226,10 @@ def _setup_varlen(ctx, inputs, output):
           (max_q, max_k, scale, softcap, left, right, dropout_p, deterministic))
 
 
-def _backward_varlen(ctx, grad_out, grad_lse):
-    dq, dk, dv = _grads(ctx, grad_out, grad_lse)
-    return (dq, dk, dv) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
-_flash_attention_op.register_autograd(_backward_dense, setup_context=_setup_dense)
-_flash_attention_varlen_op.register_autograd(_backward_varlen, setup_context=_setup_varlen)
+_flash_attention_op.register_autograd(_autograd_backward, setup_context=_setup_dense)
+_flash_attention_varlen_op.register_autograd(_autograd_backward, setup_context=_setup_varlen)
 
 
 # ------------------------------------------------------------------------------------------
@@ -246,7 +239,7 @@ def _check_qkv(q, k, v, ndim: int, layout: str) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name}: expected dtype float32, float16 or bfloat16, got {t.dtype}")
         if t.ndim != ndim:
             raise ValueError(f"{name}: expected a {ndim}-D tensor {layout}, got shape "

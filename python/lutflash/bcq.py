@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _C
+from ._runtime import FLOAT_DTYPES
 
 FORMAT_VERSION = _C.BCQ_FORMAT_VERSION
 MAX_BITS = _C.BCQ_MAX_BITS
@@ -27,7 +28,7 @@ WORD_K = _C.BCQ_WORD_K
 ROW_PAD = _C.BCQ_ROW_PAD
 MODES = ("general", "uniform")
 METHODS = ("rtn", "greedy", "alternating")
-META_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+META_DTYPES = FLOAT_DTYPES  # metadata takes the same floating dtypes as activations
 MAX_DIM = 2**31 - 1  # n and k, as the C layer takes them
 
 

@@ -5,24 +5,8 @@ from __future__ import annotations
 import torch
 
 from . import _C
+from ._runtime import FLOAT_DTYPES, stream_of
 from .bcq import MODES, WORD_K, BCQWeight, dequantize_packed
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-# The raw handle of a device's current stream. torch.cuda.current_stream builds a Stream
-# object (a few microseconds); torch's own binding that returns the handle alone is used where
-# this torch has it.
-_raw_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-
-
-def _stream_of(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 0
-    if _raw_current_stream is not None and device.index is not None:
-        return _raw_current_stream(device.index)
-    return torch.cuda.current_stream(device).cuda_stream
-
 
 # Zeroed workspaces that the decode kernel (m <= 8) leaves zeroed, one per (device, stream):
 # with one, a call needs no memset launch before the kernel. Per stream, because calls on one
@@ -52,7 +36,7 @@ def lutgemm_into(x2d: torch.Tensor, planes: torch.Tensor, meta: torch.Tensor,
     on_cuda = x2d.device.type == "cuda"
     size = _C.lutgemm_workspace_bytes(on_cuda, x2d.shape[0], n, k, bits, group_size, mode)
     workspace = torch.empty(size, dtype=torch.uint8, device=x2d.device)
-    stream = _stream_of(x2d.device)
+    stream = stream_of(x2d.device)
     clean = _clean_workspace(x2d.device, stream, size) if x2d.shape[0] <= 8 else None
     _C.lutgemm(x2d, planes, meta, bias, out, workspace, n, k, bits, group_size, mode, stream,
                clean)
@@ -160,7 +144,7 @@ def check_lutgemm_args(x, n: int, k: int, device: torch.device, bias) -> None:
     """Python-side checks with messages in the user's terms (the C layer checks again)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x: expected dtype float32, float16 or bfloat16, got {x.dtype}")
     if x.ndim < 1 or x.shape[-1] != k:
         raise ValueError(f"x: expected shape (..., {k}) (in_features of the weight), got "
