@@ -226,37 +226,31 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
         const int ridx = r0 + r, h = kv_head * group + ridx / seq.sq, i = ridx % seq.sq;
         const int64_t lse_index =
             b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start + i;
+        /* columns c..c+3 of row r: the warps' accumulators merged by their weights, normalized */
+        auto merged = [&](int c) {
+            float o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int w = 0; w < kDecodeWarps; ++w) {
+                const float4 a = *reinterpret_cast<const float4 *>(
+                    red + (w * kDecodeRows + r) * Cfg::kRedPitch + c);
+                o[0] += wgt[w] * a.x, o[1] += wgt[w] * a.y;
+                o[2] += wgt[w] * a.z, o[3] += wgt[w] * a.w;
+            }
+            return make_float4(o[0] * inv, o[1] * inv, o[2] * inv, o[3] * inv);
+        };
         if (num_splits == 1) {
             T *out = static_cast<T *>(p.out) + b * p.out_batch_stride +
                      ((int64_t)seq.q_start + i) * p.out_row_stride + h * p.out_head_stride;
             for (int c = (threadIdx.x % 8) * 4; c < d; c += 32) {
-                float o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-                for (int w = 0; w < kDecodeWarps; ++w) {
-                    const float4 a = *reinterpret_cast<const float4 *>(
-                        red + (w * kDecodeRows + r) * Cfg::kRedPitch + c);
-                    o[0] += wgt[w] * a.x, o[1] += wgt[w] * a.y;
-                    o[2] += wgt[w] * a.z, o[3] += wgt[w] * a.w;
-                }
-                *reinterpret_cast<uint32_t *>(out + c) = Pair<T>::pack(o[0] * inv, o[1] * inv);
-                *reinterpret_cast<uint32_t *>(out + c + 2) =
-                    Pair<T>::pack(o[2] * inv, o[3] * inv);
+                const float4 o = merged(c);
+                *reinterpret_cast<uint32_t *>(out + c) = Pair<T>::pack(o.x, o.y);
+                *reinterpret_cast<uint32_t *>(out + c + 2) = Pair<T>::pack(o.z, o.w);
             }
             if (threadIdx.x % 8 == 0) p.lse[lse_index] = empty ? -INFINITY : lse2 * kLn2;
         } else {
             float *dst = ws + (lse_index * num_splits + split) * rec;
-            for (int c = (threadIdx.x % 8) * 4; c < d; c += 32) {
-                float o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-                for (int w = 0; w < kDecodeWarps; ++w) {
-                    const float4 a = *reinterpret_cast<const float4 *>(
-                        red + (w * kDecodeRows + r) * Cfg::kRedPitch + c);
-                    o[0] += wgt[w] * a.x, o[1] += wgt[w] * a.y;
-                    o[2] += wgt[w] * a.z, o[3] += wgt[w] * a.w;
-                }
-                *reinterpret_cast<float4 *>(dst + c) =
-                    make_float4(o[0] * inv, o[1] * inv, o[2] * inv, o[3] * inv);
-            }
+            for (int c = (threadIdx.x % 8) * 4; c < d; c += 32)
+                *reinterpret_cast<float4 *>(dst + c) = merged(c);
             if (threadIdx.x % 8 == 0) dst[rec - 4] = lse2;
         }
     }
