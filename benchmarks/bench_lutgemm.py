@@ -1,10 +1,13 @@
 """LUT-GEMM benchmark: lutflash against what a user would run instead, in the same run.
 
-    python benchmarks/bench_lutgemm.py --device cpu    # LLaMA-7B shapes, m = 1, 4, 16
+    python benchmarks/bench_lutgemm.py --device cpu    # LLaMA-7B shapes, m = 1, 2, 4, 8, 16
     python benchmarks/bench_lutgemm.py --device cuda   # OPT-175B / LLaMA-2-7B / 70B shapes
     python benchmarks/bench_lutgemm.py --device cuda --quick --json a.json   # before/after run
 
-CPU peers: torch F.linear in float32. CUDA peers: F.linear in float16 (cuBLAS),
+CPU peers: torch F.linear in float32 and in bfloat16; lutflash runs with float32 x (exact float
+tables) and bfloat16 x (int16 tables looked up by byte shuffles), for each instruction-set
+variant this CPU has (--variants; forced with _C.lutgemm_cpu_variant), and a table of speedups
+is printed at the end. CUDA peers: F.linear in float16 (cuBLAS),
 torch._weight_int4pack_mm (torch's int4 group-128 kernel, bfloat16), and the memory floor:
 bytes of the packed weight and metadata over the bandwidth of a device-to-device copy measured
 in this run. GPU times are CUDA-event medians with L2 flushed before every repetition
@@ -27,7 +30,8 @@ JSON (--json), stable; readers: report.py, compare.py:
                     "bits_per_weight": {bits: float}},
      "rows": [{"shape": "K->N", "m": int, "<timing>": µs, ...}],
      "checks": [{"shape": "K->N", "m": int, "impl": str, "rel_err": float}]}
-    timings, CPU: "F.linear fp32", "lutflash {bits}b" (general mode);
+    timings, CPU: "F.linear fp32", "F.linear bf16", "lutflash {bits}b" (general mode, float32 x,
+    best variant), "lutflash {bits}b {fp32|bf16} {variant}" (x's dtype, forced variant);
     CUDA: "cuBLAS fp16", "torch int4" (absent where torch lacks it), "lutflash {bits}b {u|g}"
     (uniform or general mode) and "floor {bits}b {u|g}" (the memory floor, not a measurement).
 """
@@ -48,7 +52,8 @@ from lutflash.testing import random_bcq_weight, relative_error
 CPU_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 CUDA_SHAPES = [(12288, 12288), (12288, 49152), (49152, 12288), (4096, 4096), (4096, 11008),
                (11008, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]
-CPU_M = [1, 4, 16]
+CPU_M = [1, 2, 4, 8, 16]
+CPU_VARIANTS = ["portable", "avx2", "avx512"]
 CUDA_M = [1, 2, 4, 8, 16, 32, 64, 256, 1024, 4096]
 QUICK_CPU_SHAPES, QUICK_CPU_M = [(4096, 4096)], [1, 16]
 QUICK_CUDA_SHAPES = [(12288, 12288), (4096, 4096), (4096, 11008), (8192, 28672), (11008, 4096),
@@ -86,22 +91,57 @@ def check(checks: list, args, shape: str, m: int, label: str, x, qweight) -> Non
         print(f"  WRONG: {label} at {shape} m={m}: relative error {error:.2e}", flush=True)
 
 
+def cpu_variants(requested: list[str]) -> list[str]:
+    """The requested variants this CPU can run (variants are ordered; the best is the last)."""
+    best = CPU_VARIANTS.index(lutflash._C.lutgemm_cpu_variant("best"))
+    return [v for v in requested if CPU_VARIANTS.index(v) <= best]
+
+
 def bench_cpu(args) -> tuple[list[dict], list[dict]]:
     rows, checks = [], []
+    variants = cpu_variants(args.variants)
     for k, n in args.shapes:
         weight = torch.randn(n, k) * 0.02
+        weight_bf16 = weight.bfloat16()
         qweights = {bits: random_bcq_weight(n, k, bits, 128, "general") for bits in args.bits}
         for m in args.m:
             x = torch.randn(m, k)
+            x_bf16 = x.bfloat16()
             row = {"shape": f"{k}->{n}", "m": m,
-                   "F.linear fp32": time_cpu(lambda: F.linear(x, weight), args.reps)}
+                   "F.linear fp32": time_cpu(lambda: F.linear(x, weight), args.reps),
+                   "F.linear bf16": time_cpu(lambda: F.linear(x_bf16, weight_bf16), args.reps)}
             for bits, qweight in qweights.items():
                 label = f"lutflash {bits}b"
                 row[label] = time_cpu(lambda: lutflash.lutgemm(x, qweight), args.reps)
                 check(checks, args, row["shape"], m, label, x, qweight)
+                for variant in variants:
+                    lutflash._C.lutgemm_cpu_variant(variant)
+                    for dtype, xv in (("fp32", x), ("bf16", x_bf16)):
+                        label = f"lutflash {bits}b {dtype} {variant}"
+                        row[label] = time_cpu(lambda: lutflash.lutgemm(xv, qweight), args.reps)
+                        check(checks, args, row["shape"], m, label, xv, qweight)
+                lutflash._C.lutgemm_cpu_variant("best")
             rows.append(row)
             print_row(row, "F.linear fp32")
+    print_cpu_table(rows, args.bits, variants)
     return rows, checks
+
+
+def print_cpu_table(rows: list[dict], bits: list[int], variants: list[str]) -> None:
+    """Per shape and m: lutflash µs and its speedup over F.linear fp32 / bf16, per variant."""
+    print("\n| shape | m | F.linear fp32 µs | F.linear bf16 µs | "
+          + " | ".join(f"{b}b {d} {v}: µs (× fp32 / × bf16)" for v in variants
+                       for d in ("fp32", "bf16") for b in bits) + " |")
+    print("|---" * (4 + 2 * len(variants) * len(bits)) + "|")
+    for r in rows:
+        cells = [r["shape"], str(r["m"]), f"{r['F.linear fp32']:.0f}", f"{r['F.linear bf16']:.0f}"]
+        for v in variants:
+            for d in ("fp32", "bf16"):
+                for b in bits:
+                    t = r[f"lutflash {b}b {d} {v}"]
+                    cells.append(f"{t:.0f} ({r['F.linear fp32'] / t:.1f} / "
+                                 f"{r['F.linear bf16'] / t:.1f})")
+        print("| " + " | ".join(cells) + " |")
 
 
 def bench_cuda(args) -> tuple[list[dict], list[dict], float]:
@@ -187,6 +227,8 @@ def main():
     parser.add_argument("--reps", type=int, default=None, help="default 20 (CPU), 50 (CUDA)")
     parser.add_argument("--check-m", type=int, nargs="*", default=[1, 16, 256],
                         help="the m at which every product is checked (none: no checks)")
+    parser.add_argument("--variants", nargs="+", choices=CPU_VARIANTS, default=["avx2", "avx512"],
+                        help="CPU: the kernel variants timed (those this CPU has)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()

@@ -82,6 +82,37 @@ static PyObject *py_lutgemm_cpu_variant(PyObject *self, PyObject *const *args, P
     return previous;
 }
 
+/* Which tables the CPU kernel looks up (LUTGEMM_TABLES_*): "auto" = float32 for float32 x,
+ * int16 for float16/bfloat16 x; "float" and "int16" force one kind for every dtype (int16 for
+ * float32 x is the opt-in approximate kernel, README "Usage"). */
+static int cpu_tables = LUTGEMM_TABLES_AUTO;
+
+static PyObject *py_lutgemm_cpu_tables(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    static const char *const names[] = {"auto", "float", "int16"};
+    if (nargs > 1) {
+        PyErr_SetString(PyExc_TypeError, "lutgemm_cpu_tables(name=None)");
+        return NULL;
+    }
+    PyObject *previous = PyUnicode_FromString(names[cpu_tables]);
+    if (nargs == 1 && args[0] != Py_None) {
+        const char *name = PyUnicode_Check(args[0]) ? PyUnicode_AsUTF8(args[0]) : NULL;
+        int chosen = -1;
+        for (int i = 0; name && i < (int)(sizeof(names) / sizeof(names[0])); ++i) {
+            if (strcmp(name, names[i]) == 0) chosen = i;
+        }
+        if (chosen < 0) {
+            Py_XDECREF(previous);
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "name: expected 'auto', 'float' or 'int16', got %R",
+                         args[0]);
+            return NULL;
+        }
+        cpu_tables = chosen;
+    }
+    return previous;
+}
+
 enum { ARG_X, ARG_PLANES, ARG_META, ARG_BIAS, ARG_OUT, ARG_WORKSPACE, ARG_CLEAN, ARG_COUNT };
 
 static PyObject *py_lutgemm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -188,7 +219,7 @@ static PyObject *py_lutgemm(PyObject *self, PyObject *const *args, Py_ssize_t na
                 goto done;
         } else {
             Py_BEGIN_ALLOW_THREADS
-            lutgemm_cpu(&p, cpu_variant);
+            lutgemm_cpu(&p, cpu_variant, cpu_tables);
             Py_END_ALLOW_THREADS
         }
     }
@@ -207,5 +238,9 @@ PyMethodDef lutgemm_methods[] = {
     {"lutgemm_cpu_variant", (PyCFunction)(void (*)(void))py_lutgemm_cpu_variant, METH_FASTCALL,
      "lutgemm_cpu_variant(name=None): the CPU inner loop in use ('portable', 'avx2', "
      "'avx512'); with a name, selects it ('best' restores the default) and returns the old one."},
+    {"lutgemm_cpu_tables", (PyCFunction)(void (*)(void))py_lutgemm_cpu_tables, METH_FASTCALL,
+     "lutgemm_cpu_tables(name=None): the CPU kernel's tables ('auto': float32 for float32 x, "
+     "int16 for float16/bfloat16 x; 'float'; 'int16'); with a name, selects them for every "
+     "later call and returns the old setting."},
     {NULL, NULL, 0, NULL},
 };

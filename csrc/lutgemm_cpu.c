@@ -8,12 +8,18 @@
  * alpha once; the offset z contributes z · Σ x over the group.
  *
  * Work is split over tiles of LF_ROW_TILE output rows with OpenMP; the inner loop comes in a
- * portable C version and AVX2 / AVX-512 versions chosen at run time. */
+ * portable C version and AVX2 / AVX-512 versions chosen at run time.
+ *
+ * The tables are float32 (exact: the default for float32 activations) or int16 with a scale
+ * per group (lutgemm_cpu_int16.h: looked up 32 or 64 rows at a time by byte shuffles, about a
+ * 2^-15 relative error per entry, below the rounding of float16/bfloat16 outputs: the default
+ * for those activations). */
 #include "lutgemm_cpu.h"
 
 #include <math.h>
 #include <string.h>
 
+#include "lutgemm_cpu_int16.h"
 #include "scalar_convert.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -23,6 +29,7 @@
 
 #define LF_ROW_TILE 512  /* output rows per work item */
 #define LF_X_PASS 4      /* activation rows sharing one pass over a tile's weights */
+#define LF_X_PASS_INT16 8 /* the same with int16 tables (whose lookups share the weight bits) */
 #define LF_X_BLOCK 64    /* activation rows whose tables are built at once */
 #define LF_PARALLEL_MIN_LOOKUPS (1 << 15) /* word lookups below which one thread is faster */
 #define LF_CHUNK_K 4     /* activations per table */
@@ -35,10 +42,12 @@ static int64_t table_floats(const lutgemm_params *p) {
     return bcq_words_per_row(p->k) * LF_CHUNKS_PER_WORD * LF_TABLE;
 }
 
-/* Floats of tables + group sums per activation row, a multiple of 16 so that every row's
- * tables stay 64-byte aligned. */
+/* Floats of tables + group sums per activation row (float tables; int16 ones take less), a
+ * multiple of 16 so that every row's tables stay 64-byte aligned. */
 static int64_t floats_per_x_row(const lutgemm_params *p) {
-    return table_floats(p) + (p->k / p->group_size + 15) / 16 * 16;
+    const int64_t float_tables = table_floats(p) + p->k / p->group_size;
+    const int64_t int16_tables = (lutgemm_int16_row_bytes(p) + 3) / 4;
+    return ((float_tables > int16_tables ? float_tables : int16_tables) + 15) / 16 * 16;
 }
 
 int64_t lutgemm_cpu_workspace_bytes(const lutgemm_params *p) {
@@ -49,7 +58,8 @@ int64_t lutgemm_cpu_workspace_bytes(const lutgemm_params *p) {
 int lutgemm_cpu_best_variant(void) {
 #ifdef LF_X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return VARIANT_AVX512;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
+        return VARIANT_AVX512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return VARIANT_AVX2;
 #endif
     return VARIANT_PORTABLE;
@@ -170,13 +180,26 @@ __attribute__((target("avx512f"))) static void word_lookup_avx512(
 }
 #endif
 
+static int resolve_variant(int variant) {
+    return variant == VARIANT_BEST ? lutgemm_cpu_best_variant() : variant;
+}
+
 static word_lookup_fn *select_word_lookup(int variant) {
-    if (variant == VARIANT_BEST) variant = lutgemm_cpu_best_variant();
 #ifdef LF_X86
-    if (variant == VARIANT_AVX512) return word_lookup_avx512;
-    if (variant == VARIANT_AVX2) return word_lookup_avx2;
+    if (resolve_variant(variant) == VARIANT_AVX512) return word_lookup_avx512;
+    if (resolve_variant(variant) == VARIANT_AVX2) return word_lookup_avx2;
 #endif
+    (void)variant;
     return word_lookup_portable;
+}
+
+static lutgemm_int16_word_fn *select_int16_word(int variant) {
+#ifdef LF_X86
+    if (resolve_variant(variant) == VARIANT_AVX512) return lutgemm_int16_word_avx512;
+    if (resolve_variant(variant) == VARIANT_AVX2) return lutgemm_int16_word_avx2;
+#endif
+    (void)variant;
+    return lutgemm_int16_word_portable;
 }
 
 const char *lutgemm_cpu_variant_isa(int variant) {
@@ -189,35 +212,83 @@ const char *lutgemm_cpu_variant_isa(int variant) {
     return "portable";
 }
 
-/* One tile of LF_ROW_TILE output rows for up to LF_X_PASS activation rows. Rows are the
- * innermost loop, so each (word, plane) run of the packed weight streams from memory
+/* What a tile reads: the kernel of one kind of tables and the tables of its activation rows. */
+typedef struct {
+    const lutgemm_params *p;
+    word_lookup_fn *word_lookup;       /* float tables, or NULL */
+    lutgemm_int16_word_fn *int16_word; /* int16 tables, or NULL */
+    const char *tables;                /* the tables of activation row 0 of the block */
+    int64_t x_stride;                  /* bytes from one activation row's tables to the next */
+} tile_kernel;
+
+/* The run of rows [r0, r0 + rows) of word w, plane `plane`. */
+static const uint32_t *plane_run(const lutgemm_params *p, int64_t w, int plane, int64_t r0) {
+    return p->planes + (w * p->bits + plane) * bcq_padded_rows(p->n) + r0;
+}
+
+/* The run read after word w of plane `plane`: the next word of group g, else the group's
+ * first word of the next plane (NULL after the last plane): runs are a plane-row apart, too
+ * far for the hardware prefetcher. */
+static const uint32_t *next_run(const lutgemm_params *p, int64_t g, int64_t w, int plane,
+                                int64_t r0) {
+    const int64_t words_per_group = bcq_words_per_row(p->group_size);
+    if (w + 1 < (g + 1) * words_per_group) return plane_run(p, w + 1, plane, r0);
+    return plane + 1 < p->bits ? plane_run(p, g * words_per_group, plane + 1, r0) : NULL;
+}
+
+/* sum[i][r] = Σ over group g of the looked-up partial sums of plane `plane`, float tables. Rows
+ * are the innermost loop, so each (word, plane) run of the packed weight streams from memory
  * contiguously while that word's tables stay in registers. */
-static void row_tile(const lutgemm_params *p, word_lookup_fn *word_lookup, int64_t r0,
-                     int64_t x0, int64_t xs, const float *tables, int64_t per_x_row,
-                     int64_t sums_at) {
+static void plane_sums_float(const tile_kernel *t, int64_t g, int plane, int64_t r0, int64_t rows,
+                             const char *tables, int64_t xs, float sum[][LF_ROW_TILE]) {
+    const lutgemm_params *p = t->p;
+    const int64_t words_per_group = bcq_words_per_row(p->group_size);
+    const int64_t word_floats = LF_CHUNKS_PER_WORD * LF_TABLE;
+    for (int64_t i = 0; i < xs; ++i) memset(sum[i], 0, sizeof(float) * rows);
+    for (int64_t w = g * words_per_group; w < (g + 1) * words_per_group; ++w) {
+        const uint32_t *next = next_run(p, g, w, plane, r0);
+        for (int64_t i = 0; i < xs; ++i)
+            t->word_lookup(plane_run(p, w, plane, r0), rows,
+                           (const float *)(tables + i * t->x_stride) + w * word_floats, sum[i],
+                           i + 1 == xs ? next : NULL);
+    }
+}
+
+/* The same with int16 tables: exact int32 sums of one group, then times the group's scale. */
+static void plane_sums_int16(const tile_kernel *t, int64_t g, int plane, int64_t r0, int64_t rows,
+                             const char *tables, int64_t xs, float sum[][LF_ROW_TILE]) {
+    const lutgemm_params *p = t->p;
+    const int64_t words_per_group = bcq_words_per_row(p->group_size);
+    int32_t isum[LF_X_PASS_INT16][LF_ROW_TILE];
+    for (int64_t i = 0; i < xs; ++i) memset(isum[i], 0, sizeof(int32_t) * rows);
+    for (int64_t w = g * words_per_group; w < (g + 1) * words_per_group; ++w)
+        t->int16_word(plane_run(p, w, plane, r0), rows,
+                      (const uint8_t *)tables + w * LF_INT16_WORD_BYTES, t->x_stride, xs,
+                      isum[0], LF_ROW_TILE, next_run(p, g, w, plane, r0));
+    for (int64_t i = 0; i < xs; ++i) {
+        const float scale = lutgemm_int16_scale(p, (const uint8_t *)tables + i * t->x_stride, g);
+        for (int64_t r = 0; r < rows; ++r) sum[i][r] = scale * (float)isum[i][r];
+    }
+}
+
+static float group_sum(const tile_kernel *t, const char *tables, int64_t g) {
+    if (t->int16_word) return lutgemm_int16_group_sum(t->p, (const uint8_t *)tables, g);
+    return ((const float *)tables)[table_floats(t->p) + g];
+}
+
+/* One tile of LF_ROW_TILE output rows for xs activation rows (x0 onwards, tables at `tables`):
+ * per (group, plane) the looked-up sums, scaled by alpha; the offset z times Σ x. */
+static void row_tile(const tile_kernel *t, int64_t r0, int64_t x0, int64_t xs, const char *tables) {
+    const lutgemm_params *p = t->p;
     const int64_t padded = bcq_padded_rows(p->n);
     const int64_t rows = padded - r0 < LF_ROW_TILE ? padded - r0 : LF_ROW_TILE;
     const int64_t groups = p->k / p->group_size;
-    const int64_t words_per_group = bcq_words_per_row(p->group_size);
-    const int64_t word_floats = LF_CHUNKS_PER_WORD * LF_TABLE;
-    float acc[LF_X_PASS][LF_ROW_TILE], sum[LF_X_PASS][LF_ROW_TILE], meta[LF_ROW_TILE];
+    float acc[LF_X_PASS_INT16][LF_ROW_TILE], sum[LF_X_PASS_INT16][LF_ROW_TILE], meta[LF_ROW_TILE];
     for (int64_t i = 0; i < xs; ++i) memset(acc[i], 0, sizeof(float) * rows);
     for (int64_t g = 0; g < groups; ++g) {
         for (int plane = 0; plane < p->bits; ++plane) {
-            for (int64_t i = 0; i < xs; ++i) memset(sum[i], 0, sizeof(float) * rows);
-            for (int64_t w = g * words_per_group; w < (g + 1) * words_per_group; ++w) {
-                const uint32_t *words = p->planes + (w * p->bits + plane) * padded + r0;
-                /* the run read after this one: next word of the group, else the next plane */
-                const int64_t after = w + 1 < (g + 1) * words_per_group
-                                          ? ((w + 1) * p->bits + plane) * padded
-                                          : plane + 1 < p->bits
-                                                ? (g * words_per_group * p->bits + plane + 1) * padded
-                                                : -1;
-                const uint32_t *next = after >= 0 ? p->planes + after + r0 : NULL;
-                for (int64_t i = 0; i < xs; ++i)
-                    word_lookup(words, rows, tables + i * per_x_row + w * word_floats, sum[i],
-                                i + 1 == xs ? next : NULL);
-            }
+            if (t->int16_word) plane_sums_int16(t, g, plane, r0, rows, tables, xs, sum);
+            else plane_sums_float(t, g, plane, r0, rows, tables, xs, sum);
             if (p->mode == BCQ_MODE_UNIFORM) load_meta(p, g, 0, r0, rows, ldexpf(1.0f, plane - 1), meta);
             else load_meta(p, g, plane, r0, rows, 1.0f, meta);
             for (int64_t i = 0; i < xs; ++i)
@@ -225,8 +296,8 @@ static void row_tile(const lutgemm_params *p, word_lookup_fn *word_lookup, int64
         }
         load_meta(p, g, bcq_meta_per_group(p->bits, p->mode) - 1, r0, rows, 1.0f, meta);
         for (int64_t i = 0; i < xs; ++i) {
-            const float group_sum = tables[i * per_x_row + sums_at + g];
-            for (int64_t r = 0; r < rows; ++r) acc[i][r] += meta[r] * group_sum;
+            const float x_sum = group_sum(t, tables + i * t->x_stride, g);
+            for (int64_t r = 0; r < rows; ++r) acc[i][r] += meta[r] * x_sum;
         }
     }
     const int64_t live = p->n - r0 < rows ? p->n - r0 : rows;
@@ -238,13 +309,17 @@ static void row_tile(const lutgemm_params *p, word_lookup_fn *word_lookup, int64
     }
 }
 
-void lutgemm_cpu(const lutgemm_params *p, int variant) {
-    word_lookup_fn *word_lookup = select_word_lookup(variant);
+void lutgemm_cpu(const lutgemm_params *p, int variant, int tables) {
+    const int int16 = tables == LUTGEMM_TABLES_INT16 ||
+                      (tables == LUTGEMM_TABLES_AUTO && p->x_type != LF_SCALAR_F32);
     const int64_t per_x_row = floats_per_x_row(p);
-    const int64_t sums_at = table_floats(p);
+    float *workspace = (float *)p->workspace;
+    const tile_kernel kernel = {p, int16 ? NULL : select_word_lookup(variant),
+                                int16 ? select_int16_word(variant) : NULL, (const char *)workspace,
+                                per_x_row * (int64_t)sizeof(float)};
+    const int64_t x_pass = int16 ? LF_X_PASS_INT16 : LF_X_PASS;
     const int64_t tiles = (bcq_padded_rows(p->n) + LF_ROW_TILE - 1) / LF_ROW_TILE;
     const int x_elem = p->x_type == LF_SCALAR_F32 ? 4 : 2;
-    float *workspace = (float *)p->workspace;
     /* Waking the OpenMP team costs ~10 us: small products run on the calling thread. */
     const int64_t lookups = p->m * bcq_padded_rows(p->n) * bcq_words_per_row(p->k) * p->bits;
     const int parallel = lookups >= LF_PARALLEL_MIN_LOOKUPS;
@@ -256,16 +331,17 @@ void lutgemm_cpu(const lutgemm_params *p, int variant) {
             for (int64_t i = 0; i < xs; ++i) {
                 const char *x_row = (const char *)p->x + (x0 + i) * p->ldx * x_elem;
                 float *table = workspace + i * per_x_row;
-                build_tables(p, x_row, table, table + sums_at);
+                if (int16) lutgemm_int16_build(p, x_row, (uint8_t *)table);
+                else build_tables(p, x_row, table, table + table_floats(p));
             }
-            const int64_t passes = (xs + LF_X_PASS - 1) / LF_X_PASS;
+            const int64_t passes = (xs + x_pass - 1) / x_pass;
 #pragma omp for schedule(static) collapse(2)
             for (int64_t t = 0; t < tiles; ++t) {
                 for (int64_t pass = 0; pass < passes; ++pass) {
-                    const int64_t first = pass * LF_X_PASS;
-                    const int64_t count = xs - first < LF_X_PASS ? xs - first : LF_X_PASS;
-                    row_tile(p, word_lookup, t * LF_ROW_TILE, x0 + first, count,
-                             workspace + first * per_x_row, per_x_row, sums_at);
+                    const int64_t first = pass * x_pass;
+                    const int64_t count = xs - first < x_pass ? xs - first : x_pass;
+                    row_tile(&kernel, t * LF_ROW_TILE, x0 + first, count,
+                             kernel.tables + first * kernel.x_stride);
                 }
             }
         }

@@ -1,5 +1,6 @@
 """The CPU LUT-GEMM kernel against the float64 reference (dequantize, then matmul)."""
 
+import contextlib
 import itertools
 
 import pytest
@@ -32,6 +33,16 @@ def cpu_variant(request):
     assert _C.cpu_kernel_isa("lutgemm", VARIANT_IDS[request.param]) == request.param
     yield request.param
     _C.lutgemm_cpu_variant("best")
+
+
+@contextlib.contextmanager
+def cpu_tables(name):
+    """The CPU kernel's tables for the duration: "float" (exact), "int16" or "auto"."""
+    previous = _C.lutgemm_cpu_tables(name)
+    try:
+        yield
+    finally:
+        _C.lutgemm_cpu_tables(previous)
 
 
 def poisoned_call(x, qweight, bias=None):
@@ -188,17 +199,20 @@ def test_bias_beyond_the_first_row_tile(cpu_variant, dtype, generator):
         assert (shift - bias.double()).abs().max().item() < tol * (1 + bias.double().abs().max().item())
 
 
+@pytest.mark.parametrize("tables", ["float", "int16"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_low_precision_output_is_the_rounded_float32_result(cpu_variant, dtype, generator):
+def test_low_precision_output_is_the_rounded_float32_result(cpu_variant, dtype, tables, generator):
     """fp16/bf16 outputs are the float32 result rounded to nearest, ties to even: the kernel on
-    the same values given as float32 (bitwise the same arithmetic) rounded by torch's own
-    conversion. Truncation (or any other rounding) differs on about half the elements."""
+    the same values given as float32 (bitwise the same arithmetic, same tables) rounded by
+    torch's own conversion. Truncation (or any other rounding) differs on about half the
+    elements."""
     n, k = 600, 256
     qweight = random_bcq_weight(n, k, 3, 128, "general", generator=generator)
     x = torch.randn(9, k, generator=generator).to(dtype)
     bias = torch.randn(n, generator=generator).to(dtype)
-    out = poisoned_call(x, qweight, bias)
-    exact = poisoned_call(x.float(), qweight, bias.float())
+    with cpu_tables(tables):
+        out = poisoned_call(x, qweight, bias)
+        exact = poisoned_call(x.float(), qweight, bias.float())
     # the test means something only if the float32 results need rounding
     assert (exact.to(dtype).float() != exact).double().mean().item() > 0.9
     assert torch.equal(out, exact.to(dtype)), (out != exact.to(dtype)).sum().item()
@@ -226,6 +240,108 @@ def test_low_precision_output_rounds_ties_to_even(cpu_variant, dtype):
         x[row, 0], x[row, 5] = a, b
         assert x[row, 0].item() == a and x[row, 5].item() == b  # both exact in the type
     sums = torch.tensor([a + b for a, b in pairs], dtype=torch.float32)
-    out = poisoned_call(x, all_ones_weight(3))
+    with cpu_tables("float"):  # exact sums: int16 tables would round ulp / 4 away
+        out = poisoned_call(x, all_ones_weight(3))
     expected = sums.to(dtype)[:, None].expand(-1, 3)
     assert torch.equal(out, expected), (out[:, 0].tolist(), expected[:, 0].tolist())
+
+
+# int16 tables (csrc/lutgemm_cpu_int16.h): the default for float16/bfloat16 x, an opt-in for
+# float32 x. Approximate: each table entry carries a relative error of about 2^-15 of its
+# group's scale, so they are held to the fp16/bf16 rule (2x the naive error + 1e-4 max|ref|),
+# and float32 x to INT16_FP32_RTOL.
+INT16_FP32_RTOL = 5e-4  # measured 1.0e-4 .. 1.5e-4 on random inputs
+
+
+def low_precision_naive(x, qweight, bias=None):
+    """The same product done naively in x's precision: the low-precision rule's yardstick."""
+    out = x.float() @ qweight.dequantize(x.dtype).float().t()
+    return (out if bias is None else out + bias.float()).to(x.dtype)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("mode", ["general", "uniform"])
+@pytest.mark.parametrize("group_size", [32, 128, None])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_int16_tables_match_reference(cpu_variant, bits, mode, group_size, dtype, generator):
+    n, k = 37, 256
+    qweight = random_bcq_weight(n, k, bits, group_size, mode, generator=generator)
+    bias = torch.randn(n, generator=generator).to(dtype)
+    assert _C.lutgemm_cpu_tables() == "auto"  # float16/bfloat16 x take int16 tables by default
+    for m in (1, 2, 3, 4, 5, 7, 8, 9, 17):
+        x = torch.randn(m, k, generator=generator).to(dtype)
+        out = poisoned_call(x, qweight, bias)
+        assert_close_to_reference(out, lutgemm_reference(x, qweight, bias),
+                                  low_precision_naive(x, qweight, bias))
+
+
+@pytest.mark.parametrize("n,k,group_size", [(1, 32, 32), (5, 100, 100), (9, 33, None),
+                                            (530, 64, 64), (1100, 320, 160), (3, 1, None),
+                                            (70, 4096, 128), (600, 1000, None)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_int16_tables_odd_shapes(cpu_variant, n, k, group_size, dtype, generator):
+    # odd n (a partial last 32/64-row step), k with a partial last word, several row tiles
+    qweight = random_bcq_weight(n, k, 3, group_size, "general", generator=generator)
+    for m in (1, 6, 70):
+        x = (3 * torch.randn(m, k, generator=generator)).to(dtype)
+        assert_close_to_reference(poisoned_call(x, qweight), lutgemm_reference(x, qweight),
+                                  low_precision_naive(x, qweight))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("mode", ["general", "uniform"])
+def test_int16_tables_for_float32_x(cpu_variant, bits, mode, generator):
+    """The opt-in: float32 x through int16 tables, within the documented tolerance (and not
+    exact, or the test would not be exercising the int16 kernel)."""
+    qweight = random_bcq_weight(300, 512, bits, 128, mode, generator=generator)
+    x = torch.randn(8, 512, generator=generator)
+    ref = lutgemm_reference(x, qweight)
+    with cpu_tables("int16"):
+        error = relative_error(poisoned_call(x, qweight), ref)
+    assert 1e-7 < error < INT16_FP32_RTOL
+    with cpu_tables("float"):
+        assert relative_error(poisoned_call(x, qweight), ref) < 1e-5
+
+
+def test_int16_variants_agree_bitwise(generator):
+    """The lookups sum integers exactly and the float epilogue is shared: every instruction
+    set gives the same bits (the portable loop is the reference of the shuffle kernels)."""
+    qweight = random_bcq_weight(1100, 320, 4, 32, "uniform", generator=generator)
+    x = torch.randn(11, 320, generator=generator).to(torch.bfloat16)
+    outs = []
+    for variant in [v for v in VARIANTS if supported(v)]:
+        _C.lutgemm_cpu_variant(variant)
+        outs.append(poisoned_call(x, qweight))
+    _C.lutgemm_cpu_variant("best")
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+
+
+def test_int16_tables_propagate_inf_and_nan(cpu_variant, generator):
+    """A non-finite activation makes the outputs of its row NaN or inf, as in float32; the
+    other rows are unaffected."""
+    qweight = random_bcq_weight(40, 128, 2, 64, "general", generator=generator)
+    x = torch.randn(3, 128, generator=generator).to(torch.float16)
+    x[0, 5], x[2, 100] = float("nan"), float("inf")
+    out = poisoned_call(x, qweight)
+    assert not out[0].isfinite().any() and not out[2].isfinite().any()
+    assert out[1].isfinite().all()
+
+
+def test_int16_tables_with_tiny_activations(cpu_variant, generator):
+    """Activations near the bottom of bfloat16's range (the scale's inverse would overflow
+    float32): still within the rule relative to their own magnitude."""
+    qweight = random_bcq_weight(24, 64, 3, 32, "general", generator=generator)
+    x = (torch.randn(2, 64, generator=generator) * 1e-36).to(torch.bfloat16)
+    out = poisoned_call(x, qweight).double() * 1e36
+    ref = lutgemm_reference(x, qweight) * 1e36
+    assert relative_error(out, ref) < 1e-2
+
+
+def test_cpu_tables_setting():
+    assert _C.lutgemm_cpu_tables() == "auto"
+    with cpu_tables("int16"):
+        assert _C.lutgemm_cpu_tables() == "int16"
+    assert _C.lutgemm_cpu_tables() == "auto"
+    with pytest.raises(ValueError, match="name"):
+        _C.lutgemm_cpu_tables("int8")
