@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+from lutflash.testing import poisoned_empty
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -41,3 +43,9 @@ def cuda_device():
     if other:
         assert torch.cuda.current_device() == 0, (
             f"the test left cuda:{torch.cuda.current_device()} current; cuda:0 was")
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """torch.empty returns NaN-filled float tensors for the test (lutflash.testing)."""
+    poisoned_empty(monkeypatch)

@@ -8,7 +8,7 @@ import torch
 import lutflash
 from lutflash import _C, flash_attention, flash_attention_varlen
 from lutflash.attention import _backward, _forward
-from lutflash.testing import MASK32, attention_reference, dropout_keep, philox4x32_10, poisoned_empty
+from lutflash.testing import MASK32, attention_reference, dropout_keep, philox4x32_10
 
 
 def random_qkv(batch, seqlen_q, seqlen_k, heads_q, heads_kv, d, dtype=torch.float32, seed=0):
@@ -61,11 +61,6 @@ def test_forward_fp32_matches_reference(d, variant):
     ref, ref_lse = attention_reference(q.double(), k.double(), v.double())
     assert rel_err(out, ref) < 1e-5
     assert torch.allclose(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    poisoned_empty(monkeypatch)
 
 
 def check_lowp(out, ref64, q, k, v, **kw):

@@ -19,11 +19,6 @@ DEVICE = os.environ.get("LUTFLASH_TEST_DEVICE", "cuda")
 DTYPES = [torch.float16, torch.bfloat16]
 
 
-@pytest.fixture
-def poison(monkeypatch):
-    poisoned_empty(monkeypatch)
-
-
 def make_case(batch, seqlen_q, seqlen_k, heads_q, heads_kv, d, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     shape_q, shape_k = (batch, seqlen_q, heads_q, d), (batch, seqlen_k, heads_kv, d)
@@ -354,17 +349,7 @@ DECODE_CASES = [  # (batch, Sq, Sk, Hq, Hkv, d, dtype, causal, window)
 def poison_all(monkeypatch):
     """Like poison, and the byte workspace filled with 0xff (float32 NaN) too, so that a
     workspace record the combine reads without the decode kernel writing it shows."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(math.nan)
-        elif t.dtype == torch.uint8:
-            t.fill_(255)
-        return t
-
-    monkeypatch.setattr(lutflash.attention.torch, "empty", empty)
+    poisoned_empty(monkeypatch, workspaces=True)
 
 
 @pytest.mark.parametrize("n", range(len(DECODE_CASES)))

@@ -147,16 +147,19 @@ def attention_reference(q, k, v, *, causal=False, scale=None, window=(-1, -1), s
     return out, lse
 
 
-def poisoned_empty(monkeypatch):
+def poisoned_empty(monkeypatch, workspaces: bool = False):
     """Makes torch.empty return NaN-filled float tensors while `monkeypatch` (pytest's fixture
     or pytest.MonkeyPatch.context()) is active, so that an output element a kernel forgets to
-    write fails the comparison (uint8 workspaces stay as they are)."""
+    write fails the comparison. With `workspaces`, uint8 tensors (the byte workspaces) are
+    filled with 0xff too, float32 NaN wherever a kernel reads them as floats."""
     real_empty = torch.empty
 
     def empty(*args, **kwargs):
         t = real_empty(*args, **kwargs)
         if t.is_floating_point():
             t.fill_(math.nan)
+        elif workspaces and t.dtype == torch.uint8:
+            t.fill_(255)
         return t
 
     monkeypatch.setattr(torch, "empty", empty)
