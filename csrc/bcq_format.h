@@ -25,6 +25,14 @@ static inline int bcq_meta_per_group(int bits, bcq_mode mode) {
     return mode == BCQ_MODE_GENERAL ? bits + 1 : 2;
 }
 
+/* Which CUDA kernels compute a lutgemm: chosen from x's dtype and m, or forced (tests,
+ * benchmarks). The tensor cores take float16/bfloat16 x only. */
+typedef enum {
+    LF_PATH_AUTO = 0,
+    LF_PATH_TABLES = 1, /* tables of activation partial sums (lutgemm_decode.cu, lutgemm_lut.cu) */
+    LF_PATH_TENSOR_CORES = 2, /* tensor cores (lutgemm_mma.cu) */
+} lutgemm_path;
+
 /*
  * planes: 32-bit words [words_per_row(k)][bits][padded_rows(n)] (int32 tensors, read as
  *         uint32); bit j of word [w][i][r] is the code of weight (r, 32*w + j) in bit-plane i:
@@ -52,6 +60,7 @@ typedef struct {
     bcq_mode mode;
     lf_scalar x_type;
     lf_scalar meta_type;
+    lutgemm_path path; /* CUDA kernels only; the CPU has one */
 } lutgemm_params;
 
 #endif

@@ -117,11 +117,11 @@ enum { ARG_X, ARG_PLANES, ARG_META, ARG_BIAS, ARG_OUT, ARG_WORKSPACE, ARG_CLEAN,
 
 static PyObject *py_lutgemm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 12 && nargs != 13) {
+    if (nargs < 12 || nargs > 14) {
         PyErr_Format(PyExc_TypeError,
                      "lutgemm(x, planes, meta, bias, out, workspace, n, k, bits, group_size, "
-                     "mode, stream[, clean_workspace]) takes 12 arguments (13 with "
-                     "clean_workspace), got %zd", nargs);
+                     "mode, stream[, clean_workspace[, path]]) takes 12 arguments (13 with "
+                     "clean_workspace, 14 with path), got %zd", nargs);
         return NULL;
     }
     static const char *const names[ARG_COUNT] = {"x", "planes", "meta", "bias", "out",
@@ -141,7 +141,11 @@ static PyObject *py_lutgemm(PyObject *self, PyObject *const *args, Py_ssize_t na
                                : lf_tensor_borrow(args[i], names[i], &t[i]);
         if (rc < 0) goto done;
     }
-    if (nargs == 13 && lf_tensor_borrow_optional(args[12], names[ARG_CLEAN], &t[ARG_CLEAN]) < 0)
+    if (nargs >= 13 && lf_tensor_borrow_optional(args[12], names[ARG_CLEAN], &t[ARG_CLEAN]) < 0)
+        goto done;
+    int64_t path = LF_PATH_AUTO;
+    if (nargs == 14 &&
+        lf_parse_int(args[13], "path", LF_PATH_AUTO, LF_PATH_TENSOR_CORES, &path) < 0)
         goto done;
     lf_tensor *x = &t[ARG_X], *out = &t[ARG_OUT], *bias = &t[ARG_BIAS], *ws = &t[ARG_WORKSPACE];
     if (lf_check_supported_device(x) < 0 || lf_check_dtype(x, LF_DTYPES_FLOAT) < 0 ||
@@ -183,6 +187,17 @@ static PyObject *py_lutgemm(PyObject *self, PyObject *const *args, Py_ssize_t na
     p.meta_type = lf_scalar_of(t[ARG_META].dtype);
     const int on_cuda = x->device_type == LF_DEVICE_CUDA;
     if (on_cuda && lf_require_cuda("lutgemm") < 0) goto done;
+    if (path != LF_PATH_AUTO && !on_cuda) {
+        PyErr_Format(PyExc_ValueError, "path: expected 0 (automatic) for CPU tensors, got %lld",
+                     (long long)path);
+        goto done;
+    }
+    if (path == LF_PATH_TENSOR_CORES && p.x_type == LF_SCALAR_F32) {
+        PyErr_SetString(PyExc_ValueError,
+                        "path: the tensor-core path (2) takes float16 or bfloat16 x, got float32");
+        goto done;
+    }
+    p.path = (lutgemm_path)path;
     const int64_t need = workspace_bytes(&p, on_cuda);
     if (lf_check_same_device(ws, x) < 0 || lf_check_dtype(ws, LF_DTYPE_U8) < 0 ||
         lf_check_ndim(ws, 1) < 0 || lf_check_contiguous(ws) < 0 || lf_check_aligned(ws, 64) < 0 ||
@@ -202,6 +217,12 @@ static PyObject *py_lutgemm(PyObject *self, PyObject *const *args, Py_ssize_t na
             if (i != ARG_CLEAN && lf_tensor_present(&t[i]) &&
                 lf_check_no_overlap(clean, &t[i]) < 0)
                 goto done;
+        }
+        if (clean->shape[0] < need) {
+            PyErr_Format(PyExc_ValueError,
+                         "clean_workspace: expected at least %lld bytes, got %lld",
+                         (long long)need, (long long)clean->shape[0]);
+            goto done;
         }
         p.clean_workspace = clean->data;
         p.clean_workspace_bytes = clean->shape[0];
@@ -231,8 +252,9 @@ done:
 
 PyMethodDef lutgemm_methods[] = {
     {"lutgemm", (PyCFunction)(void (*)(void))py_lutgemm, METH_FASTCALL,
-     "lutgemm(x, planes, meta, bias, out, workspace, n, k, bits, group_size, mode, stream): "
-     "out = x @ W^T (+ bias) for a packed BCQ weight W."},
+     "lutgemm(x, planes, meta, bias, out, workspace, n, k, bits, group_size, mode, stream"
+     "[, clean_workspace[, path]]): out = x @ W^T (+ bias) for a packed BCQ weight W; path "
+     "(CUDA): 0 automatic, 1 tables, 2 tensor cores."},
     {"lutgemm_workspace_bytes", (PyCFunction)(void (*)(void))py_lutgemm_workspace_bytes,
      METH_FASTCALL, "lutgemm_workspace_bytes(on_cuda, m, n, k, bits, group_size, mode)"},
     {"lutgemm_cpu_variant", (PyCFunction)(void (*)(void))py_lutgemm_cpu_variant, METH_FASTCALL,

@@ -1,15 +1,15 @@
-/* LUT-GEMM, the decode path (small m; float32 x at any m). A block owns 1024 weight rows (a
+/* LUT-GEMM, the general table kernel: float32 x at any m, bits 5..8 at m ≤ 2 (and what the
+ * table path is forced on; m ≤ 8 with bits ≤ 4 and 16-bit x takes lutgemm_decode.cu). Rows of
+ * x in tiles of 4 (gridDim.z). A block owns 1024 weight rows (a
  * lane's 16-byte load is 4 rows of one plane word) and a chunk of k. It builds in shared memory,
  * per 8 activations, the 256 signed sums Σ ±x (bit b of the index set means +x_b); a byte of a
  * plane word is then directly the index of its partial sum, so each weight byte costs one table
  * lookup and is read once from device memory. α scales the looked-up sums per (row, plane), z
  * multiplies Σ x of the word. Tables and sums are float32. */
 #include "lutgemm_cuda.cuh"
+#include "ptx.cuh"
 
 namespace {
-
-
-
 
 /* 4 consecutive rows of one metadata entry, kept raw (uint2 for fp16/bf16, uint4 for fp32)
  * so that the load is in flight while earlier words are consumed. */
@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(LUT_THREADS) lut_kernel(LutArgs a) {
 #pragma unroll
             for (int mm = 0; mm < M_TILE; ++mm)
                 if (m0 + mm < a.m)
-                    atomic_add4(a.acc + (m0 + mm) * a.n_pad + row,
+                    lf::atomic_add4(a.acc + (m0 + mm) * a.n_pad + row,
                                 make_float4(acc[mm][0], acc[mm][1], acc[mm][2], acc[mm][3]));
         if (!last_block_of_tile(a.counters + blockIdx.z * gridDim.x + blockIdx.x, gridDim.y))
             return;
@@ -214,8 +214,6 @@ cudaError_t launch_bits(int bits, const LutArgs &a, dim3 grid, cudaStream_t stre
 
 }  // namespace
 
-cudaError_t lutgemm_lut_launch(int bits, int m_tile, const LutArgs &a, dim3 grid,
-                               cudaStream_t stream) {
-    (void)m_tile;  // m = 1 goes to lutgemm_lut1.cu (bits ≤ 4) or runs as a tile of 4
-    return launch_bits<4>(bits, a, grid, stream);
+cudaError_t lutgemm_lut_launch(int bits, const LutArgs &a, dim3 grid, cudaStream_t stream) {
+    return launch_bits<LUT_M_TILE>(bits, a, grid, stream);
 }

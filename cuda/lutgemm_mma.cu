@@ -2,17 +2,12 @@
  * x is first copied to the workspace with each 32-k word's columns permuted (permute_x_kernel)
  * so that the 8 weights a thread needs for its mma B fragments come from bits (p, p + 16) of a
  * plane word: one shift brings a pair to the sign bits of a half2 and one lop3 turns it into
- * (±α, ±α). The weight tile is dequantized in registers and never written anywhere.
- * Two kernels: pipe_kernel (bits ≤ 4, the default: 256-row CTA tiles, one barrier per stage,
- * metadata once per group) and the older mma_kernel (bits 5..8, or LUTFLASH_LUTGEMM_MMA=old). */
-#include <stdlib.h>
-
-#include <type_traits>
-
+ * (±α, ±α). The weight tile is dequantized in registers and never written anywhere. */
+#include "device.cuh"
 #include "lutgemm_cuda.cuh"
+#include "ptx.cuh"
 
 namespace {
-
 
 /* Column permutation inside each 32-k word. Logical column L = 16s + 8r + 2t + e (k16 step s,
  * B register r, thread-in-group t, half e of the mma fragment) holds physical column
@@ -43,55 +38,12 @@ __global__ void permute_x_kernel(const uint16_t *__restrict__ x, int64_t ldx,
 }
 
 
-__device__ __forceinline__ void cp_async16(void *smem, const void *global, bool valid) {
-    const unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
-    const int bytes = valid ? 16 : 0;  // 0: zero-fill, nothing is read
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(global),
-                 "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void *smem) {
-    const unsigned addr = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-
 /* (~bits & 0x80008000) ^ alpha: the two sign bits of `bits` pick +α or -α per half. */
 __device__ __forceinline__ uint32_t signed_alpha(uint32_t bits, uint32_t alpha) {
     uint32_t r;
     asm("lop3.b32 %0, %1, %2, %3, 0xA6;\n" : "=r"(r) : "r"(bits), "r"(0x80008000u), "r"(alpha));
     return r;
 }
-
-template <typename T> struct Pair;
-template <> struct Pair<__half> {
-    using T2 = __half2;
-    static __device__ __forceinline__ uint32_t from_float(float v) {
-        const __half h = __float2half_rn(v);
-        return (uint32_t)__half_as_ushort(h) * 0x10001u;
-    }
-    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-        const __half2 h = __floats2half2_rn(lo, hi);
-        return *(const uint32_t *)&h;
-    }
-};
-template <> struct Pair<__nv_bfloat16> {
-    using T2 = __nv_bfloat162;
-    static __device__ __forceinline__ uint32_t from_float(float v) {
-        const __nv_bfloat16 h = __float2bfloat16_rn(v);
-        return (uint32_t)__bfloat16_as_ushort(h) * 0x10001u;
-    }
-    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-        const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-        return *(const uint32_t *)&h;
-    }
-};
 
 /* ±α in fp32: bit 31 of `bits` set gives +α, clear gives -α (α as float bits). */
 __device__ __forceinline__ float signed_alpha_f32(uint32_t bits, uint32_t alpha) {
@@ -100,253 +52,23 @@ __device__ __forceinline__ float signed_alpha_f32(uint32_t bits, uint32_t alpha)
     return __uint_as_float(r);
 }
 
-template <typename T>
-__device__ __forceinline__ uint32_t add2(uint32_t a, uint32_t b) {
-    using T2 = typename Pair<T>::T2;
-    T2 r = __hadd2(*(T2 *)&a, *(T2 *)&b);
-    return *(uint32_t *)&r;
+/* Pair arithmetic on the 32-bit registers that hold pairs of T. */
+template <typename T> using T2 = typename lf::Pair<T>::T2;
+template <typename T> __device__ __forceinline__ T2<T> as_pair(uint32_t v) { return *(T2<T> *)&v; }
+template <typename T> __device__ __forceinline__ uint32_t as_bits(T2<T> v) { return *(uint32_t *)&v; }
+template <typename T> __device__ __forceinline__ uint32_t add2(uint32_t a, uint32_t b) {
+    return as_bits<T>(__hadd2(as_pair<T>(a), as_pair<T>(b)));
 }
-template <typename T>
-__device__ __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
-    using T2 = typename Pair<T>::T2;
-    T2 r = __hfma2(*(T2 *)&a, *(T2 *)&b, *(T2 *)&c);
-    return *(uint32_t *)&r;
+template <typename T> __device__ __forceinline__ uint32_t sub2(uint32_t a, uint32_t b) {
+    return as_bits<T>(__hsub2(as_pair<T>(a), as_pair<T>(b)));
 }
-
-template <typename T>
-__device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0,
-                                         uint32_t b1) {
-    if constexpr (std::is_same<T, __half>::value) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    } else {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-}
-
-
-
-template <typename T, int BM>
-struct MmaConfig {
-    static constexpr int WARPS_M = BM > 64 ? BM / 64 : 1;
-    static constexpr int THREADS = 128 * WARPS_M;
-    static constexpr int M_TILES = (BM > 64 ? 64 : BM) / 16;  // per warp
-    static constexpr int MIN_BLOCKS = BM <= 32 ? 3 : 1;        // small tiles: several per SM
-};
-
-template <typename T, int BM>
-__global__ void __launch_bounds__(MmaConfig<T, BM>::THREADS, MmaConfig<T, BM>::MIN_BLOCKS)
-    mma_kernel(MmaArgs a) {
-    using Cfg = MmaConfig<T, BM>;
-    extern __shared__ uint4 mma_smem[];
-    unsigned char *smem = (unsigned char *)mma_smem;
-    const int bits = a.bits, nm = a.nm;
-    const int meta_size = a.meta_type == LF_SCALAR_F32 ? 4 : 2;
-    const MmaStage st(BM, bits, nm, meta_size);
-    uint32_t *alpha = (uint32_t *)(smem + MMA_STAGES * st.bytes());  // [slot][bits + 2][BN]
-
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int wm = warp / 4, wn = warp % 4, g = lane >> 2, t = lane & 3;
-    const int64_t n0 = (int64_t)blockIdx.x * MMA_BN, m0 = (int64_t)blockIdx.y * BM;
-    const int w_begin = blockIdx.z * a.words_per_split;
-    const int w_end = min(a.words, w_begin + a.words_per_split);
-    const int stages = (w_end - w_begin + MMA_WORDS - 1) / MMA_WORDS;
-    auto group_of = [&](int w) { return (int)(32 * (int64_t)w / a.group_size); };
-
-    auto load_stage = [&](int s) {
-        unsigned char *base = smem + (s % MMA_STAGES) * st.bytes();
-        const int w0 = w_begin + s * MMA_WORDS;
-        uint16_t *xs = (uint16_t *)base;
-        for (int c = tid; c < BM * 4 * MMA_WORDS; c += Cfg::THREADS) {
-            const int r = c / (4 * MMA_WORDS), ch = c % (4 * MMA_WORDS);
-            const bool valid = w0 + ch / 4 < w_end;
-            const uint16_t *src = a.xp + (m0 + r) * a.k_pad + (int64_t)w0 * 32 + ch * 8;
-            cp_async16(xs + r * 64 + ((ch ^ (r & 7)) * 8), valid ? src : a.xp, valid);
-        }
-        uint32_t *ps = (uint32_t *)(base + st.x_bytes);
-        for (int c = tid; c < MMA_WORDS * bits * (MMA_BN / 4); c += Cfg::THREADS) {
-            const int wi = c / (MMA_BN / 4), ch = c % (MMA_BN / 4);  // wi = word * bits + plane
-            const int64_t rr = n0 + ch * 4;
-            const bool valid = w0 + wi / bits < w_end && rr < a.n_pad;
-            const uint32_t *src = a.planes + ((int64_t)w0 * bits + wi) * a.n_pad + rr;
-            cp_async16(ps + wi * MMA_BN + ch * 4, valid ? src : a.planes, valid);
-        }
-        unsigned char *ms = base + st.x_bytes + st.plane_bytes;
-        const int chunks = MMA_BN * meta_size / 16;
-        for (int c = tid; c < MMA_WORDS * nm * chunks; c += Cfg::THREADS) {
-            const int slot = c / (nm * chunks), j = (c / chunks) % nm, ch = c % chunks;
-            const int w = w0 + slot;
-            const int64_t rr = n0 + ch * 16 / meta_size;
-            const bool valid = w < w_end && rr < a.n_pad;
-            const unsigned char *src =
-                (const unsigned char *)a.meta +
-                (((int64_t)group_of(valid ? w : 0) * nm + j) * a.n_pad + rr) * meta_size;
-            cp_async16(ms + (slot * nm + j) * MMA_BN * meta_size + ch * 16,
-                       valid ? src : a.meta, valid);
-        }
-    };
-
-    float acc[Cfg::M_TILES][4][4];
-#pragma unroll
-    for (int i = 0; i < Cfg::M_TILES; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
-
-#pragma unroll
-    for (int s = 0; s < MMA_STAGES - 1; ++s) {
-        if (s < stages) load_stage(s);
-        cp_async_commit();
-    }
-    for (int s = 0; s < stages; ++s) {
-        cp_async_wait<MMA_STAGES - 2>();
-        __syncthreads();  // stage s landed; everyone is done with stage s - 1 and `alpha`
-        if (s + MMA_STAGES - 1 < stages) load_stage(s + MMA_STAGES - 1);
-        cp_async_commit();
-
-        const unsigned char *base = smem + (s % MMA_STAGES) * st.bytes();
-        const int w0 = w_begin + s * MMA_WORDS;
-        // Metadata → broadcast pairs: α_i (2^i in uniform mode), scale (1 or s/2), z, so
-        // that Ŵ = scale·Σ_i ±α_i + z for both modes (uniform: an exact odd integer times s/2).
-        const unsigned char *ms = base + st.x_bytes + st.plane_bytes;
-        for (int e = tid; e < MMA_WORDS * MMA_BN; e += Cfg::THREADS) {
-            const int slot = e / MMA_BN, col = e % MMA_BN;
-            const unsigned char *raw = ms + slot * nm * MMA_BN * meta_size;
-            auto entry = [&](int j) {
-                const int64_t idx = (int64_t)j * MMA_BN + col;
-                if (a.meta_type == LF_SCALAR_F32) return ((const float *)raw)[idx];
-                const uint16_t h = ((const uint16_t *)raw)[idx];
-                return a.meta_type == LF_SCALAR_F16 ? __half2float(__ushort_as_half(h))
-                                                    : __uint_as_float((uint32_t)h << 16);
-            };
-            uint32_t *out = alpha + slot * (bits + 2) * MMA_BN + col;
-            if (a.mode == BCQ_MODE_GENERAL) {  // fp32 α_i and z: summed in fp32 below
-                for (int i = 0; i < bits; ++i) out[i * MMA_BN] = __float_as_uint(entry(i));
-                out[(bits + 1) * MMA_BN] = __float_as_uint(entry(nm - 1));
-            } else {
-                for (int i = 0; i < bits; ++i) out[i * MMA_BN] = Pair<T>::from_float((float)(1 << i));
-                out[bits * MMA_BN] = Pair<T>::from_float(0.5f * entry(0));
-                out[(bits + 1) * MMA_BN] = Pair<T>::from_float(entry(nm - 1));
-            }
-        }
-        __syncthreads();
-
-        const uint16_t *xs = (const uint16_t *)base;
-        const uint32_t *ps = (const uint32_t *)(base + st.x_bytes);
-        for (int kw = 0; kw < MMA_WORDS; ++kw) {
-            const int w = w0 + kw;
-            if (w >= w_end) break;
-            // The second word reads the first's metadata slot when it is in the same group.
-            const int slot = kw > 0 && group_of(w) != group_of(w0) ? kw : 0;
-            const uint32_t *al = alpha + slot * (bits + 2) * MMA_BN;
-            uint32_t b[4][4];
-            if (a.mode == BCQ_MODE_GENERAL) {
-                // Σ_i ±α_i + z in fp32, rounded once to T: partial sums of arbitrary α would
-                // round at every add in T (error well above dequantize-then-round).
-#pragma unroll
-                for (int nt = 0; nt < 4; ++nt) {
-                    const int col = wn * 32 + nt * 8 + g;
-                    const float z = __uint_as_float(al[(bits + 1) * MMA_BN + col]);
-                    float lo[4] = {z, z, z, z}, hi[4] = {z, z, z, z};
-                    for (int i = 0; i < bits; ++i) {
-                        const uint32_t word = ps[(kw * bits + i) * MMA_BN + col];
-                        const uint32_t al_i = al[i * MMA_BN + col];
-                        // bits 4t + 3 and 4t + 19 → bit 31; then bits 4t + r, 4t + 16 + r
-                        const uint32_t ylo = word << (28 - 4 * t), yhi = word << (12 - 4 * t);
-#pragma unroll
-                        for (int r = 0; r < 4; ++r) {
-                            lo[r] += signed_alpha_f32(ylo << (3 - r), al_i);
-                            hi[r] += signed_alpha_f32(yhi << (3 - r), al_i);
-                        }
-                    }
-#pragma unroll
-                    for (int r = 0; r < 4; ++r) b[nt][r] = Pair<T>::pack(lo[r], hi[r]);
-                }
-            } else
-#pragma unroll
-            for (int nt = 0; nt < 4; ++nt) {
-                const int col = wn * 32 + nt * 8 + g;
-                uint32_t sum[4] = {0, 0, 0, 0};
-                // smallest α first: the general mode's rounding stays at the scale of the sum
-                for (int i = bits - 1; i >= 0; --i) {
-                    const uint32_t word = ps[(kw * bits + i) * MMA_BN + col];
-                    const uint32_t al_i = al[i * MMA_BN + col];
-                    const uint32_t y = word << (12 - 4 * t);  // bits 4t+3, 4t+19 → 15, 31
-                    sum[3] = add2<T>(sum[3], signed_alpha(y, al_i));
-                    sum[2] = add2<T>(sum[2], signed_alpha(y << 1, al_i));
-                    sum[1] = add2<T>(sum[1], signed_alpha(y << 2, al_i));
-                    sum[0] = add2<T>(sum[0], signed_alpha(y << 3, al_i));
-                }
-                const uint32_t scale = al[bits * MMA_BN + col], z = al[(bits + 1) * MMA_BN + col];
-#pragma unroll
-                for (int r = 0; r < 4; ++r) b[nt][r] = fma2<T>(sum[r], scale, z);
-            }
-#pragma unroll
-            for (int s16 = 0; s16 < 2; ++s16) {
-#pragma unroll
-                for (int mt = 0; mt < Cfg::M_TILES; ++mt) {
-                    const int r = wm * 64 + mt * 16 + (lane & 15);
-                    const int ch = kw * 4 + s16 * 2 + (lane >> 4);
-                    uint32_t af[4];
-                    ldmatrix_x4(af, xs + r * 64 + ((ch ^ (r & 7)) * 8));
-#pragma unroll
-                    for (int nt = 0; nt < 4; ++nt)
-                        mma16816<T>(acc[mt][nt], af, b[nt][2 * s16], b[nt][2 * s16 + 1]);
-                }
-            }
-        }
-    }
-    cp_async_wait<0>();
-
-    const T *bias = (const T *)a.bias;
-    T *out = (T *)a.out;
-    if (gridDim.z > 1) {
-#pragma unroll
-        for (int mt = 0; mt < Cfg::M_TILES; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int64_t r = m0 + wm * 64 + mt * 16 + g + 8 * h;
-                    const int64_t c = n0 + wn * 32 + nt * 8 + 2 * t;
-                    if (r < a.m && c < a.n_pad)
-                        atomic_add2(a.acc + r * a.n_pad + c, acc[mt][nt][2 * h],
-                                    acc[mt][nt][2 * h + 1]);
-                }
-        if (!last_block_of_tile(a.counters + blockIdx.y * gridDim.x + blockIdx.x, gridDim.z))
-            return;
-        for (int e = tid; e < BM * MMA_BN; e += Cfg::THREADS) {
-            const int64_t r = m0 + e / MMA_BN, c = n0 + e % MMA_BN;
-            if (r >= a.m || c >= a.n) continue;
-            const float v = __ldcg(a.acc + r * a.n_pad + c) + (bias ? (float)bias[c] : 0.0f);
-            out[r * a.ldo + c] = (T)v;
-        }
-        return;
-    }
-#pragma unroll
-    for (int mt = 0; mt < Cfg::M_TILES; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int64_t r = m0 + wm * 64 + mt * 16 + g + 8 * (e >> 1);
-                const int64_t c = n0 + wn * 32 + nt * 8 + 2 * t + (e & 1);
-                if (r < a.m && c < a.n)
-                    out[r * a.ldo + c] = (T)(acc[mt][nt][e] + (bias ? (float)bias[c] : 0.0f));
-            }
+template <typename T> __device__ __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
+    return as_bits<T>(__hfma2(as_pair<T>(a), as_pair<T>(b), as_pair<T>(c)));
 }
 
 /* ---------------------------------------------------------------------------------------- */
-/* The pipelined kernel (bits ≤ 4): one __syncthreads per k-stage, metadata converted once    */
-/* per group, compile-time bits and mode, no divisions in the main loop.                      */
+/* The kernel: one __syncthreads per k-stage, metadata converted once per group, compile-time */
+/* bits and mode, no divisions in the main loop.                                              */
 /* ---------------------------------------------------------------------------------------- */
 /* The CTA is 8 warps side by side along n; each warp owns 32 weight rows (output columns) and
  * all BM activation rows, so a weight is dequantized once per CTA and feeds BM / 16 mmas. Per
@@ -354,129 +76,143 @@ __global__ void __launch_bounds__(MmaConfig<T, BM>::THREADS, MmaConfig<T, BM>::M
  * words that open a group, the raw metadata. Within a warp, B-fragment column g of n-tile nt
  * is weight row 4g + nt: a thread's 4 n-tiles are 4 consecutive rows, one LDS.128 per plane
  * word, and its outputs are runs of 4 consecutive columns (float4 atomics when k is split).
- * These constants must match PIPE_BN / PIPE_WORDS in lutgemm_cuda.cu. */
-constexpr int PIPE_WARPS = 8, PIPE_THREADS = 32 * PIPE_WARPS;
-constexpr int PIPE_BN = 32 * PIPE_WARPS;  // weight rows per CTA
-constexpr int PIPE_WORDS = 2;             // words of k per stage (BK = 64)
-constexpr int PIPE_STAGES = 4;
-constexpr unsigned PIPE_GROUP_M = 8;      // m-tiles per block-order group (L2 reuse)
+ * MMA_BN, MMA_WORDS and MMA_STAGES are in lutgemm_cuda.cuh (the plan uses them too). */
+constexpr int MMA_WARPS = 8, MMA_THREADS = 32 * MMA_WARPS;
+static_assert(MMA_BN == 32 * MMA_WARPS, "a warp owns 32 weight rows");
+constexpr unsigned MMA_GROUP_M = 8;      // m-tiles per block-order group (L2 reuse)
+constexpr int SM80_MAX_SMEM = 163 * 1024;  // dynamic shared memory of a block on an A100
 
-template <int BITS, bool GEN>
-struct PipeShape {
-    static constexpr int NM = GEN ? BITS + 1 : 2;  // metadata rows per group
-    static __host__ __device__ int x_bytes(int bm) { return bm * 32 * PIPE_WORDS * 2; }
-    static constexpr int PLANE_BYTES = PIPE_WORDS * BITS * PIPE_BN * 4;
-    static __host__ __device__ int stage_bytes(int bm, int meta_size) {
-        return x_bytes(bm) + PLANE_BYTES + PIPE_WORDS * NM * PIPE_BN * meta_size;
+template <int BITS, bool GENERAL>
+struct MmaShape {
+    static constexpr int NM = GENERAL ? BITS + 1 : 2;  // metadata rows per group
+    static __host__ __device__ constexpr int x_bytes(int bm) { return bm * 32 * MMA_WORDS * 2; }
+    static constexpr int PLANE_BYTES = MMA_WORDS * BITS * MMA_BN * 4;
+    static __host__ __device__ constexpr int stage_bytes(int bm, int meta_size) {
+        return x_bytes(bm) + PLANE_BYTES + MMA_WORDS * NM * MMA_BN * meta_size;
     }
-    static __host__ __device__ int smem_bytes(int bm, int meta_size, int stages = PIPE_STAGES) {
-        return stages * stage_bytes(bm, meta_size);
+    /* MMA_STAGES, or 3 where that many stages of the largest tile (BM = 128, fp32 metadata)
+     * would not fit an A100: general mode with 6..8 bits. */
+    static constexpr int STAGES = MMA_STAGES * stage_bytes(128, 4) <= SM80_MAX_SMEM ? MMA_STAGES : 3;
+    static __host__ __device__ constexpr int smem_bytes(int bm, int meta_size) {
+        return STAGES * stage_bytes(bm, meta_size);
     }
 };
 
 template <int BM>
-struct PipeCfg {
+struct MmaCfg {
     static constexpr int M_TILES = BM / 16;
     static constexpr int MIN_BLOCKS = BM >= 64 ? 1 : 2;  // ≤ 128 registers spills at BM = 64
 };
 
-/* Uniform mode's integer codes as floating point numbers (see pipe_kernel): for r = 1..3,
+/* Uniform mode's integer codes as floating point numbers (see mma_kernel): for r = 1..3,
  * magic(r) is the broadcast pair 2^E_r with E_r = (mantissa bits) − r, so that mantissa bit
  * r + i is worth 2^i and magic(r) | (c << r) is exactly 2^E_r + c for a code c < 2^4;
- * offset(r, q) = 2^E_r + (2^q − 1)/2, exact since the unit of 2^E_r is 2^−r ≤ 1/2. */
+ * offset(r, q) = 2^E_r + (2^q − 1)/2, exact since the unit of 2^E_r is 2^−r ≤ 1/2.
+ * pow2(e): the broadcast pair 2^e. */
 template <typename T> struct CodeMagic;
 template <> struct CodeMagic<__half> {  // 10 mantissa bits, exponent bias 15
+    static __host__ __device__ constexpr uint32_t pow2(int e) { return (uint32_t)((15 + e) << 10) * 0x10001u; }
     static __host__ __device__ constexpr uint32_t magic(int r) { return (uint32_t)((25 - r) << 10) * 0x10001u; }
     static __host__ __device__ constexpr uint32_t offset(int r, int q) {
         return magic(r) + (uint32_t)(((1 << q) - 1) << (r - 1)) * 0x10001u;
     }
 };
 template <> struct CodeMagic<__nv_bfloat16> {  // 7 mantissa bits, exponent bias 127
+    static __host__ __device__ constexpr uint32_t pow2(int e) { return (uint32_t)((127 + e) << 7) * 0x10001u; }
     static __host__ __device__ constexpr uint32_t magic(int r) { return (uint32_t)((134 - r) << 7) * 0x10001u; }
     static __host__ __device__ constexpr uint32_t offset(int r, int q) {
         return magic(r) + (uint32_t)(((1 << q) - 1) << (r - 1)) * 0x10001u;
     }
 };
 
-template <typename T>
-__device__ __forceinline__ uint32_t sub2(uint32_t a, uint32_t b) {
-    using T2 = typename Pair<T>::T2;
-    T2 r = __hsub2(*(T2 *)&a, *(T2 *)&b);
-    return *(uint32_t *)&r;
+/* Plane i of weight row nt (a thread's rows: pw[i], one word per row) rotated right by 4t − i:
+ * the pair bits 4t + r, 4t + 16 + r land at r + i, r + i + 16. */
+template <int BITS>
+__device__ __forceinline__ void rotate_planes(const uint4 (&pw)[BITS], int nt, int t,
+                                              uint32_t (&z)[BITS]) {
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) z[i] = __funnelshift_r((&pw[i].x)[nt], (&pw[i].x)[nt], 4 * t - i);
+}
+/* The codes of pair r from rotate_planes' words: bits r .. r + q − 1 of each half. */
+template <int BITS> __device__ __forceinline__ uint32_t pair_code(const uint32_t (&z)[BITS], int r) {
+    uint32_t c = 0;
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) c |= z[i] & (0x00010001u << (r + i));
+    return c;
 }
 
-template <typename T, int BITS, bool GEN, int BM, int STAGES = PIPE_STAGES>
-__global__ void __launch_bounds__(PIPE_THREADS, PipeCfg<BM>::MIN_BLOCKS) pipe_kernel(MmaArgs a) {
-    using Shape = PipeShape<BITS, GEN>;
-    constexpr int NM = Shape::NM, M_TILES = PipeCfg<BM>::M_TILES;
+template <typename T, int BITS, bool GENERAL, int BM>
+__global__ void __launch_bounds__(MMA_THREADS, MmaCfg<BM>::MIN_BLOCKS) mma_kernel(MmaArgs a) {
+    using Shape = MmaShape<BITS, GENERAL>;
+    constexpr int NM = Shape::NM, M_TILES = MmaCfg<BM>::M_TILES, STAGES = Shape::STAGES;
     // General mode with ≤ 3 planes: a weight is a function of its code c (≤ 8 values per row
     // and group), looked up with byte permutes in a table of the 8 rounded values (see below).
-    constexpr bool GLUT = GEN && BITS <= 3;
-    extern __shared__ uint4 pipe_smem[];
-    unsigned char *smem = (unsigned char *)pipe_smem;
+    constexpr bool CODE_TABLE = GENERAL && BITS <= 3;
+    extern __shared__ uint4 mma_smem[];
+    unsigned char *smem = (unsigned char *)mma_smem;
     const int meta_size = a.meta_type == LF_SCALAR_F32 ? 4 : 2;
     const int stage_bytes = Shape::stage_bytes(BM, meta_size);
     const int x_bytes = Shape::x_bytes(BM);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
-    // Tiles in groups of PIPE_GROUP_M m-tiles: consecutive blocks sweep n inside a group, so a
+    // Tiles in groups of MMA_GROUP_M m-tiles: consecutive blocks sweep n inside a group, so a
     // wave reuses a few x tiles and a few weight tiles from L2 (large m).
     const unsigned tile = blockIdx.y * gridDim.x + blockIdx.x;
-    const unsigned per_group = PIPE_GROUP_M * gridDim.x, first_m = tile / per_group * PIPE_GROUP_M;
-    const unsigned group_m = min(PIPE_GROUP_M, gridDim.y - first_m), in_group = tile % per_group;
-    const int64_t n0 = (int64_t)(in_group / group_m) * PIPE_BN;
+    const unsigned per_group = MMA_GROUP_M * gridDim.x, first_m = tile / per_group * MMA_GROUP_M;
+    const unsigned group_m = min(MMA_GROUP_M, gridDim.y - first_m), in_group = tile % per_group;
+    const int64_t n0 = (int64_t)(in_group / group_m) * MMA_BN;
     const int64_t m0 = (int64_t)(first_m + in_group % group_m) * BM;
     const int w_begin = blockIdx.z * a.words_per_split;
     const int w_end = min(a.words, w_begin + a.words_per_split);
-    const int stages = (w_end - w_begin + PIPE_WORDS - 1) / PIPE_WORDS;
+    const int stages = (w_end - w_begin + MMA_WORDS - 1) / MMA_WORDS;
     // words per group: g is a multiple of 32, or g = k (one group)
     const int wpg = a.group_size % 32 == 0 ? a.group_size / 32 : a.words;
 
     auto load_stage = [&](int s) {
         unsigned char *base = smem + (s % STAGES) * stage_bytes;
-        const int w0 = w_begin + s * PIPE_WORDS;
+        const int w0 = w_begin + s * MMA_WORDS;
         // x: BM rows × 8 chunks of 16 bytes, chunk index swizzled by the row (ldmatrix)
         uint16_t *xs = (uint16_t *)base;
 #pragma unroll
-        for (int c0 = 0; c0 < BM * 8; c0 += PIPE_THREADS) {
+        for (int c0 = 0; c0 < BM * 8; c0 += MMA_THREADS) {
             const int c = c0 + tid;
-            if (BM * 8 % PIPE_THREADS == 0 || c < BM * 8) {
+            if (BM * 8 % MMA_THREADS == 0 || c < BM * 8) {
                 const int r = c >> 3, ch = c & 7;
                 const bool valid = w0 + (ch >> 2) < w_end;
                 const uint16_t *src = a.xp + (m0 + r) * a.k_pad + (int64_t)w0 * 32 + ch * 8;
-                cp_async16(xs + r * 64 + ((ch ^ (r & 7)) * 8), valid ? src : a.xp, valid);
+                lf::cp_async16(xs + r * 64 + ((ch ^ (r & 7)) * 8), valid ? src : a.xp, valid);
             }
         }
-        // plane words: PIPE_WORDS × BITS rows (word-major, as in memory) × PIPE_BN words
+        // plane words: MMA_WORDS × BITS rows (word-major, as in memory) × MMA_BN words
         uint32_t *ps = (uint32_t *)(base + x_bytes);
-        constexpr int P_CHUNKS = PIPE_WORDS * BITS * (PIPE_BN / 4);
+        constexpr int P_CHUNKS = MMA_WORDS * BITS * (MMA_BN / 4);
 #pragma unroll
-        for (int c0 = 0; c0 < P_CHUNKS; c0 += PIPE_THREADS) {
+        for (int c0 = 0; c0 < P_CHUNKS; c0 += MMA_THREADS) {
             const int c = c0 + tid;
-            if (P_CHUNKS % PIPE_THREADS == 0 || c < P_CHUNKS) {
-                const int wi = c / (PIPE_BN / 4), ch = c % (PIPE_BN / 4);
+            if (P_CHUNKS % MMA_THREADS == 0 || c < P_CHUNKS) {
+                const int wi = c / (MMA_BN / 4), ch = c % (MMA_BN / 4);
                 const int64_t rr = n0 + ch * 4;
                 const bool valid = w0 + wi / BITS < w_end && rr < a.n_pad;
                 const uint32_t *src = a.planes + ((int64_t)w0 * BITS + wi) * a.n_pad + rr;
-                cp_async16(ps + wi * PIPE_BN + ch * 4, valid ? src : a.planes, valid);
+                lf::cp_async16(ps + wi * MMA_BN + ch * 4, valid ? src : a.planes, valid);
             }
         }
         // raw metadata, only for the words whose group differs from the previous word's
         unsigned char *ms = base + x_bytes + Shape::PLANE_BYTES;
-        const int chunks = PIPE_BN * meta_size / 16;  // per metadata row
+        const int chunks = MMA_BN * meta_size / 16;  // per metadata row
 #pragma unroll
-        for (int kw = 0; kw < PIPE_WORDS; ++kw) {
+        for (int kw = 0; kw < MMA_WORDS; ++kw) {
             const int w = w0 + kw;
             if (w >= w_end || (w != w_begin && w % wpg != 0)) continue;
             const int64_t grp = w / wpg;
-            for (int c = tid; c < NM * chunks; c += PIPE_THREADS) {
+            for (int c = tid; c < NM * chunks; c += MMA_THREADS) {
                 const int j = c / chunks, ch = c - j * chunks;
                 const int64_t rr = n0 + ch * 16 / meta_size;
                 const bool valid = rr < a.n_pad;
                 const unsigned char *src =
                     (const unsigned char *)a.meta + ((grp * NM + j) * a.n_pad + rr) * meta_size;
-                cp_async16(ms + (kw * NM + j) * PIPE_BN * meta_size + ch * 16,
+                lf::cp_async16(ms + (kw * NM + j) * MMA_BN * meta_size + ch * 16,
                            valid ? src : a.meta, valid);
             }
         }
@@ -493,35 +229,35 @@ __global__ void __launch_bounds__(PIPE_THREADS, PipeCfg<BM>::MIN_BLOCKS) pipe_ke
     // The current group's metadata for this thread's 4 weight rows (converted once per group):
     // uniform: s / 2 and z as broadcast pairs of T; general: α_i and z in fp32.
     uint32_t scale2[4], zpair[4];  // uniform: s (not s / 2) and z pairs
-    float alf[GEN && !GLUT ? BITS : 1][4], zf[4];
-    // GLUT: per row, the low bytes of the table's values 0..3 and 4..7, then the high bytes
-    uint32_t tab[GLUT ? 4 : 1][4];
+    float alf[GENERAL && !CODE_TABLE ? BITS : 1][4], zf[4];
+    // CODE_TABLE: per row, the low bytes of the table's values 0..3 and 4..7, then the high bytes
+    uint32_t tab[CODE_TABLE ? 4 : 1][4];
     const int row0 = warp * 32 + 4 * g;  // this thread's first weight row in the CTA tile
 
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (s < stages) load_stage(s);
-        cp_async_commit();
+        lf::cp_async_commit();
     }
     int wig = w_begin % wpg;  // word index inside its group
     for (int s = 0; s < stages; ++s) {
-        cp_async_wait<STAGES - 2>();
+        lf::cp_async_wait<STAGES - 2>();
         __syncthreads();  // stage s landed; everyone is done with stage s - 1's buffer
         if (s + STAGES - 1 < stages) load_stage(s + STAGES - 1);
-        cp_async_commit();
+        lf::cp_async_commit();
 
         const unsigned char *base = smem + (s % STAGES) * stage_bytes;
         const uint16_t *xs = (const uint16_t *)base;
         const uint32_t *ps = (const uint32_t *)(base + x_bytes);
         const unsigned char *ms = base + x_bytes + Shape::PLANE_BYTES;
-        const int w0 = w_begin + s * PIPE_WORDS;
+        const int w0 = w_begin + s * MMA_WORDS;
 #pragma unroll
-        for (int kw = 0; kw < PIPE_WORDS; ++kw) {
+        for (int kw = 0; kw < MMA_WORDS; ++kw) {
             if (w0 + kw >= w_end) break;
             if (w0 + kw == w_begin || wig == 0) {  // a new group: its metadata is in slot kw
-                const unsigned char *raw = ms + kw * NM * PIPE_BN * meta_size;
+                const unsigned char *raw = ms + kw * NM * MMA_BN * meta_size;
                 auto entry = [&](int j, int nt) {
-                    const int idx = j * PIPE_BN + row0 + nt;
+                    const int idx = j * MMA_BN + row0 + nt;
                     if (a.meta_type == LF_SCALAR_F32) return ((const float *)raw)[idx];
                     const uint16_t h = ((const uint16_t *)raw)[idx];
                     return a.meta_type == LF_SCALAR_F16 ? __half2float(__ushort_as_half(h))
@@ -529,7 +265,7 @@ __global__ void __launch_bounds__(PIPE_THREADS, PipeCfg<BM>::MIN_BLOCKS) pipe_ke
                 };
 #pragma unroll
                 for (int nt = 0; nt < 4; ++nt) {
-                    if constexpr (GLUT) {
+                    if constexpr (CODE_TABLE) {
                         // value of code c: z, then ±α_0, ±α_1, ... added in fp32 in plane
                         // order (exactly the sums of the path below), rounded once to T
                         float v[8] = {entry(BITS, nt), 0, 0, 0, 0, 0, 0, 0};
@@ -542,18 +278,18 @@ __global__ void __launch_bounds__(PIPE_THREADS, PipeCfg<BM>::MIN_BLOCKS) pipe_ke
                         }
                         uint32_t p[4];
 #pragma unroll
-                        for (int j = 0; j < 4; ++j) p[j] = Pair<T>::pack(v[2 * j], v[2 * j + 1]);
+                        for (int j = 0; j < 4; ++j) p[j] = lf::Pair<T>::pack(v[2 * j], v[2 * j + 1]);
                         tab[0][nt] = __byte_perm(p[0], p[1], 0x6420);  // low bytes of 0..3
                         tab[1][nt] = __byte_perm(p[2], p[3], 0x6420);  // low bytes of 4..7
                         tab[2][nt] = __byte_perm(p[0], p[1], 0x7531);  // high bytes of 0..3
                         tab[3][nt] = __byte_perm(p[2], p[3], 0x7531);  // high bytes of 4..7
-                    } else if constexpr (GEN) {
+                    } else if constexpr (GENERAL) {
 #pragma unroll
                         for (int i = 0; i < BITS; ++i) alf[i][nt] = entry(i, nt);
                         zf[nt] = entry(BITS, nt);
                     } else {
-                        scale2[nt] = Pair<T>::from_float(entry(0, nt));
-                        zpair[nt] = Pair<T>::from_float(entry(1, nt));
+                        scale2[nt] = lf::Pair<T>::broadcast(entry(0, nt));
+                        zpair[nt] = lf::Pair<T>::broadcast(entry(1, nt));
                     }
                 }
             }
@@ -563,24 +299,20 @@ __global__ void __launch_bounds__(PIPE_THREADS, PipeCfg<BM>::MIN_BLOCKS) pipe_ke
             uint4 pw[BITS];
 #pragma unroll
             for (int i = 0; i < BITS; ++i)
-                pw[i] = *(const uint4 *)(ps + (kw * BITS + i) * PIPE_BN + row0);
+                pw[i] = *(const uint4 *)(ps + (kw * BITS + i) * MMA_BN + row0);
             uint32_t b[4][4];
 #pragma unroll
             for (int nt = 0; nt < 4; ++nt) {
-                if constexpr (GLUT) {
+                if constexpr (CODE_TABLE) {
                     // Codes gathered as in the uniform branch (pair r's lo code at bits r ..,
                     // its hi code at 16 + r ..; pair 0 at bits 0 .., 16 ..), moved into
                     // nibbles 0 and 1 of a byte-permute selector: one lookup of the low bytes,
                     // one of the high bytes, one permute to interleave them into the pair.
                     uint32_t z[BITS];
-#pragma unroll
-                    for (int i = 0; i < BITS; ++i)
-                        z[i] = __funnelshift_r((&pw[i].x)[nt], (&pw[i].x)[nt], 4 * t - i);
+                    rotate_planes<BITS>(pw, nt, t, z);
 #pragma unroll
                     for (int r = 0; r < 4; ++r) {
-                        uint32_t c = 0;
-#pragma unroll
-                        for (int i = 0; i < BITS; ++i) c |= z[i] & (0x00010001u << (r + i));
+                        const uint32_t c = pair_code<BITS>(z, r);
                         // r ≥ 1: the high word of c · (2^(32−r) + 2^(20−r)) is c >> r with
                         // c >> (r + 12) added (disjoint bits): lo code at 0, hi code at 4
                         const uint32_t sel =
@@ -589,8 +321,9 @@ __global__ void __launch_bounds__(PIPE_THREADS, PipeCfg<BM>::MIN_BLOCKS) pipe_ke
                         const uint32_t hi = __byte_perm(tab[2][nt], tab[3][nt], sel);
                         b[nt][r] = __byte_perm(lo, hi, 0x5140);
                     }
-                } else if constexpr (GEN) {
-                    // Σ_i ±α_i + z in fp32, rounded once to T (see mma_kernel)
+                } else if constexpr (GENERAL) {
+                    // Σ_i ±α_i + z in fp32, rounded once to T: partial sums of arbitrary α would
+                    // round at every add in T (error well above dequantize-then-round).
                     float lo[4] = {zf[nt], zf[nt], zf[nt], zf[nt]};
                     float hi[4] = {zf[nt], zf[nt], zf[nt], zf[nt]};
 #pragma unroll
@@ -605,7 +338,25 @@ __global__ void __launch_bounds__(PIPE_THREADS, PipeCfg<BM>::MIN_BLOCKS) pipe_ke
                         }
                     }
 #pragma unroll
-                    for (int r = 0; r < 4; ++r) b[nt][r] = Pair<T>::pack(lo[r], hi[r]);
+                    for (int r = 0; r < 4; ++r) b[nt][r] = lf::Pair<T>::pack(lo[r], hi[r]);
+                } else if constexpr (BITS > 4) {
+                    // The code does not fit the magic number's mantissa (7 bits in bf16):
+                    // Σ_i ±2^(i−1) = c − (2^q − 1)/2 added in T, exactly (halves of integers,
+                    // |sum| ≤ 127.5: 8 significant bits), then the same single-rounding fma.
+                    const uint32_t y = (&pw[0].x)[nt] << (12 - 4 * t);
+                    uint32_t sum[4];
+#pragma unroll
+                    for (int r = 0; r < 4; ++r)  // bits 4t + r, 4t + 16 + r → 15, 31
+                        sum[r] = signed_alpha(y << (3 - r), CodeMagic<T>::pow2(-1));
+#pragma unroll
+                    for (int i = 1; i < BITS; ++i) {
+                        const uint32_t yi = (&pw[i].x)[nt] << (12 - 4 * t);
+#pragma unroll
+                        for (int r = 0; r < 4; ++r)
+                            sum[r] = add2<T>(sum[r], signed_alpha(yi << (3 - r), CodeMagic<T>::pow2(i - 1)));
+                    }
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) b[nt][r] = fma2<T>(sum[r], scale2[nt], zpair[nt]);
                 } else {
                     // The integer code c = Σ_i bit_i 2^i of each weight, gathered straight into
                     // the mantissa of a magic number (CodeMagic): v = 2^E + c exactly, then
@@ -617,14 +368,10 @@ __global__ void __launch_bounds__(PIPE_THREADS, PipeCfg<BM>::MIN_BLOCKS) pipe_ke
                     // Pair 0 (unit at bit 0 would leave no room for K's .5) is shifted up by
                     // one and shares pair 1's magic.
                     uint32_t z[BITS];
-#pragma unroll
-                    for (int i = 0; i < BITS; ++i)
-                        z[i] = __funnelshift_r((&pw[i].x)[nt], (&pw[i].x)[nt], 4 * t - i);
+                    rotate_planes<BITS>(pw, nt, t, z);
 #pragma unroll
                     for (int r = 0; r < 4; ++r) {
-                        uint32_t v = r == 0 ? 0u : CodeMagic<T>::magic(r);
-#pragma unroll
-                        for (int i = 0; i < BITS; ++i) v |= z[i] & (0x00010001u << (r + i));
+                        uint32_t v = (r == 0 ? 0u : CodeMagic<T>::magic(r)) | pair_code<BITS>(z, r);
                         if (r == 0) v = (v << 1) + CodeMagic<T>::magic(1);  // one LEA
                         b[nt][r] = fma2<T>(sub2<T>(v, CodeMagic<T>::offset(r == 0 ? 1 : r, BITS)),
                                            scale2[nt], zpair[nt]);
@@ -638,15 +385,15 @@ __global__ void __launch_bounds__(PIPE_THREADS, PipeCfg<BM>::MIN_BLOCKS) pipe_ke
                     const int r = mt * 16 + (lane & 15);
                     const int ch = kw * 4 + s16 * 2 + (lane >> 4);
                     uint32_t af[4];
-                    ldmatrix_x4(af, xs + r * 64 + ((ch ^ (r & 7)) * 8));
+                    lf::ldmatrix_x4(af, xs + r * 64 + ((ch ^ (r & 7)) * 8));
 #pragma unroll
                     for (int nt = 0; nt < 4; ++nt)
-                        mma16816<T>(acc[mt][nt], af, b[nt][2 * s16], b[nt][2 * s16 + 1]);
+                        lf::mma_m16n8k16<T>(acc[mt][nt], af, b[nt][2 * s16], b[nt][2 * s16 + 1]);
                 }
             }
         }
     }
-    cp_async_wait<0>();
+    lf::cp_async_wait<0>();
 
     // acc[mt][nt][2h + e]: activation row mt·16 + g + 8h, weight row warp·32 + 8t + 4e + nt
     // (the mma's output column 2t + e of n-tile nt is B column 2t + e → row 4(2t + e) + nt).
@@ -662,13 +409,13 @@ __global__ void __launch_bounds__(PIPE_THREADS, PipeCfg<BM>::MIN_BLOCKS) pipe_ke
                 for (int e = 0; e < 2; ++e) {
                     const int64_t r = m0 + mt * 16 + g + 8 * h, c = c_base + 4 * e;
                     if (r < a.m && c < a.n_pad)
-                        atomic_add4(a.acc + r * a.n_pad + c,
+                        lf::atomic_add4(a.acc + r * a.n_pad + c,
                                     make_float4(acc[mt][0][2 * h + e], acc[mt][1][2 * h + e],
                                                 acc[mt][2][2 * h + e], acc[mt][3][2 * h + e]));
                 }
         if (!last_block_of_tile(a.counters + tile, gridDim.z)) return;
-        for (int e = tid; e < BM * PIPE_BN; e += PIPE_THREADS) {
-            const int64_t r = m0 + e / PIPE_BN, c = n0 + e % PIPE_BN;
+        for (int e = tid; e < BM * MMA_BN; e += MMA_THREADS) {
+            const int64_t r = m0 + e / MMA_BN, c = n0 + e % MMA_BN;
             if (r >= a.m || c >= a.n) continue;
             const float v = __ldcg(a.acc + r * a.n_pad + c) + (bias ? (float)bias[c] : 0.0f);
             out[r * a.ldo + c] = (T)v;
@@ -699,98 +446,54 @@ __global__ void __launch_bounds__(PIPE_THREADS, PipeCfg<BM>::MIN_BLOCKS) pipe_ke
         }
 }
 
-template <typename T, int BITS, bool GEN, int BM, int STAGES = PIPE_STAGES>
-cudaError_t pipe_launch(const MmaArgs &a, dim3 grid, cudaStream_t stream, int *blocks_per_sm) {
-    // Always raise the dynamic limit: the 48 KB default counts static smem too (the split-k
-    // flag of last_block_of_tile), so a ring of exactly 48 KB fails to launch without it.
-    const int smem = PipeShape<BITS, GEN>::smem_bytes(BM, a.meta_type == LF_SCALAR_F32 ? 4 : 2, STAGES);
-    cudaError_t err = cudaFuncSetAttribute(pipe_kernel<T, BITS, GEN, BM, STAGES>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
-    if (blocks_per_sm)  // a query, no launch
-        return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-            blocks_per_sm, pipe_kernel<T, BITS, GEN, BM, STAGES>, PIPE_THREADS, smem);
-    pipe_kernel<T, BITS, GEN, BM, STAGES><<<grid, PIPE_THREADS, smem, stream>>>(a);
+template <typename T, int BITS, bool GENERAL, int BM>
+cudaError_t launch(const MmaArgs &a, dim3 grid, cudaStream_t stream, int *blocks_per_sm) {
+    const int smem = MmaShape<BITS, GENERAL>::smem_bytes(BM, a.meta_type == LF_SCALAR_F32 ? 4 : 2);
+    constexpr auto kernel = mma_kernel<T, BITS, GENERAL, BM>;
+    cudaError_t err = lf::setup_kernel<kernel>(MMA_THREADS, smem, blocks_per_sm);
+    if (err != cudaSuccess || blocks_per_sm) return err;  // a query: no launch
+    kernel<<<grid, MMA_THREADS, smem, stream>>>(a);
     return cudaGetLastError();
 }
 
-bool pipe_stages8() {
-    const char *s = getenv("LUTFLASH_PIPE_STAGES");
-    return s && atoi(s) == 8;
-}
-
-template <typename T, int BITS, bool GEN>
-cudaError_t pipe_launch_bm(int bm, const MmaArgs &a, dim3 grid, cudaStream_t stream,
-                        int *blocks_per_sm) {
+template <typename T, int BITS, bool GENERAL>
+cudaError_t launch_bm(int bm, const MmaArgs &a, dim3 grid, cudaStream_t stream,
+                      int *blocks_per_sm) {
     switch (bm) {
-    case 16:  // experiment: LUTFLASH_PIPE_STAGES=8, a ring of 8 stages (more bytes in flight)
-        if (pipe_stages8()) return pipe_launch<T, BITS, GEN, 16, 8>(a, grid, stream, blocks_per_sm);
-        return pipe_launch<T, BITS, GEN, 16>(a, grid, stream, blocks_per_sm);
-    case 64: return pipe_launch<T, BITS, GEN, 64>(a, grid, stream, blocks_per_sm);
-    default: return pipe_launch<T, BITS, GEN, 128>(a, grid, stream, blocks_per_sm);
+    case 16: return launch<T, BITS, GENERAL, 16>(a, grid, stream, blocks_per_sm);
+    case 64: return launch<T, BITS, GENERAL, 64>(a, grid, stream, blocks_per_sm);
+    default: return launch<T, BITS, GENERAL, 128>(a, grid, stream, blocks_per_sm);
     }
 }
 
-template <typename T, bool GEN>
-cudaError_t pipe_launch_bits(int bm, const MmaArgs &a, dim3 grid, cudaStream_t stream,
+template <typename T, bool GENERAL>
+cudaError_t launch_bits(int bm, const MmaArgs &a, dim3 grid, cudaStream_t stream,
                         int *blocks_per_sm) {
     switch (a.bits) {
-    case 1: return pipe_launch_bm<T, 1, GEN>(bm, a, grid, stream, blocks_per_sm);
-    case 2: return pipe_launch_bm<T, 2, GEN>(bm, a, grid, stream, blocks_per_sm);
-    case 3: return pipe_launch_bm<T, 3, GEN>(bm, a, grid, stream, blocks_per_sm);
-    default: return pipe_launch_bm<T, 4, GEN>(bm, a, grid, stream, blocks_per_sm);
+    case 1: return launch_bm<T, 1, GENERAL>(bm, a, grid, stream, blocks_per_sm);
+    case 2: return launch_bm<T, 2, GENERAL>(bm, a, grid, stream, blocks_per_sm);
+    case 3: return launch_bm<T, 3, GENERAL>(bm, a, grid, stream, blocks_per_sm);
+    case 4: return launch_bm<T, 4, GENERAL>(bm, a, grid, stream, blocks_per_sm);
+    case 5: return launch_bm<T, 5, GENERAL>(bm, a, grid, stream, blocks_per_sm);
+    case 6: return launch_bm<T, 6, GENERAL>(bm, a, grid, stream, blocks_per_sm);
+    case 7: return launch_bm<T, 7, GENERAL>(bm, a, grid, stream, blocks_per_sm);
+    case 8: return launch_bm<T, 8, GENERAL>(bm, a, grid, stream, blocks_per_sm);
+    default: return cudaErrorInvalidValue;
     }
 }
 
 template <typename T>
-cudaError_t pipe_launch_mode(int bm, const MmaArgs &a, dim3 grid, cudaStream_t stream,
+cudaError_t launch_mode(int bm, const MmaArgs &a, dim3 grid, cudaStream_t stream,
                         int *blocks_per_sm) {
-    return a.mode == BCQ_MODE_GENERAL ? pipe_launch_bits<T, true>(bm, a, grid, stream, blocks_per_sm)
-                                      : pipe_launch_bits<T, false>(bm, a, grid, stream, blocks_per_sm);
-}
-
-template <typename T, int BM>
-cudaError_t launch(const MmaArgs &a, dim3 grid, cudaStream_t stream) {
-    const int smem = mma_smem_bytes(BM, a.bits, a.nm, a.meta_type == LF_SCALAR_F32 ? 4 : 2);
-    if (smem > 46 * 1024) {  // 48 KB is dynamic + static (last_block_of_tile's flag)
-        cudaError_t err = cudaFuncSetAttribute(
-            mma_kernel<T, BM>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-        if (err != cudaSuccess) return err;
-    }
-    mma_kernel<T, BM><<<grid, MmaConfig<T, BM>::THREADS, smem, stream>>>(a);
-    return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t launch_bm(int bm, const MmaArgs &a, dim3 grid, cudaStream_t stream) {
-    switch (bm) {
-    case 16: return launch<T, 16>(a, grid, stream);
-    case 64: return launch<T, 64>(a, grid, stream);
-    default: return launch<T, 128>(a, grid, stream);
-    }
+    return a.mode == BCQ_MODE_GENERAL ? launch_bits<T, true>(bm, a, grid, stream, blocks_per_sm)
+                                      : launch_bits<T, false>(bm, a, grid, stream, blocks_per_sm);
 }
 
 }  // namespace
 
-cudaError_t lutgemm_mma_launch(int x_type, int bm, const MmaArgs &a, dim3 grid,
-                               cudaStream_t stream) {
-    return x_type == LF_SCALAR_F16 ? launch_bm<__half>(bm, a, grid, stream)
-                                   : launch_bm<__nv_bfloat16>(bm, a, grid, stream);
-}
-
-cudaError_t lutgemm_permute_x_zero(const void *x, int64_t ldx, uint16_t *xp, int64_t m,
-                                   int64_t m_pad, int64_t k, int64_t k_pad, void *zero,
-                                   int64_t zero_bytes, cudaStream_t stream);
-
 cudaError_t lutgemm_permute_x(const void *x, int64_t ldx, uint16_t *xp, int64_t m, int64_t m_pad,
-                              int64_t k, int64_t k_pad, cudaStream_t stream) {
-    return lutgemm_permute_x_zero(x, ldx, xp, m, m_pad, k, k_pad, nullptr, 0, stream);
-}
-
-/* The same, and zeroes `zero_bytes` (a multiple of 16) at `zero` in the same launch. */
-cudaError_t lutgemm_permute_x_zero(const void *x, int64_t ldx, uint16_t *xp, int64_t m,
-                                   int64_t m_pad, int64_t k, int64_t k_pad, void *zero,
-                                   int64_t zero_bytes, cudaStream_t stream) {
+                              int64_t k, int64_t k_pad, void *zero, int64_t zero_bytes,
+                              cudaStream_t stream) {
     const int64_t items = m_pad * k_pad / 8 > zero_bytes / 16 ? m_pad * k_pad / 8 : zero_bytes / 16;
     const int64_t blocks = (items + 255) / 256;
     permute_x_kernel<<<(unsigned)(blocks < 65536 ? blocks : 65536), 256, 0, stream>>>(
@@ -798,10 +501,8 @@ cudaError_t lutgemm_permute_x_zero(const void *x, int64_t ldx, uint16_t *xp, int
     return cudaGetLastError();
 }
 
-/* The pipelined kernel (bits 1..4, BM ∈ {16, 64, 128}). With blocks_per_sm non-null it
- * launches nothing and stores how many blocks of that instance fit on one SM. */
-cudaError_t lutgemm_mma_pipe_launch(int x_type, int bm, const MmaArgs &a, dim3 grid,
-                                    cudaStream_t stream, int *blocks_per_sm) {
-    return x_type == LF_SCALAR_F16 ? pipe_launch_mode<__half>(bm, a, grid, stream, blocks_per_sm)
-                                   : pipe_launch_mode<__nv_bfloat16>(bm, a, grid, stream, blocks_per_sm);
+cudaError_t lutgemm_mma_launch(int x_type, int bm, const MmaArgs &a, dim3 grid,
+                               cudaStream_t stream, int *blocks_per_sm) {
+    return x_type == LF_SCALAR_F16 ? launch_mode<__half>(bm, a, grid, stream, blocks_per_sm)
+                                   : launch_mode<__nv_bfloat16>(bm, a, grid, stream, blocks_per_sm);
 }

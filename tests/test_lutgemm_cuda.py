@@ -1,7 +1,8 @@
 """The CUDA lutgemm kernels (cuda/lutgemm_*.cu) against the float64 reference.
 
 Both GPU paths are checked: "lut" (tables of partial sums, the decode path) and "mma" (tensor
-cores, the prefill path). LUTFLASH_LUTGEMM_PATH forces one; unset, the kernel picks by m.
+cores, the prefill path). The private path argument (lutflash.ops._lutgemm, lutgemm_into's
+_path) forces one; "auto" leaves the choice to the kernel (by x's dtype and m).
 """
 
 import itertools
@@ -28,14 +29,9 @@ LOWP = [torch.float16, torch.bfloat16]
 
 
 @pytest.fixture
-def path(request, monkeypatch):
-    """Forces the kernel path ("lut", "mma") or leaves the choice to the kernel ("auto")."""
-    value = getattr(request, "param", "auto")
-    if value == "auto":
-        monkeypatch.delenv("LUTFLASH_LUTGEMM_PATH", raising=False)
-    else:
-        monkeypatch.setenv("LUTFLASH_LUTGEMM_PATH", value)
-    return value
+def path(request):
+    """The kernel path to force ("lut", "mma"), or "auto": the kernel's own choice."""
+    return getattr(request, "param", "auto")
 
 
 def weight(n, k, bits, group_size, mode, meta_dtype, seed):
@@ -43,12 +39,13 @@ def weight(n, k, bits, group_size, mode, meta_dtype, seed):
     return random_bcq_weight(n, k, bits, group_size, mode, meta_dtype, generator=gen).to(DEVICE)
 
 
-def poisoned_call(x2d, qweight, bias=None):
+def poisoned_call(x2d, qweight, bias=None, path="auto"):
     """The raw kernel into a NaN-filled output, so that unwritten elements fail."""
     n, k = qweight.shape
     out = torch.full((x2d.shape[0], n), float("nan"), dtype=x2d.dtype, device=x2d.device)
     lutflash.ops.lutgemm_into(x2d, qweight.planes, qweight.meta, bias, out, n, k, qweight.bits,
-                              qweight.group_size, MODES.index(qweight.mode))
+                              qweight.group_size, MODES.index(qweight.mode),
+                              _path=lutflash.ops._PATHS.index(path))
     return out
 
 
@@ -59,12 +56,15 @@ def naive(x, qweight, bias):
     return out + bias if bias is not None else out
 
 
-def check(x, qweight, bias):
+def check(x, qweight, bias, path="auto"):
     ref = lutgemm_reference(x, qweight, bias)
-    out = lutflash.lutgemm(x, qweight, bias)
+    if path == "auto":
+        out = lutflash.lutgemm(x, qweight, bias)
+    else:
+        out = lutflash.ops._lutgemm(x, qweight, bias, path=path)
     assert out.dtype == x.dtype and out.device == x.device
     assert_close_to_reference(out, ref, naive(x, qweight, bias))
-    raw = poisoned_call(x.reshape(-1, x.shape[-1]), qweight, bias)
+    raw = poisoned_call(x.reshape(-1, x.shape[-1]), qweight, bias, path)
     assert_close_to_reference(raw.reshape(out.shape), ref, naive(x, qweight, bias))
 
 
@@ -80,7 +80,7 @@ def test_matches_reference(bits, mode, group_size, dtype, path):
     qweight = weight(n, k, bits, group_size, mode, dtype, seed=index)
     bias = torch.randn(n, dtype=dtype, device=DEVICE) if index % 2 else None
     for m in (M_VALUES[index % 8], M_VALUES[(index + 3) % 8], M_VALUES[(index + 5) % 8]):
-        check(torch.randn(m, k, dtype=dtype, device=DEVICE), qweight, bias)
+        check(torch.randn(m, k, dtype=dtype, device=DEVICE), qweight, bias, path=path)
 
 
 @pytest.mark.parametrize("path", ["lut", "mma"], indirect=True)
@@ -92,7 +92,7 @@ def test_both_paths(m, dtype, path):
     for bits, mode, group_size in ((3, "general", 96), (4, "uniform", 32), (1, "general", None)):
         qweight = weight(201, 1056, bits, group_size, mode, dtype, seed=m + bits)
         check(torch.randn(m, 1056, dtype=dtype, device=DEVICE), qweight,
-              torch.randn(201, dtype=dtype, device=DEVICE))
+              torch.randn(201, dtype=dtype, device=DEVICE), path=path)
 
 
 @pytest.mark.parametrize("path", ["lut", "mma", "auto"], indirect=True)
@@ -101,7 +101,7 @@ def test_odd_k_one_group(k, path):
     # g = k: one group per row, k neither even nor a multiple of 32
     qweight = weight(13, k, 3, None, "general", torch.float16, seed=k)
     for m in (1, 5, 70):
-        check(torch.randn(m, k, dtype=torch.float16, device=DEVICE), qweight, None)
+        check(torch.randn(m, k, dtype=torch.float16, device=DEVICE), qweight, None, path=path)
 
 
 @pytest.mark.parametrize("path", ["lut", "mma"], indirect=True)
@@ -110,7 +110,7 @@ def test_split_k(m, k, path):
     # few output tiles and a long k: the kernels split k and reduce through the workspace
     qweight = weight(72, k, 3, 128, "uniform", torch.bfloat16, seed=m)
     check(torch.randn(m, k, dtype=torch.bfloat16, device=DEVICE), qweight,
-          torch.randn(72, dtype=torch.bfloat16, device=DEVICE))
+          torch.randn(72, dtype=torch.bfloat16, device=DEVICE), path=path)
 
 
 @pytest.mark.parametrize("path", ["lut", "mma"], indirect=True)
@@ -119,15 +119,20 @@ def test_split_k(m, k, path):
 def test_meta_dtypes(meta_dtype, dtype, path):
     qweight = weight(40, 256, 4, 64, "general", meta_dtype, seed=3)
     for m in (1, 24):
-        check(torch.randn(m, 256, dtype=dtype, device=DEVICE), qweight, None)
+        check(torch.randn(m, 256, dtype=dtype, device=DEVICE), qweight, None, path=path)
 
 
 @pytest.mark.parametrize("bits", [5, 6, 7, 8])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("path", ["lut", "mma"], indirect=True)
-def test_more_bits(bits, path):
-    qweight = weight(30, 320, bits, 64, "general", torch.float16, seed=bits)
-    for m in (1, 17):
-        check(torch.randn(m, 320, dtype=torch.float16, device=DEVICE), qweight, None)
+def test_more_bits(bits, mode, path):
+    # m = 3, 17, 130: the 16-, 64- and 128-row tensor-core tiles (general 6..8 bits: a ring of
+    # 3 stages); fp32 metadata at 8 bits: the largest stage
+    dtype = LOWP[bits % 2]
+    meta_dtype = torch.float32 if bits == 8 else dtype
+    qweight = weight(30, 320, bits, 64, mode, meta_dtype, seed=bits)
+    for m in (1, 3, 17, 130):
+        check(torch.randn(m, 320, dtype=dtype, device=DEVICE), qweight, None, path=path)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -157,7 +162,7 @@ def test_strided_unaligned_x(path):
         wide = torch.randn(m, 163, dtype=torch.float16, device=DEVICE)
         x = wide[:, 1:161]
         assert x.stride(0) == 163 and x.data_ptr() % 4 == 2
-        check(x, qweight, None)
+        check(x, qweight, None, path=path)
 
 
 @pytest.mark.parametrize("dtype", LOWP + [torch.float32])
@@ -233,8 +238,8 @@ def test_non_default_stream():
 @pytest.mark.parametrize("path", ["lut", "auto"], indirect=True)
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8])
 @pytest.mark.parametrize("mode", MODES)
-def test_lut1_rows(m, mode, path):
-    # lutgemm_lut1.cu: m ≤ 8 in activation-row tiles of 1, 2 or 4 (gridDim.z for m > 4);
+def test_decode_rows(m, mode, path):
+    # lutgemm_decode.cu: m ≤ 8 in activation-row tiles of 1, 2 or 4 (gridDim.z for m > 4);
     # n = 203 (odd, a partial 16-row set), k = 1056 (33 words: a partial slab), every group size
     # kind, every bit count, poisoned outputs (check), fp32 and 16-bit metadata
     for bits, group_size, meta_dtype in ((1, 32, torch.float16), (2, 96, torch.float32),
@@ -243,15 +248,15 @@ def test_lut1_rows(m, mode, path):
         qweight = weight(203, 1056, bits, group_size, mode, meta_dtype, seed=17 * m + bits)
         dtype = torch.bfloat16 if bits % 2 else torch.float16
         check(torch.randn(m, 1056, dtype=dtype, device=DEVICE), qweight,
-              torch.randn(203, dtype=dtype, device=DEVICE) if m % 2 else None)
+              torch.randn(203, dtype=dtype, device=DEVICE) if m % 2 else None, path=path)
 
 
 @pytest.mark.parametrize("m", [1, 2, 4, 6])
-def test_lut1_split_k_rows(m):
+def test_decode_split_k_rows(m):
     # long k, few rows: many slabs reduced through the workspace, several m tiles for m = 6
     qweight = weight(40, 12288, 3, 128, "general", torch.float16, seed=m)
     check(torch.randn(m, 12288, dtype=torch.float16, device=DEVICE), qweight, None)
-    x = torch.randn(m, 12288, dtype=torch.float32, device=DEVICE)  # fp32 x takes lut1 too
+    x = torch.randn(m, 12288, dtype=torch.float32, device=DEVICE)  # fp32 x takes the decode kernel too
     check(x, qweight, None)
 
 
@@ -276,7 +281,7 @@ def test_mma_split_k_large_m(m, mode, bits, path):
     dtype = LOWP[(bits + m) % 2]
     qweight = weight(520, 2048, bits, 128, mode, dtype, seed=bits + m)
     check(torch.randn(m, 2048, dtype=dtype, device=DEVICE), qweight,
-          torch.randn(520, dtype=dtype, device=DEVICE))
+          torch.randn(520, dtype=dtype, device=DEVICE), path=path)
 
 
 @pytest.mark.parametrize("path", ["mma"], indirect=True)
@@ -286,7 +291,7 @@ def test_mma_groups_and_odd_words(meta_dtype, path):
     # m = 130: two 128-row tiles, the second with 2 rows
     for bits, mode in ((2, "general"), (3, "uniform")):
         qweight = weight(264, 1600, bits, 32, mode, meta_dtype, seed=bits)
-        check(torch.randn(130, 1600, dtype=torch.bfloat16, device=DEVICE), qweight, None)
+        check(torch.randn(130, 1600, dtype=torch.bfloat16, device=DEVICE), qweight, None, path=path)
 
 
 def clean_workspaces_are_zero():
@@ -294,15 +299,9 @@ def clean_workspaces_are_zero():
     return all(not buf.any() for buf in lutflash.ops._clean_workspaces.values())
 
 
-@pytest.mark.parametrize("knobs", [{}, {"LUTFLASH_LUT1_MEMSET": "1"}, {"LUTFLASH_LUT1_FLAGS": "0"},
-                                   {"LUTFLASH_LUT1_FLAGS": "1"}, {"LUTFLASH_LUT1_FLAGS": "2"},
-                                   {"LUTFLASH_LUT1_FLAGS": "11"}, {"LUTFLASH_LUT1_FLAGS": "3"},
-                                   {"LUTFLASH_LUT1_DEEP": "1"}, {"LUTFLASH_LUT1_BLOCKS": "1"}])
-def test_lut1_clean_workspace(knobs, monkeypatch):
-    # lut1 leaves its per-stream workspace (counters and split-k sums) zero, so calls of any
-    # shape can follow each other without a memset; every experiment knob keeps results right
-    for name, value in knobs.items():
-        monkeypatch.setenv(name, value)
+def test_decode_clean_workspace():
+    # the decode kernel leaves its per-stream workspace (counters and split-k sums) zero, so
+    # calls of any shape can follow each other without a memset
     for i, (m, n, k, bits, mode) in enumerate([(1, 203, 12288, 3, "uniform"),
                                                (1, 4100, 4096, 4, "uniform"),
                                                (2, 203, 4096, 3, "general"),
@@ -316,7 +315,7 @@ def test_lut1_clean_workspace(knobs, monkeypatch):
         assert clean_workspaces_are_zero()
 
 
-def test_lut1_two_streams():
+def test_decode_two_streams():
     # each stream has its own clean workspace: interleaved calls on two streams stay right
     qweights = [weight(1030, 8192, 3, 128, "uniform", torch.float16, seed=s) for s in (1, 2)]
     xs = [torch.randn(1, 8192, dtype=torch.float16, device=DEVICE) for _ in range(2)]
@@ -335,7 +334,7 @@ def test_lut1_two_streams():
     assert clean_workspaces_are_zero()
 
 
-def test_lut1_graph_then_eager():
+def test_decode_graph_then_eager():
     # a captured call zeroes a workspace of its own; eager calls on the capture stream and
     # replays interleave without disturbing each other
     qweight = weight(1030, 8192, 3, 128, "uniform", torch.float16, seed=5)
@@ -362,15 +361,16 @@ def test_lut1_graph_then_eager():
 
 @pytest.mark.parametrize("path", ["mma"], indirect=True)
 @pytest.mark.parametrize("dtype", LOWP)
-@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
 def test_mma_uniform_weights_exact(bits, dtype, path):
     # x = rows of the identity: the output is the kernel's dequantized weight tile itself, which
     # must be the float64 value rounded once to x's dtype (the uniform mode's integer-code
-    # dequantization: every step but the last fma is exact). m = 16, 64, 256: each tile height.
+    # dequantization, or for 5..8 bits sums of ±2^(i−1): every step but the last fma is
+    # exact). m = 16, 64, 256: each tile height.
     k, n = 256, 75
     qweight = weight(n, k, bits, 32 if bits % 2 else 128, "uniform", dtype, seed=bits)
     exact = qweight.dequantize(torch.float64).to(dtype).t()  # (k, n)
     for m in (16, 64, 256):
         x = torch.eye(k, dtype=dtype, device=DEVICE)[:m]
-        out = poisoned_call(x, qweight)
+        out = poisoned_call(x, qweight, path=path)
         assert torch.equal(out, exact[:m]), (out - exact[:m]).abs().max().item()

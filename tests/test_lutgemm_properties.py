@@ -48,7 +48,7 @@ CPU = torch.device("cpu")
 class Profile:
     """What one device's tests draw from."""
 
-    choices: tuple[str, ...]   # CPU kernel variants or GPU paths (LUTFLASH_LUTGEMM_PATH)
+    choices: tuple[str, ...]   # CPU kernel variants or GPU paths (lutflash.ops._PATHS)
     max_m: int                 # rows of x (the product of its leading dims)
     edge_ms: tuple[int, ...]   # values of m at the kernels' tile boundaries
     small_n: int               # n is drawn in [1, small_n] or [large_n[0], large_n[1]]
@@ -265,11 +265,19 @@ def kernel_choice(device: torch.device, choice: str):
         finally:
             _C.lutgemm_cpu_variant("best")
         return
+    if choice == "auto":
+        yield
+        return
+    into = lutflash.ops.lutgemm_into
+
+    def forced(x2d, *args, **kwargs):
+        # the tensor-core path takes float16/bfloat16 x only (float32 is refused: a bad-input test)
+        path = "lut" if choice == "mma" and x2d.dtype == torch.float32 else choice
+        kwargs["_path"] = lutflash.ops._PATHS.index(path)
+        return into(x2d, *args, **kwargs)
+
     with pytest.MonkeyPatch.context() as mp:
-        if choice == "auto":
-            mp.delenv("LUTFLASH_LUTGEMM_PATH", raising=False)
-        else:
-            mp.setenv("LUTFLASH_LUTGEMM_PATH", choice)
+        mp.setattr(lutflash.ops, "lutgemm_into", forced)  # what lutflash.lutgemm's kernel calls
         yield
 
 

@@ -29,17 +29,23 @@ def _clean_workspace(device: torch.device, stream: int, size: int) -> torch.Tens
     return buffer
 
 
+# The CUDA kernel path (lutgemm_params::path): "auto" chooses from x's dtype and m; tests and
+# benchmarks force the others through the private keyword of lutgemm_into and _lutgemm.
+_PATHS = ("auto", "lut", "mma")
+
+
 def lutgemm_into(x2d: torch.Tensor, planes: torch.Tensor, meta: torch.Tensor,
                  bias: torch.Tensor | None, out: torch.Tensor, n: int, k: int, bits: int,
-                 group_size: int, mode: int) -> torch.Tensor:
-    """Runs the kernel on a (m, k) input into a preallocated (m, n) output; no autograd."""
+                 group_size: int, mode: int, *, _path: int = 0) -> torch.Tensor:
+    """Runs the kernel on a (m, k) input into a preallocated (m, n) output; no autograd.
+    _path: index in _PATHS (CUDA only)."""
     on_cuda = x2d.device.type == "cuda"
     size = _C.lutgemm_workspace_bytes(on_cuda, x2d.shape[0], n, k, bits, group_size, mode)
     workspace = torch.empty(size, dtype=torch.uint8, device=x2d.device)
     stream = stream_of(x2d.device)
     clean = _clean_workspace(x2d.device, stream, size) if x2d.shape[0] <= 8 else None
     _C.lutgemm(x2d, planes, meta, bias, out, workspace, n, k, bits, group_size, mode, stream,
-               clean)
+               clean, _path)
     return out
 
 
@@ -51,7 +57,7 @@ _lib.define("lutgemm(Tensor x, Tensor planes, Tensor meta, Tensor? bias, SymInt 
             "SymInt bits, SymInt group_size, SymInt mode) -> Tensor")
 
 
-def _lutgemm_kernel(x, planes, meta, bias, n, k, bits, group_size, mode):
+def _lutgemm_kernel(x, planes, meta, bias, n, k, bits, group_size, mode, _path=0):
     # DLPack refuses tensors that require grad; autograd is handled around this op.
     if x.requires_grad:
         x = x.detach()
@@ -62,7 +68,7 @@ def _lutgemm_kernel(x, planes, meta, bias, n, k, bits, group_size, mode):
     if x2d.stride(-1) != 1 or (x2d.shape[0] > 1 and x2d.stride(0) < k):
         x2d = x2d.contiguous()
     out = torch.empty((x2d.shape[0], n), dtype=x.dtype, device=x.device)
-    lutgemm_into(x2d, planes, meta, bias, out, n, k, bits, group_size, mode)
+    lutgemm_into(x2d, planes, meta, bias, out, n, k, bits, group_size, mode, _path=_path)
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
 
 
@@ -174,3 +180,13 @@ def lutgemm(x: torch.Tensor, qweight: BCQWeight, bias: torch.Tensor | None = Non
     check_lutgemm_args(x, n, k, qweight.device, bias)
     return lutgemm_call(x, qweight.planes, qweight.meta, bias, n, k, qweight.bits,
                         qweight.group_size, MODES.index(qweight.mode))
+
+
+def _lutgemm(x: torch.Tensor, qweight: BCQWeight, bias: torch.Tensor | None = None, *,
+             path: str = "auto") -> torch.Tensor:
+    """lutgemm with the CUDA kernel path forced ("auto", "lut" or "mma"); no autograd. For
+    tests and benchmarks: lutflash.lutgemm always chooses automatically."""
+    n, k = qweight.shape
+    check_lutgemm_args(x, n, k, qweight.device, bias)
+    return _lutgemm_kernel(x, qweight.planes, qweight.meta, bias, n, k, qweight.bits,
+                           qweight.group_size, MODES.index(qweight.mode), _PATHS.index(path))

@@ -1,4 +1,6 @@
-/* LUT-GEMM for one activation row (m = 1, bits ≤ 4): the bandwidth-bound decode GEMV.
+/* LUT-GEMM for few activation rows (m ≤ 8, bits ≤ 4): the bandwidth-bound decode GEMV.
+ * Rows of x in tiles of M = 1, 2 or 4 (lutgemm_decode_rows; gridDim.z tiles); what follows
+ * describes M = 1, where a slab is 512 k, twice the 256 k of M > 1 (table slots below).
  *
  * Tables. A block owns a slab of 512 k (16 plane words, 64 bytes of a word each covering 8 k)
  * and builds its 64 tables of 256 fp32 signed sums Σ ±x once. Table t's entry e lives at
@@ -19,11 +21,9 @@
  * stream (lutflash.ops) needs no memset launch before the next call. Grid: (row tiles G,
  * slabs), with G·slabs ≈ the resident blocks of one wave; runs of 8 consecutive row sets of 16
  * rows go round-robin to the G tiles, one row set to each of the block's 8 warps. */
-#include <stdio.h>
-#include <stdlib.h>
-
 #include <type_traits>
 
+#include "device.cuh"
 #include "lutgemm_cuda.cuh"
 
 namespace {
@@ -59,20 +59,17 @@ __device__ __forceinline__ void raw_to_float(const typename Stage<1, META32>::Ra
     }
 }
 
-constexpr int DEPTH4_REGS = 0;   // m = 1: 4 stages in flight up to this stage size (0: off;
-                                 // 20 measured slower on H100: 47.0 vs 44.1 µs, 12288² 3-bit)
-constexpr int DEPTH3_REGS = 20;  // m = 2: 3 stages
+constexpr int DEPTH3_REGS = 20;  // M = 2: 3 stages in flight up to this stage size
 
 /* Registers of one stage (planes + the largest metadata set) decide the pipeline depth. */
-template <int BITS, bool META32, bool GEN> __host__ __device__ constexpr int stage_regs() {
-    return 4 * BITS + (GEN ? BITS + 1 : 2) * (META32 ? 4 : 2);
+template <int BITS, bool META32, bool GENERAL> __host__ __device__ constexpr int stage_regs() {
+    return 4 * BITS + (GENERAL ? BITS + 1 : 2) * (META32 ? 4 : 2);
 }
-/* Stages in flight per warp: a multiple of the items per row set (HALVES). DEEP: 4 at m = 1
- * whatever the stage size (experiment, LUTFLASH_LUT1_DEEP=1). */
-template <int BITS, bool META32, bool GEN, int M, bool DEEP = false>
-__host__ __device__ constexpr int depth() {
-    return M == 1 ? (DEEP || stage_regs<BITS, META32, GEN>() <= DEPTH4_REGS ? 4 : 2)
-                  : (M == 2 ? (stage_regs<BITS, META32, GEN>() <= DEPTH3_REGS ? 3 : 2) : 2);
+/* Stages in flight per warp: a multiple of the items per row set (HALVES). At M = 1, 4 stages
+ * measured slower than 2 on the H100 even where a stage fits 20 registers (47.0 vs 44.1 µs,
+ * 12288², 3-bit). */
+template <int BITS, bool META32, bool GENERAL, int M> __host__ __device__ constexpr int depth() {
+    return M == 2 && stage_regs<BITS, META32, GENERAL>() <= DEPTH3_REGS ? 3 : 2;
 }
 /* Table slots: 32 tables (8 words × 4 bytes) each; a pair of slots fills 64 KB. */
 template <int M> __host__ __device__ constexpr int slots() { return M == 1 ? 2 : M; }
@@ -80,65 +77,45 @@ template <int M> __host__ __device__ constexpr int smem_bytes() {
     return slots<M>() / 2 * TABLE_BYTES + slots<M>() * 8 * 4;
 }
 
-/* Knobs in LutArgs::flags (LUTFLASH_LUT1_FLAGS overrides LUT1_DEFAULT_FLAGS). */
-enum {
-    LUT1_NOALLOC = 1,   // plane loads with ld.global.nc.L1::no_allocate
-    LUT1_CHUNKED = 2,   // a tile's row sets in runs of 8 consecutive ones (one per warp)
-    LUT1_LOADONLY = 4,  // diagnostic: skip the lookups (wrong results), loads only
-    LUT1_L2_128 = 8,    // with NOALLOC: .L2::128B prefetch size on the plane loads
-    LUT1_L2_256 = 16,   // with NOALLOC: .L2::256B prefetch size on the plane loads
-};
-// H100, 12288², m = 1, 3-bit (benchmarks/notes/lutgemm_cuda.md section 6): no-allocate loads
-// and chunked row sets took the kernel from 44.5 to 38.2 µs (each helps on its own), the 256 B
-// L2 prefetch size to 37.2; a loads-only build of the kernel runs 36.2: the loads bound it.
-constexpr int LUT1_DEFAULT_FLAGS = LUT1_NOALLOC | LUT1_CHUNKED | LUT1_L2_256;
-
-/* 16-byte read-only load that does not keep its line in L1; L2PF 1/2: ask L2 to fetch the
- * 128/256-byte block around it from DRAM (the neighbouring rows other warps read next). */
-template <int L2PF> __device__ __forceinline__ uint4 ldg_noalloc(const void *p) {
+/* 16-byte read-only load of plane words that does not keep its line in L1 and asks L2 to
+ * fetch the 256-byte block around it from DRAM (the neighbouring rows other warps read next).
+ * H100, 12288², m = 1, 3-bit (benchmarks/notes/lutgemm_cuda.md): no-allocate loads and row
+ * sets in runs of 8 (tile_row_set) took the kernel from 44.5 to 38.2 µs, the 256 B L2
+ * prefetch size to 37.2; with the lookups left out it runs 36.2: the loads bound it. */
+__device__ __forceinline__ uint4 ldg_noalloc(const void *p) {
     uint4 v;
-    if constexpr (L2PF == 2)
-        asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-            : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-            : "l"(p));
-    else if constexpr (L2PF == 1)
-        asm("ld.global.nc.L1::no_allocate.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];"
-            : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-            : "l"(p));
-    else
-        asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-            : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-            : "l"(p));
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
     return v;
 }
 
-/* Row set of slot j of row tile x (G tiles): round robin (x + G·j), or with CHUNKED runs of 8
- * consecutive row sets (8x + 8G·(j / 8) + j % 8), so a block's 8 warps read adjacent rows. */
-__device__ __forceinline__ int64_t tile_row_set(int64_t j, int x, int G, bool chunked) {
-    return chunked ? (j >> 3) * 8 * G + 8 * x + (j & 7) : x + (int64_t)G * j;
+/* Row set of slot j of row tile x (G tiles): runs of 8 consecutive row sets
+ * (8x + 8G·(j / 8) + j % 8), so a block's 8 warps read adjacent rows. */
+__device__ __forceinline__ int64_t tile_row_set(int64_t j, int x, int G) {
+    return (j >> 3) * 8 * G + 8 * x + (j & 7);
 }
 
 /* Number of row sets of tile x that exist (tile_row_set(j) < row_sets for j < this). */
-__device__ __forceinline__ int64_t tile_row_sets(int64_t row_sets, int x, int G, bool chunked) {
-    if (!chunked) return row_sets > x ? (row_sets - x + G - 1) / G : 0;
+__device__ __forceinline__ int64_t tile_row_sets(int64_t row_sets, int x, int G) {
     const int64_t rem = row_sets - 8 * (int64_t)x;
     if (rem <= 0) return 0;
     const int64_t periods = rem / (8 * (int64_t)G), tail = rem - periods * 8 * G;
     return periods * 8 + (tail < 8 ? tail : 8);
 }
 
-template <int BITS, bool META32, bool GEN, int M, bool DEEP>
-__global__ void __launch_bounds__(THREADS, M >= 4 ? 1 : 2) lut1_kernel(LutArgs a) {
-    constexpr int NM = GEN ? BITS + 1 : 2;
+template <int BITS, bool META32, bool GENERAL, int M>
+__global__ void __launch_bounds__(THREADS, M >= 4 ? 1 : 2) decode_kernel(LutArgs a) {
+    constexpr int NM = GENERAL ? BITS + 1 : 2;  // metadata entries per (row, group)
     using St = Stage<BITS, META32, NM>;
     using Raw = typename St::Raw;
     constexpr int HALVES = M == 1 ? 2 : 1;  // items (8-word halves) per row set
     constexpr int SW = 8 * HALVES;          // words per slab
-    constexpr int S = slots<M>();
-    constexpr int D = depth<BITS, META32, GEN, M, DEEP>();
+    constexpr int S = slots<M>();           // table slots
+    constexpr int D = depth<BITS, META32, GENERAL, M>();  // items (stages) in flight
     static_assert(D % HALVES == 0, "whole row sets per round");
-    extern __shared__ float4 lut1_smem[];
-    float *tables = (float *)lut1_smem;
+    extern __shared__ float4 decode_smem[];
+    float *tables = (float *)decode_smem;
     float *xsum = tables + S / 2 * 256 * TABLES;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -163,10 +140,8 @@ __global__ void __launch_bounds__(THREADS, M >= 4 ? 1 : 2) lut1_kernel(LutArgs a
     }
 
     // Row sets of this warp: tile slots warp + 8 j (tile_row_set); item it = (j, half).
-    const bool chunked = a.flags & LUT1_CHUNKED, noalloc = a.flags & LUT1_NOALLOC;
-    const int l2pf = a.flags & LUT1_L2_256 ? 2 : a.flags & LUT1_L2_128 ? 1 : 0;
     const int64_t rs_step = (int64_t)gridDim.x * 8;
-    const int64_t rs0 = tile_row_set(warp, blockIdx.x, gridDim.x, chunked);
+    const int64_t rs0 = tile_row_set(warp, blockIdx.x, gridDim.x);
     auto item_rs = [&](int it) { return rs0 + (int64_t)(it / HALVES) * rs_step; };
 
     auto load = [&](St &st, int64_t set, int h) {
@@ -175,11 +150,7 @@ __global__ void __launch_bounds__(THREADS, M >= 4 ? 1 : 2) lut1_kernel(LutArgs a
 #pragma unroll
         for (int i = 0; i < BITS; ++i) {
             const uint4 *src = (const uint4 *)(a.planes + ((int64_t)word[h] * BITS + i) * a.n_pad + row);
-            st.planes[i] = !ok       ? make_uint4(0, 0, 0, 0)
-                           : !noalloc  ? __ldg(src)
-                           : l2pf == 2 ? ldg_noalloc<2>(src)
-                           : l2pf == 1 ? ldg_noalloc<1>(src)
-                                       : ldg_noalloc<0>(src);
+            st.planes[i] = ok ? ldg_noalloc(src) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int j = 0; j < NM; ++j) {
@@ -245,20 +216,8 @@ __global__ void __launch_bounds__(THREADS, M >= 4 ? 1 : 2) lut1_kernel(LutArgs a
     float acc[M][4];
     // Σ over the stage's 4 rows of Σ_i α_i · (table sums) + z · Σx, for every activation row.
     auto consume = [&](const St &st, int h) {
-        if (a.flags & LUT1_LOADONLY) {  // diagnostic: keep the loads, drop the lookups
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                uint32_t u = 0;
-#pragma unroll
-                for (int i = 0; i < BITS; ++i) u ^= (&st.planes[i].x)[c];
-#pragma unroll
-                for (int j = 0; j < NM; ++j) u ^= (&st.meta[j].x)[c & 1];
-                acc[0][c] += (float)(u & 0xffu);
-            }
-            return;
-        }
         float alpha[BITS][4], z[4];
-        if constexpr (GEN) {
+        if constexpr (GENERAL) {
             raw_to_float<META32>(st.meta[BITS], a.meta_type, z);
 #pragma unroll
             for (int i = 0; i < BITS; ++i) raw_to_float<META32>(st.meta[i], a.meta_type, alpha[i]);
@@ -341,11 +300,11 @@ __global__ void __launch_bounds__(THREADS, M >= 4 ? 1 : 2) lut1_kernel(LutArgs a
         // back zeros where the atomics summed, so the workspace is clean for the next call.
         if (tid == 0) *counter = 0;
         // This tile's rows: its row sets (tile_row_set), for each activation row.
-        const int64_t tile_rows = tile_row_sets(row_sets, blockIdx.x, gridDim.x, chunked) * 16;
+        const int64_t tile_rows = tile_row_sets(row_sets, blockIdx.x, gridDim.x) * 16;
         for (int64_t e = tid; e < tile_rows * mz; e += THREADS) {
             const int r = (int)(e / tile_rows);
             const int64_t f = e - r * tile_rows;
-            const int64_t row = tile_row_set(f / 16, blockIdx.x, gridDim.x, chunked) * 16 + f % 16;
+            const int64_t row = tile_row_set(f / 16, blockIdx.x, gridDim.x) * 16 + f % 16;
             if (row < a.n_pad) {
                 float *p = wacc + r * a.n_pad + row;
                 const float v = __ldcg(p);
@@ -358,66 +317,30 @@ __global__ void __launch_bounds__(THREADS, M >= 4 ? 1 : 2) lut1_kernel(LutArgs a
     }
 }
 
-/* Integer value of an environment knob, or `fallback` when unset. Read per call: these are
- * experiment switches (benchmarks flip them between calls), and getenv costs well under 1 µs. */
-int env_int(const char *name, int fallback) {
-    const char *s = getenv(name);
-    return s && *s ? atoi(s) : fallback;
-}
-
-template <int BITS, bool META32, bool GEN, int M, bool DEEP>
+template <int BITS, bool META32, bool GENERAL, int M>
 cudaError_t launch(const LutArgs &a, cudaStream_t stream) {
     constexpr int SMEM = smem_bytes<M>();
-    auto kernel = lut1_kernel<BITS, META32, GEN, M, DEEP>;
-    static int resident = 0;  // blocks per SM, once per instance
-    if (resident == 0) {
-        cudaError_t err =
-            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM);
-        if (err != cudaSuccess) return err;
-        // LUTFLASH_LUT1_CARVEOUT=percent: shared-memory carveout preference (experiment knob;
-        // unset leaves the driver's choice).
-        if (const char *c = getenv("LUTFLASH_LUT1_CARVEOUT")) {
-            err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                       atoi(c));
-            if (err != cudaSuccess) return err;
-        }
-        int v = 0;
-        err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, kernel, THREADS, SMEM);
-        if (err != cudaSuccess) return err;
-        resident = v > 0 ? v : 1;
-        if (getenv("LUTFLASH_LUT1_DEBUG"))
-            fprintf(stderr, "lut1<%d,%d,%d,%d,%d>: %d blocks/SM, depth %d, smem %d\n", BITS,
-                    (int)META32, (int)GEN, M, (int)DEEP, resident,
-                    depth<BITS, META32, GEN, M, DEEP>(), SMEM);
-    }
-    // LUTFLASH_LUT1_BLOCKS=b: size the grid for b blocks per SM instead (experiment knob)
-    const int per_sm = env_int("LUTFLASH_LUT1_BLOCKS", resident);
-    const int64_t slabs = lutgemm_lut1_slabs(a.m, a.words);
+    constexpr auto kernel = decode_kernel<BITS, META32, GENERAL, M>;
+    int resident = 1;  // blocks per SM: the grid fills one wave
+    cudaError_t err = lf::setup_kernel<kernel>(THREADS, SMEM, &resident);
+    if (err != cudaSuccess) return err;
+    const int64_t slabs = lutgemm_decode_slabs(a.m, a.words);
     const int64_t z = (a.m + M - 1) / M;
     const int64_t row_sets = (a.n_pad + 15) / 16;
-    int64_t tiles = (int64_t)per_sm * a.sm_count / (slabs * z);
+    int64_t tiles = (int64_t)resident * a.sm_count / (slabs * z);
     tiles = tiles < 1 ? 1 : tiles > row_sets ? row_sets : tiles;
     const dim3 grid((unsigned)tiles, (unsigned)slabs, (unsigned)z);
     kernel<<<grid, THREADS, SMEM, stream>>>(a);
     return cudaGetLastError();
 }
 
-template <int BITS, bool META32, bool GEN, int M>
-cudaError_t launch_depth(const LutArgs &a, cudaStream_t stream) {
-    // LUTFLASH_LUT1_DEEP=1: 4 stages in flight at m = 1 for 3 and 4 bits whose stage fits 20
-    // registers (experiment knob; larger stages spill)
-    if constexpr (M == 1 && BITS >= 3 && stage_regs<BITS, META32, GEN>() <= 20)
-        if (env_int("LUTFLASH_LUT1_DEEP", 0)) return launch<BITS, META32, GEN, M, true>(a, stream);
-    return launch<BITS, META32, GEN, M, false>(a, stream);
-}
-
-template <bool META32, bool GEN, int M>
+template <bool META32, bool GENERAL, int M>
 cudaError_t launch_bits(int bits, const LutArgs &a, cudaStream_t stream) {
     switch (bits) {
-    case 1: return launch_depth<1, META32, GEN, M>(a, stream);
-    case 2: return launch_depth<2, META32, GEN, M>(a, stream);
-    case 3: return launch_depth<3, META32, GEN, M>(a, stream);
-    case 4: return launch_depth<4, META32, GEN, M>(a, stream);
+    case 1: return launch<1, META32, GENERAL, M>(a, stream);
+    case 2: return launch<2, META32, GENERAL, M>(a, stream);
+    case 3: return launch<3, META32, GENERAL, M>(a, stream);
+    case 4: return launch<4, META32, GENERAL, M>(a, stream);
     default: return cudaErrorInvalidValue;
     }
 }
@@ -430,7 +353,7 @@ cudaError_t launch_mode(int bits, const LutArgs &a, cudaStream_t stream) {
 
 template <bool META32>
 cudaError_t launch_m(int bits, const LutArgs &a, cudaStream_t stream) {
-    switch (lutgemm_lut1_rows(a.m)) {
+    switch (lutgemm_decode_rows(a.m)) {
     case 1: return launch_mode<META32, 1>(bits, a, stream);
     case 2: return launch_mode<META32, 2>(bits, a, stream);
     default: return launch_mode<META32, 4>(bits, a, stream);
@@ -439,16 +362,14 @@ cudaError_t launch_m(int bits, const LutArgs &a, cudaStream_t stream) {
 
 }  // namespace
 
-int lutgemm_lut1_rows(int64_t m) { return m <= 1 ? 1 : m == 2 ? 2 : 4; }
+int lutgemm_decode_rows(int64_t m) { return m <= 1 ? 1 : m == 2 ? 2 : 4; }
 
-int64_t lutgemm_lut1_slabs(int64_t m, int64_t words) {
+int64_t lutgemm_decode_slabs(int64_t m, int64_t words) {
     const int64_t sw = m <= 1 ? 16 : 8;
     return (words + sw - 1) / sw;
 }
 
-cudaError_t lutgemm_lut1_launch(int bits, const LutArgs &a_in, cudaStream_t stream) {
-    LutArgs a = a_in;
-    a.flags = env_int("LUTFLASH_LUT1_FLAGS", LUT1_DEFAULT_FLAGS);  // knobs (LUT1_NOALLOC, ...)
+cudaError_t lutgemm_decode_launch(int bits, const LutArgs &a, cudaStream_t stream) {
     return a.meta_type == LF_SCALAR_F32 ? launch_m<true>(bits, a, stream)
                                         : launch_m<false>(bits, a, stream);
 }
