@@ -18,8 +18,8 @@ from timing import cpu_time_per_call, environment, write_json
 
 import lutflash
 from lutflash import _C
+from lutflash.lutgemm import _lutgemm_op
 from lutflash.nn import LutLinear
-from lutflash.ops import _lutgemm_op
 from lutflash.testing import random_bcq_weight
 
 

@@ -1,12 +1,13 @@
 """The CUDA lutgemm kernels (cuda/lutgemm_*.cu) against the float64 reference.
 
 Both GPU paths are checked: "lut" (tables of partial sums, the decode path) and "mma" (tensor
-cores, the prefill path). The private path argument (lutflash.ops._lutgemm, lutgemm_into's
+cores, the prefill path). The private path argument (_lutgemm and lutgemm_into's
 _path) forces one; "auto" leaves the choice to the kernel (by x's dtype and m).
 """
 
 import itertools
 import os
+import sys
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ import lutflash
 from lutflash import _C
 from lutflash.bcq import MODES
 from lutflash.testing import assert_close_to_reference, lutgemm_reference, random_bcq_weight, relative_error
+
+lutgemm_module = sys.modules["lutflash.lutgemm"]  # the module; lutflash.lutgemm is the function
 
 pytestmark = [
     pytest.mark.cuda,
@@ -43,9 +46,9 @@ def poisoned_call(x2d, qweight, bias=None, path="auto"):
     """The raw kernel into a NaN-filled output, so that unwritten elements fail."""
     n, k = qweight.shape
     out = torch.full((x2d.shape[0], n), float("nan"), dtype=x2d.dtype, device=x2d.device)
-    lutflash.ops.lutgemm_into(x2d, qweight.planes, qweight.meta, bias, out, n, k, qweight.bits,
+    lutgemm_module.lutgemm_into(x2d, qweight.planes, qweight.meta, bias, out, n, k, qweight.bits,
                               qweight.group_size, MODES.index(qweight.mode),
-                              _path=lutflash.ops._PATHS.index(path))
+                              _path=lutgemm_module._PATHS.index(path))
     return out
 
 
@@ -61,7 +64,7 @@ def check(x, qweight, bias, path="auto"):
     if path == "auto":
         out = lutflash.lutgemm(x, qweight, bias)
     else:
-        out = lutflash.ops._lutgemm(x, qweight, bias, path=path)
+        out = lutgemm_module._lutgemm(x, qweight, bias, path=path)
     assert out.dtype == x.dtype and out.device == x.device
     assert_close_to_reference(out, ref, naive(x, qweight, bias))
     raw = poisoned_call(x.reshape(-1, x.shape[-1]), qweight, bias, path)
@@ -296,7 +299,7 @@ def test_mma_groups_and_odd_words(meta_dtype, path):
 
 def clean_workspaces_are_zero():
     torch.cuda.synchronize(DEVICE)
-    return all(not buf.any() for buf in lutflash.ops._clean_workspaces.values())
+    return all(not buf.any() for buf in lutgemm_module._clean_workspaces.values())
 
 
 def test_decode_clean_workspace():

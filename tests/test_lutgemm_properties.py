@@ -6,7 +6,7 @@ group size: a multiple of 32 dividing k, or k itself given as k or None, which a
 a partial last packed word included; both modes; float32/float16/bfloat16 metadata), x
 (float32/float16/bfloat16, any number of leading dims including none and empty ones, and
 non-contiguous layouts: padded rows, an unaligned start, a transposed last dim, broadcast rows,
-a row step, permuted batch dims), an optional bias (x's dtype, as ops.py requires) and, on the
+a row step, permuted batch dims), an optional bias (x's dtype, as lutflash/lutgemm.py requires) and, on the
 CPU, the kernel variant (portable/avx2/avx512) or, on the GPU, the path (auto/lut/mma).
 
 Every property is one function taking the device: the CPU tests run it with a fixed seed and
@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -36,6 +37,8 @@ from lutflash.bcq import META_DTYPES, METHODS, MODES, WORD_K
 from lutflash.nn import LutLinear
 from lutflash.testing import assert_close_to_reference, lutgemm_reference, poisoned_empty, random_bcq_weight
 
+lutgemm_module = sys.modules["lutflash.lutgemm"]  # the module; lutflash.lutgemm is the function
+
 X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 X_LAYOUTS = ("contiguous", "padded_rows", "transposed", "broadcast", "row_step", "permuted")
 _VARIANT_ORDER = ("portable", "avx2", "avx512")
@@ -48,7 +51,7 @@ CPU = torch.device("cpu")
 class Profile:
     """What one device's tests draw from."""
 
-    choices: tuple[str, ...]   # CPU kernel variants or GPU paths (lutflash.ops._PATHS)
+    choices: tuple[str, ...]   # CPU kernel variants or GPU paths (lutgemm_module._PATHS)
     max_m: int                 # rows of x (the product of its leading dims)
     edge_ms: tuple[int, ...]   # values of m at the kernels' tile boundaries
     small_n: int               # n is drawn in [1, small_n] or [large_n[0], large_n[1]]
@@ -268,16 +271,16 @@ def kernel_choice(device: torch.device, choice: str):
     if choice == "auto":
         yield
         return
-    into = lutflash.ops.lutgemm_into
+    into = lutgemm_module.lutgemm_into
 
     def forced(x2d, *args, **kwargs):
         # the tensor-core path takes float16/bfloat16 x only (float32 is refused: a bad-input test)
         path = "lut" if choice == "mma" and x2d.dtype == torch.float32 else choice
-        kwargs["_path"] = lutflash.ops._PATHS.index(path)
+        kwargs["_path"] = lutgemm_module._PATHS.index(path)
         return into(x2d, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lutflash.ops, "lutgemm_into", forced)  # what lutflash.lutgemm's kernel calls
+        mp.setattr(lutgemm_module, "lutgemm_into", forced)  # what lutflash.lutgemm's kernel calls
         yield
 
 
@@ -313,14 +316,14 @@ def assert_matches(out, ref, lowp_naive):
 
 
 def raw_into_poisoned(x, qweight, bias, guard):
-    """lutflash.ops.lutgemm_into on an (m, n) view of a NaN-filled (m, n + guard) buffer:
+    """lutgemm_module.lutgemm_into on an (m, n) view of a NaN-filled (m, n + guard) buffer:
     returns (out, the guard columns), which must stay NaN."""
     n, k = qweight.shape
     x2d = x.reshape(-1, k)
     if x2d.stride(-1) != 1 or (x2d.shape[0] > 1 and x2d.stride(0) < k):
-        x2d = x2d.contiguous()  # the kernel's input contract (ops._lutgemm_kernel does this)
+        x2d = x2d.contiguous()  # the kernel's input contract (lutgemm_module._lutgemm_kernel does this)
     buffer = torch.full((x2d.shape[0], n + guard), math.nan, dtype=x.dtype, device=x.device)
-    lutflash.ops.lutgemm_into(x2d, qweight.planes, qweight.meta, bias, buffer[:, :n], n, k,
+    lutgemm_module.lutgemm_into(x2d, qweight.planes, qweight.meta, bias, buffer[:, :n], n, k,
                               qweight.bits, qweight.group_size, MODES.index(qweight.mode))
     return buffer[:, :n].reshape(*x.shape[:-1], n), buffer[:, n:]
 
@@ -361,7 +364,7 @@ def check_grad(gcase: GradCase, device: torch.device):
         stack.enter_context(poisoned_outputs())
         if gcase.grad_chunks is not None:  # blocks of whole words/groups, the last partial
             mp = stack.enter_context(pytest.MonkeyPatch.context())
-            mp.setattr(lutflash.ops, "_GRAD_CHUNK_ELEMENTS",
+            mp.setattr(lutgemm_module, "_GRAD_CHUNK_ELEMENTS",
                        case.n * -(-case.k // gcase.grad_chunks))
         out = layer(x) if gcase.via == "module" else lutflash.lutgemm(x, qweight, bias)
         out.backward(grad_out)

@@ -11,8 +11,8 @@ from . import _C, integrations, nn  # integrations registers "lutflash" with tra
 from .attention import flash_attention, flash_attention_varlen
 from .bcq import FORMAT_VERSION, BCQWeight, quantize
 from .lora import LoraLutLinear, add_lora
+from .lutgemm import lutgemm  # the function: lutflash.lutgemm; the module is sys.modules["lutflash.lutgemm"]
 from .nn import LutLinear, quantize_model
-from .ops import lutgemm
 from .patch import patch_model
 
 __version__ = "0.1.0"

@@ -20,7 +20,7 @@ from .bcq import (
     quantize,
     words_per_row,
 )
-from .ops import check_lutgemm_args, lutgemm_call
+from .lutgemm import check_lutgemm_args, lutgemm_call
 
 
 class LutLinear(nn.Module):
