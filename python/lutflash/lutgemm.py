@@ -8,25 +8,41 @@ from . import _C
 from ._runtime import FLOAT_DTYPES, stream_of
 from .bcq import MODES, WORD_K, BCQWeight, dequantize_packed
 
-# Zeroed workspaces that the decode kernel (m <= 8) leaves zeroed, one per (device, stream):
-# with one, a call needs no memset launch before the kernel. Per stream, because calls on one
-# stream run one after the other while two streams may run at once. Not used while a CUDA
-# graph is being captured: the graph would bake in a buffer that eager calls on the same
-# stream also use, and replays of two graphs could overlap; captured calls zero a workspace
-# of their own as before.
+# Workspaces kept between calls on CUDA, one of each kind per (device, stream), so that a call
+# allocates nothing but its output (a torch.empty costs about as much host time as the rest of
+# the Python path). Per stream, because calls on one stream run one after the other while two
+# streams may run at once. Not used while a CUDA graph is being captured: the graph would bake
+# in a buffer that eager calls on the same stream also use, and replays of two graphs could
+# overlap; captured calls allocate theirs (the graph keeps them).
+# - scratch: split-k partial sums, any content; kept up to _SCRATCH_MAX_BYTES (prefill-sized
+#   workspaces are allocated per call: their kernels take far longer than the allocation).
+# - clean: zero, and left zero by the decode kernel (m <= 8), so no memset launch is needed.
+_scratch_workspaces: dict[tuple[int, int], torch.Tensor] = {}
 _clean_workspaces: dict[tuple[int, int], torch.Tensor] = {}
+_SCRATCH_MAX_BYTES = 64 << 20
+_is_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", torch.cuda.is_current_stream_capturing)
 
 
-def _clean_workspace(device: torch.device, stream: int, size: int) -> torch.Tensor | None:
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return None
+def _workspaces(device: torch.device, stream: int, size: int, m: int):
+    """(workspace, clean_workspace or None) for one call on `device`'s `stream`."""
+    if device.type != "cuda" or _is_capturing():
+        return torch.empty(size, dtype=torch.uint8, device=device), None
     key = (device.index, stream)
-    buffer = _clean_workspaces.get(key)
-    if buffer is None or buffer.numel() < size:
+    if size <= _SCRATCH_MAX_BYTES:
+        workspace = _scratch_workspaces.get(key)
+        if workspace is None or workspace.numel() < size:
+            workspace = torch.empty(max(size, 1 << 20), dtype=torch.uint8, device=device)
+            _scratch_workspaces[key] = workspace
+    else:
+        workspace = torch.empty(size, dtype=torch.uint8, device=device)
+    if m > 8:
+        return workspace, None
+    clean = _clean_workspaces.get(key)
+    if clean is None or clean.numel() < size:
         # allocated and zeroed on this stream, so it is ordered before the calls that use it
-        buffer = torch.zeros(max(size, 1 << 20), dtype=torch.uint8, device=device)
-        _clean_workspaces[key] = buffer
-    return buffer
+        clean = torch.zeros(max(size, 1 << 20), dtype=torch.uint8, device=device)
+        _clean_workspaces[key] = clean
+    return workspace, clean
 
 
 # The CUDA kernel path (lutgemm_params::path): "auto" chooses from x's dtype and m; tests and
@@ -39,11 +55,12 @@ def lutgemm_into(x2d: torch.Tensor, planes: torch.Tensor, meta: torch.Tensor,
                  group_size: int, mode: int, *, _path: int = 0) -> torch.Tensor:
     """Runs the kernel on a (m, k) input into a preallocated (m, n) output; no autograd.
     _path: index in _PATHS (CUDA only)."""
-    on_cuda = x2d.device.type == "cuda"
-    size = _C.lutgemm_workspace_bytes(on_cuda, x2d.shape[0], n, k, bits, group_size, mode)
-    workspace = torch.empty(size, dtype=torch.uint8, device=x2d.device)
-    stream = stream_of(x2d.device)
-    clean = _clean_workspace(x2d.device, stream, size) if x2d.shape[0] <= 8 else None
+    device = x2d.device
+    on_cuda = device.type == "cuda"
+    m = x2d.shape[0]
+    size = _C.lutgemm_workspace_bytes(on_cuda, m, n, k, bits, group_size, mode)
+    stream = stream_of(device)
+    workspace, clean = _workspaces(device, stream, size, m)
     _C.lutgemm(x2d, planes, meta, bias, out, workspace, n, k, bits, group_size, mode, stream,
                clean, _path)
     return out

@@ -4,6 +4,7 @@ references and the tolerance rule of DESIGN.md ("Numerical checks")."""
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -151,7 +152,8 @@ def poisoned_empty(monkeypatch, workspaces: bool = False):
     """Makes torch.empty return NaN-filled float tensors while `monkeypatch` (pytest's fixture
     or pytest.MonkeyPatch.context()) is active, so that an output element a kernel forgets to
     write fails the comparison. With `workspaces`, uint8 tensors (the byte workspaces) are
-    filled with 0xff too, float32 NaN wherever a kernel reads them as floats."""
+    filled with 0xff too, float32 NaN wherever a kernel reads them as floats (lutgemm's kept
+    scratch workspaces are replaced by poisoned ones)."""
     real_empty = torch.empty
 
     def empty(*args, **kwargs):
@@ -163,3 +165,5 @@ def poisoned_empty(monkeypatch, workspaces: bool = False):
         return t
 
     monkeypatch.setattr(torch, "empty", empty)
+    if workspaces:  # lutgemm's kept scratch workspaces are made again, poisoned, on first use
+        monkeypatch.setattr(sys.modules["lutflash.lutgemm"], "_scratch_workspaces", {})
