@@ -313,9 +313,10 @@ def test_sdpa_style_is_causal_with_padding_mask():
 def test_patch_model_attention_and_linear():
     model = build("llama")
     ids, mask = padded_batch("left")
-    summary = lutflash.patch_model(model, linear=dict(bits=3, group_size=32, progress=False))
+    summary = lutflash.patch_model(model, linear=dict(bits=3, group_size=32, progress=False),
+                                   fuse=False)
 
-    assert summary["attention"] == "lutflash"
+    assert summary["attention"] == "lutflash" and summary["fused"] == []
     assert model.config._attn_implementation == "lutflash"
     per_layer = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
@@ -343,7 +344,7 @@ def test_patch_model_options():
 
     model = build("opt")
     summary = lutflash.patch_model(model)
-    assert summary == {"attention": "lutflash", "linear": [], "linear_count": 0,
+    assert summary == {"attention": "lutflash", "linear": [], "linear_count": 0, "fused": [],
                        "bytes_before": summary["bytes_before"],
                        "bytes_after": summary["bytes_before"]}
 
@@ -356,6 +357,91 @@ def test_patch_model_options():
 
     with pytest.raises(TypeError, match="linear"):
         lutflash.patch_model(plain, linear=3)
+
+
+FUSED = {  # family -> the fused modules of layer 0
+    "llama": ["self_attn.q_proj_k_proj_v_proj", "mlp.gate_proj_up_proj"],
+    "mistral": ["self_attn.q_proj_k_proj_v_proj", "mlp.gate_proj_up_proj"],
+    "qwen2": ["self_attn.q_proj_k_proj_v_proj", "mlp.gate_proj_up_proj"],
+    "gemma2": ["self_attn.q_proj_k_proj_v_proj", "mlp.gate_proj_up_proj"],
+    "opt": ["self_attn.q_proj_k_proj_v_proj"],
+}
+
+
+def patched_pair(family, device="cpu", dtype=torch.float32, bits=3, group_size=32):
+    """The same model quantized the same way, unfused and fused."""
+    models = []
+    for fuse in (False, True):
+        model = build(family).to(device=device, dtype=dtype)
+        summary = lutflash.patch_model(model, linear=dict(bits=bits, group_size=group_size,
+                                                          method="rtn", progress=False),
+                                       fuse=fuse)
+        models.append((model, summary))
+    return models
+
+
+@pytest.mark.parametrize("family", list(FUSED))
+def test_patch_model_fuses_projections(family):
+    (plain, _), (fused, summary) = patched_pair(family)
+    prefix = "model.decoder.layers" if family == "opt" else "model.layers"
+    assert sorted(summary["fused"]) == sorted(f"{prefix}.{i}.{name}" for i in range(2)
+                                              for name in FUSED[family])
+    for name in summary["fused"]:
+        assert isinstance(fused.get_submodule(name), lutflash.nn.FusedLutLinear)
+    attention = fused.get_submodule(f"{prefix}.0.self_attn")
+    assert isinstance(attention.q_proj, lutflash.nn.LutLinearPart)
+    assert not any(k.endswith("q_proj.planes") for k in fused.state_dict())
+
+    ids, mask = padded_batch("left")
+    with torch.no_grad():
+        ref = plain(input_ids=ids, attention_mask=mask).logits
+        out = fused(input_ids=ids, attention_mask=mask).logits
+    # each output row is the same product over k in both: the CPU kernel gives equal results
+    assert torch.equal(out, ref)
+
+    # greedy decoding with a KV cache (one-token steps)
+    prompt = ids[:1, :6]
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(fused.generate(prompt, **kwargs), plain.generate(prompt, **kwargs))
+
+
+def test_fused_training_gradients_match_unfused():
+    """Qwen2's q/k/v have biases: their gradients reach the fused bias, in the same order."""
+    (plain, _), (fused, _) = patched_pair("qwen2")
+    ids, mask = padded_batch("right")
+    for model in (plain, fused):
+        model.train()
+        model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    for i in range(2):
+        p_attn = plain.model.layers[i].self_attn
+        f_attn = fused.model.layers[i].self_attn
+        expected = torch.cat([p_attn.q_proj.bias.grad, p_attn.k_proj.bias.grad,
+                              p_attn.v_proj.bias.grad])
+        grad = f_attn.q_proj_k_proj_v_proj.fused.bias.grad
+        assert max_rel_diff(grad, expected) < 1e-5
+    assert max_rel_diff(fused.model.embed_tokens.weight.grad,
+                        plain.model.embed_tokens.weight.grad) < 1e-5
+
+
+def test_fused_parts_any_call_order_and_inputs():
+    torch.manual_seed(3)
+    layers = [LutLinear.from_linear(torch.nn.Linear(64, n, bias=b), 3, 32, "rtn")
+              for n, b in ((40, True), (8, False), (24, True))]
+    group = lutflash.nn.FusedLutLinear(layers)
+    parts = [lutflash.nn.LutLinearPart(group, i) for i in range(3)]
+    x, y = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    with torch.no_grad():
+        expect = {(i, id(t)): layers[i](t) for i in range(3) for t in (x, y)}
+        order = [(2, x), (0, y), (0, x), (1, x), (1, y), (2, y), (2, x)]
+        for i, t in order:
+            assert torch.equal(parts[i](t), expect[i, id(t)]), (i, order)
+        parts[0](x)
+        x.mul_(2)  # modified in place after the fused call: the others must see the new values
+        assert torch.equal(parts[1](x), layers[1](x))
+    assert group._pending is not None  # parts 0 and 2 of the last computation are pending
+    with pytest.raises(ValueError, match="layers: expected LutLinear layers of one input size"):
+        lutflash.nn.FusedLutLinear([layers[0], LutLinear.from_linear(torch.nn.Linear(32, 8), 3, 32)])
 
 
 # ------------------------------------------------------------------------------------------
@@ -592,3 +678,19 @@ def test_model_dropout_rate_reaches_the_kernel(monkeypatch):
                 rates.clear()
                 model(**inputs)
                 assert rates == [expected] * config.num_hidden_layers, (train, rates)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt"])
+def test_gpu_fused_projections_match_unfused(family, dtype, cuda_device):
+    """On the GPU the fused call may split k differently (its n is larger), so the sums are
+    rounded in another order: equal within a few rounding steps of the dtype, and greedy
+    generation picks the same tokens on this model."""
+    (plain, _), (fused, _) = patched_pair(family, cuda_device, dtype)
+    ids, mask = padded_batch("left")
+    ids, mask = ids.to(cuda_device), mask.to(cuda_device)
+    with torch.no_grad():
+        ref = plain(input_ids=ids, attention_mask=mask).logits
+        out = fused(input_ids=ids, attention_mask=mask).logits
+    assert relative_error(out[mask.bool()], ref[mask.bool()]) < 8 * torch.finfo(dtype).eps

@@ -178,3 +178,112 @@ def quantize_model(model: nn.Module, bits: int = 3, group_size: int | None = 128
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         replaced.append(name)
     return replaced
+
+
+# Sibling projections that Hugging Face decoders apply to one input: attention's q/k/v (Llama,
+# Mistral, Qwen2, Gemma2, OPT, ...) and the gated MLP's gate/up.
+FUSE_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _fusion_key(layer: LutLinear) -> tuple:
+    """What layers must share to be fused."""
+    return (layer.in_features, layer.bits, layer.group_size, layer.mode, layer.meta.dtype,
+            layer.planes.device)
+
+
+def _concat_rows(layers: list[LutLinear], bias_dtype: torch.dtype | None):
+    """One BCQWeight (and bias or None) whose output rows are the layers' rows in order."""
+    first = layers[0]
+    n = sum(layer.out_features for layer in layers)
+    rows = padded_rows(n)
+
+    def cat(name):
+        parts = [getattr(layer, name)[..., :layer.out_features] for layer in layers]
+        merged = torch.cat(parts, dim=-1)
+        return torch.nn.functional.pad(merged, (0, rows - n))  # padded rows are zero bits/meta
+
+    qweight = BCQWeight(cat("planes"), cat("meta"), (n, first.in_features), first.bits,
+                        first.group_size, first.mode)
+    bias = None
+    if bias_dtype is not None:  # layers without a bias add zeros
+        bias = torch.cat([layer.bias.detach() if layer.bias is not None else
+                          torch.zeros(layer.out_features, dtype=bias_dtype, device=first.planes.device)
+                          for layer in layers])
+    return qweight, bias
+
+
+class FusedLutLinear(nn.Module):
+    """Several LutLinear layers that read the same input, run as one lutgemm call.
+
+    ``fused`` is a LutLinear whose output rows are the layers' rows one after the other. Each
+    former layer is replaced by a :class:`LutLinearPart`; the first part called with an input
+    computes every part's output at once and hands the others theirs when they are called with
+    that same tensor (same object, unmodified). A part called with another input computes the
+    fused product for it, so results never depend on the call order.
+    """
+
+    def __init__(self, layers: list[LutLinear]):
+        super().__init__()
+        if len({_fusion_key(layer) for layer in layers}) != 1:
+            raise ValueError("layers: expected LutLinear layers of one input size, bits, "
+                             "group size, mode, metadata dtype and device")
+        biases = [layer.bias for layer in layers if layer.bias is not None]
+        qweight, bias = _concat_rows(layers, biases[0].dtype if biases else None)
+        self.fused = LutLinear.from_bcq(qweight, bias)
+        if bias is not None:
+            self.fused.bias.requires_grad_(any(b.requires_grad for b in biases))
+        self.splits = [layer.out_features for layer in layers]
+        self._pending: list | None = None  # [input, its version, outputs not yet handed out]
+
+    def part_output(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        pending = self._pending
+        if (pending is None or pending[0] is not x or pending[1] != x._version
+                or pending[2][index] is None or torch.compiler.is_compiling()):
+            outputs = list(self.fused(x).split(self.splits, dim=-1))
+            pending = self._pending = [x, x._version, outputs]
+        out, pending[2][index] = pending[2][index], None
+        if all(o is None for o in pending[2]):
+            self._pending = None  # every part has its output: drop the reference to x
+        return out
+
+
+class LutLinearPart(nn.Module):
+    """The rows of one former LutLinear inside a FusedLutLinear (see there); holds no weights."""
+
+    def __init__(self, group: FusedLutLinear, index: int):
+        super().__init__()
+        object.__setattr__(self, "_group", group)  # not a submodule: its parent registers it
+        self.index = index
+        self.in_features, self.out_features = group.fused.in_features, group.splits[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._group.part_output(x, self.index)
+
+    def extra_repr(self) -> str:
+        return f"rows {sum(self._group.splits[:self.index])}..+{self.out_features} of the fused layer"
+
+
+def fuse_lut_linears(model: nn.Module, groups=FUSE_GROUPS) -> list[str]:
+    """Fuses sibling LutLinear layers that read one input (`groups` of child names, by
+    default q/k/v and gate/up) into one FusedLutLinear per group, registered on the parent as
+    the names joined by "_" (e.g. ``q_proj_k_proj_v_proj``); the children become
+    LutLinearPart. Returns the names of the fused modules. A group is fused only where all its
+    children are LutLinear layers of one input size, format, dtype and device. The state_dict
+    then holds the fused buffers (the unfused keys are gone), and adapters (lutflash.add_lora)
+    see the fused layer only: fuse after loading, and leave fusion off for per-projection LoRA.
+    """
+    fused_names = []
+    for parent_name, parent in list(model.named_modules()):
+        for group in groups:
+            layers = [getattr(parent, child, None) for child in group]
+            if not all(isinstance(layer, LutLinear) for layer in layers):
+                continue
+            if len({_fusion_key(layer) for layer in layers}) != 1:
+                continue
+            fused = FusedLutLinear(layers)
+            name = "_".join(group)
+            parent.add_module(name, fused)
+            for index, child in enumerate(group):
+                setattr(parent, child, LutLinearPart(fused, index))
+            fused_names.append(f"{parent_name}.{name}" if parent_name else name)
+    return fused_names

@@ -7,13 +7,13 @@ from typing import Any
 
 from torch import nn
 
-from .nn import SkipRule, quantize_model
+from .nn import SkipRule, fuse_lut_linears, quantize_model
 
 __all__ = ["patch_model"]
 
 
 def patch_model(model: nn.Module, attention: bool = True,
-                linear: dict[str, Any] | None = None) -> dict[str, Any]:
+                linear: dict[str, Any] | None = None, fuse: bool = True) -> dict[str, Any]:
     """Converts `model` in place: lutflash attention and/or LutLinear layers.
 
     attention: switch a Hugging Face model to attn_implementation="lutflash" (through
@@ -23,10 +23,15 @@ def patch_model(model: nn.Module, attention: bool = True,
         lutflash.quantize_model (bits, group_size, method, skip, rounds, mode, meta_dtype,
         progress). `skip` defaults to the output embedding (`lm_head`), which is usually tied
         to the input embedding; pass skip=() to quantize it too.
+    fuse: with `linear`, run the projections a layer applies to one input as one lutgemm call
+        (q/k/v and gate/up; lutflash.nn.fuse_lut_linears): fewer, larger kernels, the same
+        outputs within rounding. Leave it off to attach adapters per projection (add_lora) or
+        to keep the unfused state_dict keys.
 
     Returns a summary: {"attention": "lutflash" or None, "linear": [names of the nn.Linear
-    modules replaced by LutLinear], "linear_count": int, "bytes_before": int,
-    "bytes_after": int} where bytes count the model's parameters and buffers.
+    modules replaced by LutLinear], "linear_count": int, "fused": [names of the
+    FusedLutLinear modules], "bytes_before": int, "bytes_after": int} where bytes count the
+    model's parameters and buffers.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -34,7 +39,7 @@ def patch_model(model: nn.Module, attention: bool = True,
         raise TypeError(f"linear: expected None or a dict of quantize_model arguments, got "
                         f"{type(linear).__name__}")
 
-    summary: dict[str, Any] = {"attention": None, "linear": [], "linear_count": 0,
+    summary: dict[str, Any] = {"attention": None, "linear": [], "linear_count": 0, "fused": [],
                                "bytes_before": _model_bytes(model)}
     if attention:
         summary["attention"] = _set_lutflash_attention(model)
@@ -43,6 +48,8 @@ def patch_model(model: nn.Module, attention: bool = True,
         options.setdefault("skip", _output_embedding_rule(model))
         summary["linear"] = quantize_model(model, **options)
         summary["linear_count"] = len(summary["linear"])
+        if fuse:
+            summary["fused"] = fuse_lut_linears(model)
     summary["bytes_after"] = _model_bytes(model)
     return summary
 
