@@ -41,7 +41,7 @@ JSON (--json):
               "prompt_tokens": int, "warmup": int, "steps": int, "group_size": 128,
               "mode": "uniform", "seconds": float, "load_average": float (1 min, before)},
      "rows": [{"label": str, "dtype": "float32"|"bfloat16", "bits": int|null,
-               "lm_head": "dense"|"lut", "attn": "sdpa"|"lutflash",
+               "lm_head": "dense"|"lut", "attn": "sdpa"|"lutflash", "fused": bool,
                "ms_per_token": float (median), "tokens_per_s": float,
                "cpu_ms_per_token": float (median process time), "prefill_ms": float,
                "weight_bytes_per_token": int, "kv_bytes_per_token": int,
@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import os
 import time
 from pathlib import Path
@@ -64,7 +65,7 @@ from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import lutflash
-from lutflash.nn import LutLinear
+from lutflash.nn import LutLinear, fuse_lut_linears
 from lutflash.testing import random_bcq_weight, relative_error
 
 MODEL = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -192,28 +193,32 @@ def bench(args, device: torch.device) -> tuple[list[dict], list[dict], dict]:
           f"{time.perf_counter() - start:.1f} s", flush=True)
     prompt = torch.randint(0, MODEL["vocab_size"], (1, args.prompt_tokens), device=device)
     rows, checks = [], []
-    base = dict(bits=None, lm_head="dense", attn="sdpa")
+    base = dict(bits=None, lm_head="dense", attn="sdpa", fused=False)
     if "fp32" in args.baselines:
         rows.append(run(model, prompt, args, "fp32 (nn.Linear, sdpa)", **base)[0])
     model.to(torch.bfloat16)
     if "bf16" in args.baselines:
         rows.append(run(model, prompt, args, "bf16 (nn.Linear, sdpa)", **base)[0])
     generator = torch.Generator().manual_seed(1)
-    for bits in args.bits:
-        for head in args.lm_head:
-            dense = swap(model, lut_layers(model, bits, head == "lut", generator))
-            reference = None
-            for attn in args.attn:
-                model.set_attn_implementation(attn)
-                label = f"lutflash {bits}b ({head} head, {attn})"
-                row, logits = run(model, prompt, args, label, bits=bits, lm_head=head, attn=attn)
-                rows.append(row)
-                if attn == "sdpa":
-                    reference = logits
-                elif reference is not None:
-                    checks.append({"label": label, "rel_err": relative_error(logits, reference)})
-            model.set_attn_implementation("sdpa")
-            swap(model, dense)
+    for bits, head, fuse in itertools.product(args.bits, args.lm_head, args.fuse):
+        dense = swap(model, lut_layers(model, bits, head == "lut", generator))
+        fused = fuse_lut_linears(model) if fuse == "yes" else []
+        reference = None
+        for attn in args.attn:
+            model.set_attn_implementation(attn)
+            label = f"lutflash {bits}b ({head} head, {attn}{', fused' if fused else ''})"
+            row, logits = run(model, prompt, args, label, bits=bits, lm_head=head, attn=attn,
+                              fused=bool(fused))
+            rows.append(row)
+            if attn == "sdpa":
+                reference = logits
+            elif reference is not None:
+                checks.append({"label": label, "rel_err": relative_error(logits, reference)})
+        model.set_attn_implementation("sdpa")
+        for name in fused:  # the parts go with the swap below; the fused modules here
+            parent, _, child = name.rpartition(".")
+            delattr(model.get_submodule(parent), child)
+        swap(model, dense)
     return rows, checks, {"params": params}
 
 
@@ -271,6 +276,9 @@ def main():
                         default=["fp32", "bf16"])
     parser.add_argument("--threads", type=int,
                         help="torch threads (default: every core this process may run on)")
+    parser.add_argument("--fuse", nargs="+", choices=["no", "yes"], default=["no"],
+                        help="lutflash runs with q/k/v and gate/up unfused, fused "
+                             "(lutflash.nn.fuse_lut_linears) or both")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -694,3 +694,15 @@ def test_gpu_fused_projections_match_unfused(family, dtype, cuda_device):
         ref = plain(input_ids=ids, attention_mask=mask).logits
         out = fused(input_ids=ids, attention_mask=mask).logits
     assert relative_error(out[mask.bool()], ref[mask.bool()]) < 8 * torch.finfo(dtype).eps
+
+
+def test_fused_parts_under_inference_mode():
+    torch.manual_seed(4)
+    layers = [LutLinear.from_linear(torch.nn.Linear(32, n), 2, 32, "rtn") for n in (16, 8)]
+    group = lutflash.nn.FusedLutLinear(layers)
+    parts = [lutflash.nn.LutLinearPart(group, i) for i in range(2)]
+    with torch.inference_mode():
+        x = torch.randn(3, 32)
+        assert torch.equal(parts[0](x), layers[0](x))
+        assert torch.equal(parts[1](x), layers[1](x))
+        assert group._pending is None

@@ -218,8 +218,9 @@ class FusedLutLinear(nn.Module):
     ``fused`` is a LutLinear whose output rows are the layers' rows one after the other. Each
     former layer is replaced by a :class:`LutLinearPart`; the first part called with an input
     computes every part's output at once and hands the others theirs when they are called with
-    that same tensor (same object, unmodified). A part called with another input computes the
-    fused product for it, so results never depend on the call order.
+    that same tensor (same object, unmodified: its version counter, which inference tensors
+    lack, see _version). A part called with another input computes the fused product for it, so
+    results never depend on the call order.
     """
 
     def __init__(self, layers: list[LutLinear]):
@@ -237,14 +238,22 @@ class FusedLutLinear(nn.Module):
 
     def part_output(self, x: torch.Tensor, index: int) -> torch.Tensor:
         pending = self._pending
-        if (pending is None or pending[0] is not x or pending[1] != x._version
+        version = _version(x)
+        if (pending is None or pending[0] is not x or pending[1] != version
                 or pending[2][index] is None or torch.compiler.is_compiling()):
             outputs = list(self.fused(x).split(self.splits, dim=-1))
-            pending = self._pending = [x, x._version, outputs]
+            pending = self._pending = [x, version, outputs]
         out, pending[2][index] = pending[2][index], None
         if all(o is None for o in pending[2]):
             self._pending = None  # every part has its output: drop the reference to x
         return out
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """x's version counter (bumped by each in-place change), or None for an inference tensor,
+    which has none: such a tensor changed in place between two parts' calls is not noticed
+    (models do not do that; inference mode leaves no way to tell)."""
+    return None if x.is_inference() else x._version
 
 
 class LutLinearPart(nn.Module):
