@@ -77,9 +77,10 @@ def build_model(args) -> tuple[torch.nn.Module, list[str]]:
                                       num_hidden_layers=args.layers, num_attention_heads=2,
                                       num_key_value_heads=1, max_position_embeddings=128)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="lutflash")
+    # fuse=False: one adapter per projection (q, k, v, gate, up apart), as LoRA recipes expect
     lutflash.patch_model(model, attention=True,
                          linear=dict(bits=args.bits, group_size=args.group_size,
-                                     method=args.method, progress=False))
+                                     method=args.method, progress=False), fuse=False)
     adapted = lutflash.add_lora(model, rank=args.rank, alpha=args.alpha)
     return model, adapted
 
