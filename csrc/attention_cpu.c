@@ -437,6 +437,12 @@ static float *carve_floats(scratch_carver *c, int64_t n) {
     return carve(c, aligned_floats(n) * (int64_t)sizeof(float));
 }
 
+/* K and V rows of a key block, BLOCK_K × dp floats each, as every work item carves them. */
+static void carve_key_rows(scratch_carver *c, int64_t dp, float **k, float **v) {
+    *k = carve_floats(c, BLOCK_K * dp);
+    *v = carve_floats(c, BLOCK_K * dp);
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* Scores.                                                                                   */
 
@@ -498,6 +504,24 @@ static int64_t lse_index(const attention_fwd_params *p, const sequence_extent *s
     return b * p->lse_batch_stride + h * p->lse_head_stride + seq->q_start + i;
 }
 
+/* Where a query-block work item of query head h starts: its sequence, rows [i0, i0 + nq), the
+ * head dim d (padded dp) and the kv head. 0 when the block lies past the sequence's end. */
+typedef struct {
+    sequence_extent seq;
+    int64_t i0, nq, d, dp, kv_head;
+} query_block;
+
+static int query_block_of(const attention_fwd_params *p, int64_t b, int64_t h, int64_t block,
+                          query_block *q) {
+    q->seq = sequence_of(p, b);
+    q->i0 = block * BLOCK_Q;
+    if (q->i0 >= q->seq.seqlen_q) return 0;
+    q->nq = min_i64(BLOCK_Q, q->seq.seqlen_q - q->i0);
+    q->d = p->head_dim, q->dp = padded_head_dim(q->d);
+    q->kv_head = h / (p->heads_q / p->heads_kv);
+    return 1;
+}
+
 static int threads_for(const attention_fwd_params *p, int64_t thread_bytes,
                        int64_t shared_bytes) {
     const int64_t fit = (p->workspace_bytes - shared_bytes) / thread_bytes;
@@ -521,8 +545,7 @@ static int64_t forward_scratch_layout(int64_t d, char *base, forward_scratch *s)
     const int64_t dp = padded_head_dim(d);
     scratch_carver c = {base, 0};
     s->qt = carve_floats(&c, d * BLOCK_Q);
-    s->k = carve_floats(&c, BLOCK_K * dp);
-    s->v = carve_floats(&c, BLOCK_K * dp);
+    carve_key_rows(&c, dp, &s->k, &s->v);
     s->tile = carve_floats(&c, BLOCK_K * BLOCK_Q);
     s->o = carve_floats(&c, BLOCK_Q * dp);
     s->first = carve(&c, BLOCK_Q * (int64_t)sizeof(int32_t));
@@ -534,18 +557,15 @@ static int64_t forward_scratch_layout(int64_t d, char *base, forward_scratch *s)
 }
 
 int64_t attention_cpu_forward_thread_bytes(int64_t head_dim) {
-    forward_scratch unused;
-    return forward_scratch_layout(head_dim, NULL, &unused);
+    return forward_scratch_layout(head_dim, NULL, &(forward_scratch){0});
 }
 
 static void forward_query_block(const attention_fwd_params *p, const attention_kernels *kern,
                                 char *scratch, int64_t b, int64_t h, int64_t block) {
-    const sequence_extent seq = sequence_of(p, b);
-    const int64_t i0 = block * BLOCK_Q;
-    if (i0 >= seq.seqlen_q) return;
-    const int64_t nq = min_i64(BLOCK_Q, seq.seqlen_q - i0);
-    const int64_t d = p->head_dim, dp = padded_head_dim(d);
-    const int64_t kv_head = h / (p->heads_q / p->heads_kv);
+    query_block qb;
+    if (!query_block_of(p, b, h, block, &qb)) return;
+    const sequence_extent seq = qb.seq;
+    const int64_t i0 = qb.i0, nq = qb.nq, d = qb.d, dp = qb.dp, kv_head = qb.kv_head;
     const lf_scalar type = p->dtype;
     forward_scratch s;
     forward_scratch_layout(d, scratch, &s);
@@ -643,8 +663,7 @@ typedef struct {
 static int64_t backward_scratch_layout(int64_t d, char *base, backward_scratch *s) {
     const int64_t dp = padded_head_dim(d);
     scratch_carver c = {base, 0};
-    s->k = carve_floats(&c, BLOCK_K * dp);
-    s->v = carve_floats(&c, BLOCK_K * dp);
+    carve_key_rows(&c, dp, &s->k, &s->v);
     s->q = carve_floats(&c, BLOCK_Q * dp);
     s->dout = carve_floats(&c, BLOCK_Q * dp);
     s->tile = carve_floats(&c, BLOCK_K * BLOCK_Q);
@@ -654,14 +673,15 @@ static int64_t backward_scratch_layout(int64_t d, char *base, backward_scratch *
     s->acc1 = carve_floats(&c, BLOCK_K * dp);
     s->first = carve(&c, BLOCK_Q * (int64_t)sizeof(int32_t));
     s->last = carve(&c, BLOCK_Q * (int64_t)sizeof(int32_t));
-    s->shift = carve_floats(&c, BLOCK_Q);
-    s->delta = carve_floats(&c, BLOCK_Q);
+    /* shift, then delta: BLOCK_Q floats fill whole 64-byte lines, so one carve of both is
+     * the layout of two */
+    s->shift = carve_floats(&c, 2 * BLOCK_Q);
+    s->delta = s->shift + BLOCK_Q;
     return c.used;
 }
 
 int64_t attention_cpu_backward_thread_bytes(int64_t head_dim) {
-    backward_scratch unused;
-    return backward_scratch_layout(head_dim, NULL, &unused);
+    return backward_scratch_layout(head_dim, NULL, &(backward_scratch){0});
 }
 
 /* The transposed query and dO blocks of every (head, sequence, block), computed once and
@@ -800,12 +820,10 @@ static void backward_dq_block(const attention_bwd_params *bp, const backward_sha
                               const attention_kernels *kern, char *scratch, int64_t b, int64_t h,
                               int64_t block) {
     const attention_fwd_params *p = &bp->fwd;
-    const sequence_extent seq = sequence_of(p, b);
-    const int64_t i0 = block * BLOCK_Q;
-    if (i0 >= seq.seqlen_q) return;
-    const int64_t nq = min_i64(BLOCK_Q, seq.seqlen_q - i0);
-    const int64_t d = p->head_dim, dp = padded_head_dim(d);
-    const int64_t kv_head = h / (p->heads_q / p->heads_kv);
+    query_block qb;
+    if (!query_block_of(p, b, h, block, &qb)) return;
+    const sequence_extent seq = qb.seq;
+    const int64_t i0 = qb.i0, nq = qb.nq, d = qb.d, dp = qb.dp, kv_head = qb.kv_head;
     backward_scratch s;
     backward_scratch_layout(d, scratch, &s);
     load_query_lanes(bp, &s, &seq, b, h, i0, nq);

@@ -14,6 +14,9 @@
 
 namespace attn {
 
+/* dK, dV of a key block. kBN keys (16 per warp), query blocks of kBL rows, double-buffered;
+ * kSplit > 1 gives each CTA a kD/kSplit-wide column range of dK and dV (S and dP are
+ * recomputed per range) to bound the accumulators at kD = 256. */
 template <int kD, int kBN, int kBL, int kSplit> struct BwdKVConfig {
     static constexpr int kWarps = kBN / 16, kThreads = kWarps * 32;
     static constexpr int kPitch = Tile<kD>::kPitch;
@@ -40,20 +43,14 @@ __global__ void __launch_bounds__(kBN * 2, 1) attn_bwd_dkdv_kernel(const attenti
     if (j0 >= seq.sk) return;
     const int keys = min(kBN, seq.sk - j0);
     const int d = (int)p.head_dim, d_off = split * kDO;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
     /* K, V of this key block; the query blocks that see one of its keys, for each query head
      * of the group, are the stages of the loop below. */
-    KeyBlockQueries<kBL, kD, kThreads, T> queries(bp, seq, b, kv_head);
-    queries.template load_keys<kBN>(k_tile, v_tile, j0, keys);
-    const int total = queries.total;
-    auto load_stage = [&](int it, int stage) {
-        queries.load(it, q_tiles + stage * Cfg::kTileQ, do_tiles + stage * Cfg::kTileQ,
-                     s_lse + stage * kBL, s_delta + stage * kBL);
-    };
-    if (total > 0) load_stage(0, 0);
-    cp_async_commit();
-
+    KeyBlock<kBN, kBL, kD, kThreads, T> block(bp, seq, b, kv_head, j0, keys, q_tiles, do_tiles,
+                                              s_lse, s_delta);
+    block.start(k_tile, v_tile);
+    const int total = block.total;
     const bool transformed = scores_transformed(p), dropout = p.dropout_p > 0.0f;
     const float scale_log2 = transformed ? 1.0f : p.softmax_scale * kLog2e;
     const float dropout_scale = dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
@@ -66,83 +63,31 @@ __global__ void __launch_bounds__(kBN * 2, 1) attn_bwd_dkdv_kernel(const attenti
         for (int e = 0; e < 4; ++e) dk[0][ot][e] = dv[0][ot][e] = 0.0f;
 
     for (int it = 0; it < total; ++it) {
-        const int stage = it & 1;
-        if (it + 1 < total) load_stage(it + 1, stage ^ 1);
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
+        const KeyBlockStage stage = block.next(it);
 
-        const int h = queries.head(it), i0 = queries.row0(it);
-        const uint32_t q_tile = q_tiles + stage * Cfg::kTileQ;
-        const uint32_t do_tile = do_tiles + stage * Cfg::kTileQ;
-        const float *lse = s_lse + stage * kBL, *delta = s_delta + stage * kBL;
-
-        /* S^T = K Q^T and dP^T = V dO^T: this warp's 16 keys x kBL queries. */
+        /* S^T = K Q^T and dP^T = V dO^T: this warp's 16 keys x kBL queries; then P (dropped)
+         * replaces S^T and dS replaces dP^T. */
         float st[1][kLT][4], dpt[1][kLT][4];
+        score_products<kD, kLT, T>(st, dpt, k_tile, v_tile, key_row0, stage.q_tile,
+                                   stage.do_tile, lane);
+        block.scores(stage, transformed, dropout, scale_log2, dropout_scale, true, st, dpt,
+                     [&](int hr, int lt, const float (&ds)[2], const float (&p_dropped)[2]) {
 #pragma unroll
-        for (int lt = 0; lt < kLT; ++lt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) st[0][lt][e] = dpt[0][lt][e] = 0.0f;
-        gemm_abt<kD, 1, kLT, T>(st, k_tile, key_row0, q_tile, 0, lane);
-        gemm_abt<kD, 1, kLT, T>(dpt, v_tile, key_row0, do_tile, 0, lane);
-
-        const bool masked = !seq.full(i0, kBL, j0, kBN);
-        const float slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.0f;
-        const uint32_t batch_head = (uint32_t)(b * p.heads_q + h);
-#pragma unroll
-        for (int hr = 0; hr < 2; ++hr) {
-            const int j = j0 + key_row0 + g + hr * 8;
-            /* queries that see key j, relative to i0 */
-            const int lo = (j < seq.sk ? seq.q_first(j) : 1) - i0;
-            const int hi = (j < seq.sk ? seq.q_last(j) : 0) - i0;
-#pragma unroll
-            for (int lt = 0; lt < kLT; ++lt)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int c = lt * 8 + 2 * t + e;
-                    const int i = i0 + c;
-                    float prob_dropped;
-                    const float ds = bwd_score(
-                        p, transformed, slope, i + seq.sk - seq.sq - j, st[0][lt][2 * hr + e],
-                        dpt[0][lt][2 * hr + e], scale_log2, lse_shift(lse[c]),
-                        masked && (c < lo || c > hi), dropout,
-                        [&] { return dropout_factor(p, batch_head, i, j, dropout_scale); },
-                        delta[c], &prob_dropped);
-                    dpt[0][lt][2 * hr + e] = ds;
-                    st[0][lt][2 * hr + e] = prob_dropped;
-                }
-        }
+                         for (int e = 0; e < 2; ++e) {
+                             dpt[0][lt][2 * hr + e] = ds[e];
+                             st[0][lt][2 * hr + e] = p_dropped[e];
+                         }
+                     });
 
         /* dV += P^T dO, dK += dS^T Q over this CTA's column range. */
-        gemm_pb<kD, 1, kLT, kOT, T>(dv, st, do_tile, d_off, lane);
-        gemm_pb<kD, 1, kLT, kOT, T>(dk, dpt, q_tile, d_off, lane);
+        gemm_pb<kD, 1, kLT, kOT, T>(dv, st, stage.do_tile, d_off, lane);
+        gemm_pb<kD, 1, kLT, kOT, T>(dk, dpt, stage.q_tile, d_off, lane);
         __syncthreads(); /* the next iteration's load overwrites this stage */
     }
 
-    /* Epilogue: stage dK, dV through the K, V tiles (each warp owns its 16 rows). */
-    cp_async_wait<0>();
-    __syncthreads();
+    /* Epilogue: dK, dV through the K, V tiles (each warp owns its 16 rows). */
     T *sK = reinterpret_cast<T *>(smem), *sV = sK + kBN * kPitch;
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-        const int r = key_row0 + g + hr * 8;
-#pragma unroll
-        for (int ot = 0; ot < kOT; ++ot) {
-            *reinterpret_cast<uint32_t *>(sK + r * kPitch + ot * 8 + 2 * t) =
-                Pair<T>::pack(dk[0][ot][2 * hr], dk[0][ot][2 * hr + 1]);
-            *reinterpret_cast<uint32_t *>(sV + r * kPitch + ot * 8 + 2 * t) =
-                Pair<T>::pack(dv[0][ot][2 * hr], dv[0][ot][2 * hr + 1]);
-        }
-    }
-    __syncthreads();
-    const int64_t row = (int64_t)seq.k_start + j0;
-    const int width = min(kDO, d - d_off);
-    T *dk_out = static_cast<T *>(bp.dk) + b * bp.dk_batch_stride + row * bp.dk_row_stride +
-                kv_head * bp.dk_head_stride + d_off;
-    T *dv_out = static_cast<T *>(bp.dv) + b * bp.dv_batch_stride + row * bp.dv_row_stride +
-                kv_head * bp.dv_head_stride + d_off;
-    store_tile<kBN, kDO, kPitch, kThreads>(dk_out, bp.dk_row_stride, sK, keys, width);
-    store_tile<kBN, kDO, kPitch, kThreads>(dv_out, bp.dv_row_stride, sV, keys, width);
+    block.store_key_grads(sK, sV, dk[0], dv[0], d_off, min(kDO, d - d_off));
 }
 
 /* dQ of a query block: kBM queries (16 per warp), key blocks of kBN, double-buffered. */
@@ -174,14 +119,7 @@ __global__ void __launch_bounds__(kBM * 2, 1) attn_bwd_dq_kernel(const attention
     const int row0 = warp * 16;
     const int64_t row = (int64_t)seq.q_start + i0;
 
-    load_tile<kBM, kD, kThreads>(q_tile,
-                                 static_cast<const T *>(p.q) + b * p.q_batch_stride +
-                                     row * p.q_row_stride + h * p.q_head_stride,
-                                 p.q_row_stride, rows, d);
-    load_tile<kBM, kD, kThreads>(do_tile,
-                                 static_cast<const T *>(bp.dout) + b * bp.dout_batch_stride +
-                                     row * bp.dout_row_stride + h * bp.dout_head_stride,
-                                 bp.dout_row_stride, rows, d);
+    load_query_rows<kBM, kD, kThreads, T>(bp, q_tile, do_tile, b, row, h, rows, d);
     const T *k = static_cast<const T *>(p.k) + b * p.k_batch_stride +
                  seq.k_start * p.k_row_stride + kv_head * p.k_head_stride;
     const T *v = static_cast<const T *>(p.v) + b * p.v_batch_stride +
@@ -233,12 +171,7 @@ __global__ void __launch_bounds__(kBM * 2, 1) attn_bwd_dq_kernel(const attention
         const uint32_t v_tile = v_tiles + stage * Cfg::kTileK;
 
         float s[1][kNT][4], dp[1][kNT][4];
-#pragma unroll
-        for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[0][nt][e] = dp[0][nt][e] = 0.0f;
-        gemm_abt<kD, 1, kNT, T>(s, q_tile, row0, k_tile, 0, lane);
-        gemm_abt<kD, 1, kNT, T>(dp, do_tile, row0, v_tile, 0, lane);
+        score_products<kD, kNT, T>(s, dp, q_tile, do_tile, row0, k_tile, v_tile, lane);
 
         const bool masked = !seq.full(i0, kBM, j0, kBN);
 #pragma unroll
@@ -275,14 +208,7 @@ __global__ void __launch_bounds__(kBM * 2, 1) attn_bwd_dq_kernel(const attention
     cp_async_wait<0>();
     __syncthreads();
     T *sQ = reinterpret_cast<T *>(smem);
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-        const int r = row0 + g + hr * 8;
-#pragma unroll
-        for (int dt = 0; dt < kDT; ++dt)
-            *reinterpret_cast<uint32_t *>(sQ + r * kPitch + dt * 8 + 2 * t) =
-                Pair<T>::pack(dq[0][dt][2 * hr], dq[0][dt][2 * hr + 1]);
-    }
+    stage_rows<kPitch>(sQ, dq[0], row0, lane);
     __syncthreads();
     T *dq_out = static_cast<T *>(bp.dq) + b * bp.dq_batch_stride + row * bp.dq_row_stride +
                 h * bp.dq_head_stride;

@@ -52,22 +52,15 @@ __global__ void __launch_bounds__(kBN * 2, BwdFusedConfig<kD, kBN, kBM>::kMinBlo
     const Sequence seq(p, b);
     const int j0 = blockIdx.x * kBN;
     if (j0 >= seq.sk) return;
-    const int keys = min(kBN, seq.sk - j0);
-    const int d = (int)p.head_dim;
+    const int keys = min(kBN, seq.sk - j0), d = (int)p.head_dim;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 
     /* K, V of this key block; the query blocks that see one of its keys, for each query head
      * of the group, are the stages of the loop below. */
-    KeyBlockQueries<kBM, kD, kThreads, T> queries(bp, seq, b, kv_head);
-    queries.template load_keys<kBN>(k_tile, v_tile, j0, keys);
-    const int total = queries.total;
-    auto load_stage = [&](int it, int stage) {
-        queries.load(it, q_tiles + stage * Cfg::kTileQ, do_tiles + stage * Cfg::kTileQ,
-                     s_lse + stage * kBM, s_delta + stage * kBM);
-    };
-    if (total > 0) load_stage(0, 0);
-    cp_async_commit();
-
+    KeyBlock<kBN, kBM, kD, kThreads, T> block(bp, seq, b, kv_head, j0, keys, q_tiles, do_tiles,
+                                              s_lse, s_delta);
+    block.start(k_tile, v_tile);
+    const int total = block.total;
     /* kExtras = false: plain scores, no dropout (fewer live registers in the main loop) */
     const bool transformed = kExtras && scores_transformed(p);
     const bool dropout = kExtras && p.dropout_p > 0.0f;
@@ -86,70 +79,33 @@ __global__ void __launch_bounds__(kBN * 2, BwdFusedConfig<kD, kBN, kBM>::kMinBlo
         for (int e = 0; e < 4; ++e) dk[ot][e] = dv[ot][e] = 0.0f;
 
     for (int it = 0; it < total; ++it) {
-        const int stage = it & 1;
-        /* The other stage was last read before the previous iteration's middle barrier. */
-        if (it + 1 < total) load_stage(it + 1, stage ^ 1);
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads(); /* this stage landed; every warp is done with the previous dS */
-
-        const int h = queries.head(it), i0 = queries.row0(it);
-        const uint32_t q_tile = q_tiles + stage * Cfg::kTileQ;
-        const uint32_t do_tile = do_tiles + stage * Cfg::kTileQ;
-        const float *lse = s_lse + stage * kBM, *delta = s_delta + stage * kBM;
+        /* The other stage was last read before the previous iteration's middle barrier; after
+         * next(), this stage landed and every warp is done with the previous dS. */
+        const KeyBlockStage stage = block.next(it);
+        const int h = stage.h, i0 = stage.i0;
 
         /* S^T = K Q^T and dP^T = V dO^T: this warp's 16 keys x kBM queries. */
         float st[1][kLT][4], dpt[1][kLT][4];
-#pragma unroll
-        for (int lt = 0; lt < kLT; ++lt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) st[0][lt][e] = dpt[0][lt][e] = 0.0f;
-        gemm_abt<kD, 1, kLT, T>(st, k_tile, key_row0, q_tile, 0, lane);
-        gemm_abt<kD, 1, kLT, T>(dpt, v_tile, key_row0, do_tile, 0, lane);
+        score_products<kD, kLT, T>(st, dpt, k_tile, v_tile, key_row0, stage.q_tile,
+                                   stage.do_tile, lane);
 
-        const bool masked = !seq.full(i0, kBM, j0, kBN);
-        const float slope =
-            kExtras && p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.0f;
-        const uint32_t batch_head = (uint32_t)(b * p.heads_q + h);
         /* P^T and dS^T packed to T as the A fragments of the dV and dK products, as soon as
          * they are computed (the float accumulators die early): pf[ks][hr + 2 * (lt & 1)]
          * holds the pair (key row g + 8 hr, query columns 8 lt + 2t..) of k16 step ks = lt/2. */
         uint32_t pf[kLT / 2][4], dsf[kLT / 2][4];
-#pragma unroll
-        for (int hr = 0; hr < 2; ++hr) {
-            const int j = j0 + key_row0 + g + hr * 8;
-            /* queries that see key j, relative to i0 */
-            const int lo = (j < seq.sk ? seq.q_first(j) : 1) - i0;
-            const int hi = (j < seq.sk ? seq.q_last(j) : 0) - i0;
-            const int r = key_row0 + g + hr * 8;
-#pragma unroll
-            for (int lt = 0; lt < kLT; ++lt) {
-                float pv[2], dsv[2];
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int c = lt * 8 + 2 * t + e;
-                    const int i = i0 + c;
-                    float prob_dropped;
-                    const float ds = bwd_score(
-                        p, transformed, slope, i + seq.sk - seq.sq - j, st[0][lt][2 * hr + e],
-                        dpt[0][lt][2 * hr + e], scale_log2, lse_shift(lse[c]),
-                        masked && (c < lo || c > hi), dropout,
-                        [&] { return dropout_factor(p, batch_head, i, j, dropout_scale); },
-                        delta[c], &prob_dropped);
-                    dsv[e] = ds;
-                    pv[e] = prob_dropped;
-                }
-                pf[lt / 2][hr + 2 * (lt & 1)] = Pair<T>::pack(pv[0], pv[1]);
-                dsf[lt / 2][hr + 2 * (lt & 1)] = Pair<T>::pack(dsv[0], dsv[1]);
-                /* dS^T to shared memory for the dQ product */
-                *reinterpret_cast<uint32_t *>(sDs + r * kDsPitch + lt * 8 + 2 * t) =
-                    dsf[lt / 2][hr + 2 * (lt & 1)];
-            }
-        }
+        block.scores(stage, transformed, dropout, scale_log2, dropout_scale, kExtras, st, dpt,
+                     [&](int hr, int lt, const float (&ds)[2], const float (&p_dropped)[2]) {
+                         const int r = key_row0 + g + hr * 8;
+                         pf[lt / 2][hr + 2 * (lt & 1)] = Pair<T>::pack(p_dropped[0], p_dropped[1]);
+                         dsf[lt / 2][hr + 2 * (lt & 1)] = Pair<T>::pack(ds[0], ds[1]);
+                         /* dS^T to shared memory for the dQ product */
+                         *reinterpret_cast<uint32_t *>(sDs + r * kDsPitch + lt * 8 + 2 * t) =
+                             dsf[lt / 2][hr + 2 * (lt & 1)];
+                     });
 
         /* dV += P^T dO, dK += dS^T Q. */
-        gemm_a_packed<kD, kLT / 2, kOT, T>(dv, pf, do_tile, lane);
-        gemm_a_packed<kD, kLT / 2, kOT, T>(dk, dsf, q_tile, lane);
+        gemm_a_packed<kD, kLT / 2, kOT, T>(dv, pf, stage.do_tile, lane);
+        gemm_a_packed<kD, kLT / 2, kOT, T>(dk, dsf, stage.q_tile, lane);
         __syncthreads(); /* dS^T complete */
 
         /* dQ partial = dS K over this block's kBN keys: rows dq_row0.., columns dq_col0.. */
@@ -186,29 +142,9 @@ __global__ void __launch_bounds__(kBN * 2, BwdFusedConfig<kD, kBN, kBM>::kMinBlo
         }
     }
 
-    /* Epilogue: stage dK, dV through the K, V tiles (each warp owns its 16 rows). */
-    cp_async_wait<0>();
-    __syncthreads();
+    /* Epilogue: dK, dV through the K, V tiles (each warp owns its 16 rows). */
     T *sK = reinterpret_cast<T *>(smem), *sV = sK + kBN * kPitch;
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-        const int r = key_row0 + g + hr * 8;
-#pragma unroll
-        for (int ot = 0; ot < kOT; ++ot) {
-            *reinterpret_cast<uint32_t *>(sK + r * kPitch + ot * 8 + 2 * t) =
-                Pair<T>::pack(dk[ot][2 * hr], dk[ot][2 * hr + 1]);
-            *reinterpret_cast<uint32_t *>(sV + r * kPitch + ot * 8 + 2 * t) =
-                Pair<T>::pack(dv[ot][2 * hr], dv[ot][2 * hr + 1]);
-        }
-    }
-    __syncthreads();
-    const int64_t row = (int64_t)seq.k_start + j0;
-    T *dk_out = static_cast<T *>(bp.dk) + b * bp.dk_batch_stride + row * bp.dk_row_stride +
-                kv_head * bp.dk_head_stride;
-    T *dv_out = static_cast<T *>(bp.dv) + b * bp.dv_batch_stride + row * bp.dv_row_stride +
-                kv_head * bp.dv_head_stride;
-    store_tile<kBN, kD, kPitch, kThreads>(dk_out, bp.dk_row_stride, sK, keys, d);
-    store_tile<kBN, kD, kPitch, kThreads>(dv_out, bp.dv_row_stride, sV, keys, d);
+    block.store_key_grads(sK, sV, dk, dv, 0, d);
 }
 
 /* dq (T, caller's strides) from the float32 accumulator: one thread per 8 columns of a
