@@ -6,11 +6,7 @@
 #include "lutflash_cuda.h"
 
 namespace attn {
-#define ATTN_BWD_EXTERN(D)                                                                   \
-    extern template cudaError_t run_attn_bwd<D, __half>(const attention_bwd_params &,         \
-                                                         cudaStream_t);                       \
-    extern template cudaError_t run_attn_bwd<D, __nv_bfloat16>(const attention_bwd_params &,  \
-                                                                cudaStream_t);
+#define ATTN_BWD_EXTERN(D) LF_ATTN_INSTANCES(extern, run_attn_bwd, attention_bwd_params, D)
 LF_ATTN_HEAD_DIMS(ATTN_BWD_EXTERN)
 #undef ATTN_BWD_EXTERN
 }  // namespace attn

@@ -1,8 +1,8 @@
 /* The attention backward at padded head dim 32, one file per head dim so that nvcc compiles
  * them in parallel (declared extern in attention_bwd.cu). */
 #include "attention_bwd_launch.cuh"
+#include "dispatch.cuh"
 
 namespace attn {
-template cudaError_t run_attn_bwd<32, __half>(const attention_bwd_params &, cudaStream_t);
-template cudaError_t run_attn_bwd<32, __nv_bfloat16>(const attention_bwd_params &, cudaStream_t);
+LF_ATTN_INSTANCES(, run_attn_bwd, attention_bwd_params, 32)
 }  // namespace attn

@@ -5,11 +5,7 @@
 #include "lutflash_cuda.h"
 
 namespace attn {
-#define ATTN_FWD_EXTERN(D)                                                                   \
-    extern template cudaError_t run_attn_fwd<D, __half>(const attention_fwd_params &,         \
-                                                         cudaStream_t);                       \
-    extern template cudaError_t run_attn_fwd<D, __nv_bfloat16>(const attention_fwd_params &,  \
-                                                                cudaStream_t);
+#define ATTN_FWD_EXTERN(D) LF_ATTN_INSTANCES(extern, run_attn_fwd, attention_fwd_params, D)
 LF_ATTN_HEAD_DIMS(ATTN_FWD_EXTERN)
 #undef ATTN_FWD_EXTERN
 }  // namespace attn

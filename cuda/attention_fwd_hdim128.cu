@@ -1,8 +1,8 @@
 /* The attention forward at padded head dim 128, one file per head dim so that nvcc compiles
  * them in parallel (declared extern in attention_fwd.cu). */
 #include "attention_fwd_launch.cuh"
+#include "dispatch.cuh"
 
 namespace attn {
-template cudaError_t run_attn_fwd<128, __half>(const attention_fwd_params &, cudaStream_t);
-template cudaError_t run_attn_fwd<128, __nv_bfloat16>(const attention_fwd_params &, cudaStream_t);
+LF_ATTN_INSTANCES(, run_attn_fwd, attention_fwd_params, 128)
 }  // namespace attn

@@ -16,6 +16,13 @@
 #define LF_ATTN_HEAD_DIMS(X) X(32) X(64) X(96) X(128) X(256)
 #define LF_ATTN_HEAD_DIM_LIST 32, 64, 96, 128, 256
 
+/* The two 16-bit instances FN<D, __half> and FN<D, __nv_bfloat16> of an attention launcher
+ * cudaError_t FN(const PARAMS &, cudaStream_t): PREFIX empty instantiates them (in the
+ * attention_*_hdim<D>.cu files), PREFIX extern declares them. */
+#define LF_ATTN_INSTANCES(PREFIX, FN, PARAMS, D)                                              \
+    PREFIX template cudaError_t FN<D, __half>(const PARAMS &, cudaStream_t);                  \
+    PREFIX template cudaError_t FN<D, __nv_bfloat16>(const PARAMS &, cudaStream_t);
+
 namespace lf {
 
 /* f(T()) with T = __half or __nv_bfloat16 for LF_SCALAR_F16 / LF_SCALAR_BF16; any other dtype

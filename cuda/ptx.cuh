@@ -8,6 +8,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 namespace lf {
 
 __device__ __forceinline__ uint32_t smem_addr(const void *p) {
@@ -48,51 +50,50 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], uint32_t addr) 
                  : "r"(addr));
 }
 
-/* A pair of 16-bit floats of type T in one 32-bit register: T2 is the CUDA vector type. */
-template <typename T> struct Pair;
-template <> struct Pair<__half> {
-    using T2 = __half2;
+/* A pair of 16-bit floats of type T (__half or __nv_bfloat16) in one 32-bit register: T2 is
+ * the CUDA vector type. */
+__device__ __forceinline__ __half2 round_pair(float lo, float hi, __half) {
+    return __floats2half2_rn(lo, hi);
+}
+__device__ __forceinline__ __nv_bfloat162 round_pair(float lo, float hi, __nv_bfloat16) {
+    return __floats2bfloat162_rn(lo, hi);
+}
+__device__ __forceinline__ uint16_t round_bits(float v, __half) {
+    return __half_as_ushort(__float2half_rn(v));
+}
+__device__ __forceinline__ uint16_t round_bits(float v, __nv_bfloat16) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+template <typename T> struct Pair {
+    using T2 = std::conditional_t<std::is_same<T, __half>::value, __half2, __nv_bfloat162>;
     static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-        __half2 h = __floats2half2_rn(lo, hi);
+        T2 h = round_pair(lo, hi, T());
         return *reinterpret_cast<uint32_t *>(&h);
     }
     /* v rounded to T in both halves */
     static __device__ __forceinline__ uint32_t broadcast(float v) {
-        return (uint32_t)__half_as_ushort(__float2half_rn(v)) * 0x10001u;
-    }
-};
-template <> struct Pair<__nv_bfloat16> {
-    using T2 = __nv_bfloat162;
-    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-        __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-        return *reinterpret_cast<uint32_t *>(&h);
-    }
-    static __device__ __forceinline__ uint32_t broadcast(float v) {
-        return (uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(v)) * 0x10001u;
+        return (uint32_t)round_bits(v, T()) * 0x10001u;
     }
 };
 
 /* c += a · b on tensor cores: m16n8k16, A row-major (4 registers), B column-major (2), fp32
  * accumulators, inputs of type T (__half or __nv_bfloat16). */
+#define LF_MMA_M16N8K16(TYPE)                                                                  \
+    "mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE ".f32 {%0,%1,%2,%3}, "             \
+    "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
 template <typename T>
 __device__ __forceinline__ void mma_m16n8k16(float c[4], const uint32_t a[4], uint32_t b0,
-                                             uint32_t b1);
-template <>
-__device__ __forceinline__ void mma_m16n8k16<__half>(float c[4], const uint32_t a[4],
-                                                     uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+                                             uint32_t b1) {
+    if constexpr (std::is_same<T, __half>::value)
+        asm(LF_MMA_M16N8K16("f16")
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+        asm(LF_MMA_M16N8K16("bf16")
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-template <>
-__device__ __forceinline__ void mma_m16n8k16<__nv_bfloat16>(float c[4], const uint32_t a[4],
-                                                            uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+#undef LF_MMA_M16N8K16
 
 /* dst[0..1] (8-byte aligned) += (x, y) and dst[0..3] (16-byte aligned) += v in global memory;
  * one vector atomic on compute capability 9.x, scalar ones before. */
