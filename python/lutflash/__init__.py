@@ -5,11 +5,13 @@
     y = lutflash.lutgemm(x, qweight, bias)
     model = lutflash.quantize_model(model, bits=3)   # nn.Linear -> lutflash.nn.LutLinear
     out = lutflash.flash_attention(q, k, v, causal=True)
+    qweight = lutflash.from_gptq(qweight, qzeros, scales, g_idx, bits=4, group_size=128)
 """
 
 from . import _C, integrations, nn  # integrations registers "lutflash" with transformers, lazily
 from .attention import flash_attention, flash_attention_varlen
 from .bcq import FORMAT_VERSION, BCQWeight, quantize
+from .convert import from_awq, from_gptq
 from .lora import LoraLutLinear, add_lora
 from .lutgemm import lutgemm  # the function: lutflash.lutgemm; the module is sys.modules["lutflash.lutgemm"]
 from .nn import LutLinear, quantize_model
@@ -20,5 +22,6 @@ __version__ = "0.1.0"
 built_with_cuda = _C.built_with_cuda()
 
 __all__ = ["BCQWeight", "FORMAT_VERSION", "LoraLutLinear", "LutLinear", "add_lora", "built_with_cuda",
-           "flash_attention", "flash_attention_varlen", "integrations", "lutgemm", "nn",
+           "flash_attention", "flash_attention_varlen", "from_awq", "from_gptq", "integrations",
+           "lutgemm", "nn",
            "patch_model", "quantize", "quantize_model"]

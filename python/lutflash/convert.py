@@ -1,0 +1,181 @@
+"""Published quantized checkpoints as BCQ weights: GPTQ and AWQ, converted exactly.
+
+Both formats store an asymmetric uniform weight W[j, i] = s · (c − zp) with an integer code c,
+an integer zero point zp and a 16-bit scale s per (output row j, group of input columns). That
+is exactly uniform-mode BCQ (docs/FORMAT.md): the bits of c are the planes, α_i = s · 2^(i−1)
+and z = s · ((2^q − 1)/2 − zp). With 16-bit scales, z is exact in float32 metadata (the
+default), so the converted weight dequantizes to the checkpoint's own values bit for bit.
+
+GPTQ (AutoGPTQ, GPTQModel; ``quant_method: "gptq"``):
+
+- ``qweight`` int32 (in_features · bits / 32, out_features): down each column, the codes of
+  input channels 0, 1, 2, … as one little-endian bit stream (bit b of the stream is bit b % 32
+  of word b // 32), ``bits`` bits each; for 2, 4 and 8 bits that is 32 / bits codes per word,
+  for 3 bits codes cross word boundaries (10⅔ per word).
+- ``qzeros`` int32 (groups, out_features · bits / 32): the zero points, packed the same way
+  along each row. ``checkpoint_format="gptq"`` (v1, what AutoGPTQ writes) stores zp − 1, so
+  zp = stored + 1; ``"gptq_v2"`` stores zp.
+- ``scales`` (groups, out_features), ``g_idx`` int32 (in_features,): the group of each input
+  channel. With act-order (``desc_act``) g_idx is not i // group_size; lutflash's groups are
+  contiguous column ranges, so such a checkpoint is refused.
+
+AWQ (llm-awq, AutoAWQ's "GEMM" version; ``quant_method: "awq"``, 4 bits):
+
+- ``qweight`` int32 (in_features, out_features / 8): word c of row i holds the codes of output
+  columns 8c … 8c + 7, nibble p (bits 4p … 4p + 3) holding column 8c + AWQ_ORDER[p].
+- ``qzeros`` int32 (groups, out_features / 8), packed the same way; ``scales`` (groups,
+  out_features). W = (c − zp) · s.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .bcq import META_DTYPES, WORD_K, BCQWeight, check_layout, padded_rows, words_per_row
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # output column (within 8) of nibble p of an AWQ word
+GPTQ_FORMATS = ("gptq", "gptq_v2")
+GPTQ_BITS = (2, 3, 4, 8)
+
+
+def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+              g_idx: torch.Tensor | None = None, *, bits: int, group_size: int | None = None,
+              checkpoint_format: str = "gptq",
+              meta_dtype: torch.dtype = torch.float32) -> BCQWeight:
+    """The BCQ weight (uniform mode) of one GPTQ-packed linear layer.
+
+    bits: 2, 3, 4 or 8. group_size: the checkpoint's (-1 or None: one group per row; it must
+    then be a multiple of 32 or in_features, as for every BCQ weight). The result lives on
+    qweight's device; meta_dtype float32 keeps it exact (float16/bfloat16 round z).
+    """
+    if bits not in GPTQ_BITS:
+        raise ValueError(f"bits: GPTQ packs {GPTQ_BITS} bits, got {bits!r}")
+    if checkpoint_format not in GPTQ_FORMATS:
+        raise ValueError(f"checkpoint_format: expected one of {GPTQ_FORMATS}, got "
+                         f"{checkpoint_format!r}")
+    _check_int32(qweight, "qweight", 2)
+    _check_int32(qzeros, "qzeros", 2)
+    rows, n = qweight.shape
+    if rows * WORD_K % bits:
+        raise ValueError(f"qweight: {rows} rows of 32 bits do not hold whole {bits}-bit codes")
+    k = rows * WORD_K // bits
+    groups, group_size = _groups(scales, k, n, group_size)
+    if tuple(qzeros.shape) != (groups, n * bits // WORD_K) or n * bits % WORD_K:
+        raise ValueError(f"qzeros: expected shape ({groups}, {n} * {bits} / 32) for "
+                         f"{n} output features, got {tuple(qzeros.shape)}")
+    if g_idx is not None:
+        _check_g_idx(g_idx, k, group_size, qweight.device)
+    codes = _unpack_stream(qweight, bits, k).t()                     # (n, k)
+    zeros = _unpack_stream(qzeros.t(), bits, n).t()                  # (groups, n)
+    if checkpoint_format == "gptq":
+        zeros = zeros + 1
+    return _uniform_bcq(codes, zeros.t(), scales.t(), bits, group_size, meta_dtype)
+
+
+def from_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, *,
+             group_size: int, bits: int = 4,
+             meta_dtype: torch.dtype = torch.float32) -> BCQWeight:
+    """The BCQ weight (uniform mode) of one AWQ GEMM-packed linear layer (4 bits)."""
+    if bits != 4:
+        raise ValueError(f"bits: AWQ's GEMM packing holds 4-bit codes, got {bits!r}")
+    _check_int32(qweight, "qweight", 2)
+    _check_int32(qzeros, "qzeros", 2)
+    k, words = qweight.shape
+    n = words * 8
+    groups, group_size = _groups(scales, k, n, group_size)
+    if tuple(qzeros.shape) != (groups, words):
+        raise ValueError(f"qzeros: expected shape ({groups}, {words}), got {tuple(qzeros.shape)}")
+    codes = _unpack_awq(qweight).t()                                 # (n, k)
+    zeros = _unpack_awq(qzeros).t()                                  # (n, groups)
+    return _uniform_bcq(codes, zeros, scales.t(), bits, group_size, meta_dtype)
+
+
+def _check_int32(t, name: str, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.ndim != ndim:
+        got = (f"a {t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor)
+               else type(t).__name__)
+        raise TypeError(f"{name}: expected a {ndim}-D int32 tensor, got {got}")
+
+
+def _groups(scales, k: int, n: int, group_size: int | None) -> tuple[int, int]:
+    """(groups, group size) from scales of shape (groups, n), checked against group_size."""
+    if not isinstance(scales, torch.Tensor) or not scales.is_floating_point() or scales.ndim != 2:
+        got = (f"a {scales.dtype} tensor of shape {tuple(scales.shape)}"
+               if isinstance(scales, torch.Tensor) else type(scales).__name__)
+        raise TypeError(f"scales: expected a 2-D floating-point tensor, got {got}")
+    if scales.shape[1] != n or scales.shape[0] < 1 or k % scales.shape[0]:
+        raise ValueError(f"scales: expected shape (groups, {n}) with groups dividing "
+                         f"in_features = {k}, got {tuple(scales.shape)}")
+    groups = scales.shape[0]
+    if group_size is None or group_size == -1:
+        group_size = k // groups
+    if not isinstance(group_size, int) or group_size * groups != k:
+        raise ValueError(f"group_size: {group_size} does not give the {groups} groups of scales "
+                         f"over in_features = {k}")
+    if group_size != k and group_size % WORD_K:
+        raise ValueError(f"group_size: lutflash's groups are multiples of {WORD_K} columns (or "
+                         f"the whole row), got {group_size}")
+    if not torch.isfinite(scales).all():
+        raise ValueError("scales: expected finite values, found inf or NaN")
+    return groups, group_size
+
+
+def _check_g_idx(g_idx, k: int, group_size: int, device) -> None:
+    if not isinstance(g_idx, torch.Tensor) or g_idx.ndim != 1 or g_idx.numel() != k or \
+            g_idx.is_floating_point():
+        got = (f"a {g_idx.dtype} tensor of shape {tuple(g_idx.shape)}"
+               if isinstance(g_idx, torch.Tensor) else type(g_idx).__name__)
+        raise TypeError(f"g_idx: expected an integer tensor of {k} entries, got {got}")
+    plain = torch.arange(k, device=g_idx.device) // group_size
+    if not torch.equal(g_idx.to(torch.int64), plain):
+        raise ValueError(
+            "g_idx: the checkpoint was quantized with act-order (desc_act): its groups are not "
+            "contiguous ranges of input channels, which lutflash's format needs; convert a "
+            "checkpoint made without act-order, or quantize the full-precision model with "
+            "lutflash.quantize_model")
+
+
+def _unpack_stream(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Codes 0 .. count−1 of each column of `words` (int32, a little-endian bit stream per
+    column), as int64 of shape (count, columns)."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    start = torch.arange(count, device=words.device) * bits
+    index, shift = start // WORD_K, (start % WORD_K)[:, None]
+    value = w[index] >> shift
+    spill = (start % WORD_K + bits > WORD_K)[:, None]  # the code continues in the next word
+    nxt = w[(index + 1).clamp(max=w.shape[0] - 1)] << (WORD_K - shift)
+    return torch.where(spill, value | nxt, value) & ((1 << bits) - 1)
+
+
+def _unpack_awq(words: torch.Tensor) -> torch.Tensor:
+    """AWQ's interleaved nibbles: (rows, cols) int32 words → (rows, 8 · cols) int64 codes."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    shifts = 4 * torch.arange(8, device=words.device)
+    nibbles = (w[..., None] >> shifts) & 0xF                         # (rows, cols, nibble p)
+    column = torch.tensor(AWQ_ORDER, device=words.device).argsort()  # nibble of column c
+    return nibbles[..., column].reshape(words.shape[0], -1)
+
+
+def _uniform_bcq(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: int,
+                 group_size: int, meta_dtype: torch.dtype) -> BCQWeight:
+    """BCQ of W[r, c] = s[r, g] · (codes[r, c] − zeros[r, g]), g = c // group_size."""
+    if meta_dtype not in META_DTYPES:
+        raise TypeError(f"meta_dtype: expected one of {META_DTYPES}, got {meta_dtype}")
+    n, k = codes.shape
+    check_layout(n, k, bits, group_size, "uniform")
+    words, n_pad = words_per_row(k), padded_rows(n)
+    padded = torch.zeros((n_pad, words * WORD_K), dtype=torch.int64, device=codes.device)
+    padded[:n, :k] = codes
+    weights = torch.ones(WORD_K, dtype=torch.int64, device=codes.device) << torch.arange(
+        WORD_K, device=codes.device)
+    planes = torch.empty((words, bits, n_pad), dtype=torch.int32, device=codes.device)
+    for i in range(bits):
+        word = (((padded >> i) & 1).view(n_pad, words, WORD_K) * weights).sum(-1)  # < 2^32
+        planes[:, i, :] = (word - ((word >> 31) << 32)).to(torch.int32).t()  # as signed int32
+    s = scales.to(torch.float64)
+    z = s * ((2 ** bits - 1) / 2 - zeros.to(torch.float64))
+    meta = torch.zeros((k // group_size, 2, n_pad), dtype=torch.float64, device=codes.device)
+    meta[:, 0, :n] = s.t()
+    meta[:, 1, :n] = z.t()
+    return BCQWeight(planes.contiguous(), meta.to(meta_dtype), (n, k), bits, group_size,
+                     "uniform")
