@@ -50,9 +50,8 @@ class LutLinear(nn.Module):
         self.register_buffer("meta", torch.zeros(
             (in_features // group_size, meta_per_group(bits, mode), rows), dtype=dtype,
             device=device))
-        self.register_buffer("layout", torch.tensor(
-            [FORMAT_VERSION, out_features, in_features, bits, group_size, MODES.index(mode)],
-            dtype=torch.int64, device=device))
+        self.register_buffer("layout", torch.tensor(self._expected_layout(), dtype=torch.int64,
+                                                    device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
@@ -124,13 +123,18 @@ class LutLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
+    def _expected_layout(self) -> list[int]:
+        """The layout entries of this module's shape and format (what its buffer must hold)."""
+        return [FORMAT_VERSION, self.out_features, self.in_features, self.bits, self.group_size,
+                MODES.index(self.mode)]
+
     def _check_layout(self, layout: torch.Tensor, prefix: str) -> None:
         check_layout_tensor(layout, f"{prefix}layout")
         values = [int(v) for v in layout.flatten().tolist()]
         if len(values) != 6:
             raise ValueError(f"{prefix}layout: expected 6 entries, got {len(values)}")
         names = ("format version", "out_features", "in_features", "bits", "group_size", "mode")
-        for name, got, want in zip(names, values, self.layout.tolist(), strict=True):
+        for name, got, want in zip(names, values, self._expected_layout(), strict=True):
             if got != want:
                 if name == "format version":
                     raise ValueError(f"{prefix}layout: this lutflash reads BCQ format version "

@@ -318,10 +318,16 @@ def _hook_flash_lazy_imports() -> None:
 
 
 def register() -> None:
-    """Registers attn_implementation="lutflash" with transformers. Idempotent."""
+    """Registers attn_implementation="lutflash" and quant_method "lutflash" (hf_quantizer.py)
+    with transformers. Idempotent."""
     AttentionInterface.register(NAME, lutflash_attention_forward)
     AttentionMaskInterface.register(NAME, flash_attention_mask)
     _hook_flash_lazy_imports()
+    try:
+        from . import hf_quantizer
+    except ImportError:  # transformers 4.x: no weight-conversion API, no quantization_config
+        return
+    hf_quantizer.register()
 
 
 register()
