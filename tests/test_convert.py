@@ -241,3 +241,57 @@ def test_awq_bad_input():
     with pytest.raises(ValueError, match="^scales: "):
         lutflash.from_awq(qweight, torch.zeros(2, 4, dtype=torch.int32), scales[:, :8],
                           group_size=32)
+
+
+def rtn_codes(weight: torch.Tensor, bits: int, group_size: int):
+    """Asymmetric round-to-nearest of an (out, in) weight: codes (in, out), zeros and fp16
+    scales (groups, out), as GPTQ/AWQ checkpoints store them."""
+    n, k = weight.shape
+    w = weight.t().reshape(k // group_size, group_size, n).double()
+    lo, hi = w.amin(1), w.amax(1)
+    scales = ((hi - lo) / (2 ** bits - 1)).clamp_min(1e-6).half()
+    zeros = (-lo / scales.double()).round().clamp(0, 2 ** bits - 1).long()
+    codes = (w / scales.double()[:, None] + zeros[:, None]).round().clamp(0, 2 ** bits - 1)
+    return codes.reshape(k, n).long(), zeros, scales
+
+
+@pytest.mark.parametrize("method,bits", [("gptq", 4), ("gptq", 3), ("awq", 4)])
+def test_load_quantized_state_dict(method, bits):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64)
+    source = transformers.LlamaForCausalLM(config).eval()
+    group = 32
+    reference = transformers.LlamaForCausalLM(config).eval()  # the checkpoint's own weights
+    reference.load_state_dict(source.state_dict())
+    state = dict(source.state_dict())
+    for name, module in source.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name == "lm_head":
+            continue
+        del state[f"{name}.weight"]
+        codes, zeros, scales = rtn_codes(module.weight.detach(), bits, group)
+        if method == "gptq":  # v1: stores zero − 1 (zeros of 0 moved to 1: no wrap-around)
+            zeros = zeros.clamp(min=1)
+            state[f"{name}.qweight"] = gptq_pack_rows(codes, bits)
+            state[f"{name}.qzeros"] = gptq_pack_rows((zeros - 1).t(), bits).t().contiguous()
+            state[f"{name}.g_idx"] = torch.arange(module.in_features, dtype=torch.int32) // group
+        else:
+            state[f"{name}.qweight"] = awq_pack_cols(codes)
+            state[f"{name}.qzeros"] = awq_pack_cols(zeros)
+        state[f"{name}.scales"] = scales
+        with torch.no_grad():
+            reference.get_submodule(name).weight.copy_(
+                source_weight(codes, zeros, scales, group, torch.float64).float())
+    model = transformers.LlamaForCausalLM(config).eval()
+    converted = lutflash.load_quantized_state_dict(
+        model, state, {"quant_method": method, "bits": bits, "group_size": group,
+                       "desc_act": False, "version": "gemm"})
+    assert len(converted) == 14 and all(isinstance(model.get_submodule(n), LutLinear)
+                                        for n in converted)
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="^quantization_config: "):
+        lutflash.load_quantized_state_dict(model, state, {"quant_method": "bnb"})

@@ -11,7 +11,7 @@
 from . import _C, integrations, nn  # integrations registers "lutflash" with transformers, lazily
 from .attention import flash_attention, flash_attention_varlen
 from .bcq import FORMAT_VERSION, BCQWeight, quantize
-from .convert import from_awq, from_gptq
+from .convert import from_awq, from_gptq, load_quantized_state_dict
 from .lora import LoraLutLinear, add_lora
 from .lutgemm import lutgemm  # the function: lutflash.lutgemm; the module is sys.modules["lutflash.lutgemm"]
 from .nn import LutLinear, quantize_model
@@ -23,5 +23,5 @@ built_with_cuda = _C.built_with_cuda()
 
 __all__ = ["BCQWeight", "FORMAT_VERSION", "LoraLutLinear", "LutLinear", "add_lora", "built_with_cuda",
            "flash_attention", "flash_attention_varlen", "from_awq", "from_gptq", "integrations",
-           "lutgemm", "nn",
+           "load_quantized_state_dict", "lutgemm", "nn",
            "patch_model", "quantize", "quantize_model"]

@@ -179,3 +179,62 @@ def _uniform_bcq(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
     meta[:, 1, :n] = z.t()
     return BCQWeight(planes.contiguous(), meta.to(meta_dtype), (n, k), bits, group_size,
                      "uniform")
+
+
+def load_quantized_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
+                              quantization_config: dict) -> list[str]:
+    """Loads a GPTQ or AWQ checkpoint's state_dict into `model` (built from the checkpoint's
+    config, e.g. AutoModelForCausalLM.from_config): every nn.Linear whose `qweight`, `qzeros` and
+    `scales` are in the state_dict becomes a LutLinear holding the exact conversion; the other
+    tensors load as they are (load_state_dict, strict: nothing may be missing or left over).
+
+    quantization_config: the checkpoint's ``quantization_config`` (config.json): quant_method
+    "gptq" (bits, group_size, desc_act, checkpoint_format) or "awq" (bits 4, group_size,
+    version "gemm"). Returns the names of the converted layers.
+    """
+    from .nn import LutLinear  # nn imports this module's users, not the other way round
+
+    if not isinstance(quantization_config, dict):
+        raise TypeError(f"quantization_config: expected a dict (config.json's "
+                        f"quantization_config), got {type(quantization_config).__name__}")
+    method = quantization_config.get("quant_method")
+    if method not in ("gptq", "awq"):
+        raise ValueError(f"quantization_config: quant_method must be 'gptq' or 'awq', got {method!r}")
+    bits, group_size = quantization_config.get("bits"), quantization_config.get("group_size")
+    if method == "awq" and str(quantization_config.get("version", "gemm")).lower() != "gemm":
+        raise ValueError(f"quantization_config: AWQ version "
+                         f"{quantization_config.get('version')!r} is not the GEMM packing")
+    state = dict(state_dict)
+    converted = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, torch.nn.Linear) or f"{name}.qweight" not in state:
+            continue
+        tensors = [state.pop(f"{name}.{key}") for key in ("qweight", "qzeros", "scales")]
+        g_idx = state.pop(f"{name}.g_idx", None)
+        if method == "gptq":
+            qweight = from_gptq(*tensors, g_idx, bits=bits, group_size=group_size,
+                                checkpoint_format=quantization_config.get("checkpoint_format",
+                                                                          "gptq"))
+        else:
+            qweight = from_awq(*tensors, group_size=group_size, bits=bits)
+        if qweight.shape != (module.out_features, module.in_features):
+            raise ValueError(f"{name}.qweight: holds a ({qweight.shape[0]}, {qweight.shape[1]}) "
+                             f"weight, the model's layer is ({module.out_features}, "
+                             f"{module.in_features})")
+        bias = state.pop(f"{name}.bias", None)
+        layer = LutLinear.from_bcq(qweight, bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        converted.append(name)
+    expected = set(model.state_dict())
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    missing = sorted(k for k in expected - set(state) if k not in tied and not any(
+        k.startswith(f"{name}.") for name in converted))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"state_dict: does not match the model: missing {missing[:8]}, "
+                         f"unexpected {unexpected[:8]}")
+    model.load_state_dict(state, strict=False)
+    if tied and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return converted
