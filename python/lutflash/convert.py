@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from .bcq import META_DTYPES, WORD_K, BCQWeight, check_layout, padded_rows, words_per_row
+from .nn import LutLinear
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # output column (within 8) of nibble p of an AWQ word
 GPTQ_FORMATS = ("gptq", "gptq_v2")
@@ -64,7 +65,7 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
         raise ValueError(f"qzeros: expected shape ({groups}, {n} * {bits} / 32) for "
                          f"{n} output features, got {tuple(qzeros.shape)}")
     if g_idx is not None:
-        _check_g_idx(g_idx, k, group_size, qweight.device)
+        _check_g_idx(g_idx, k, group_size)
     codes = _unpack_stream(qweight, bits, k).t()                     # (n, k)
     zeros = _unpack_stream(qzeros.t(), bits, n).t()                  # (groups, n)
     if checkpoint_format == "gptq":
@@ -120,7 +121,7 @@ def _groups(scales, k: int, n: int, group_size: int | None) -> tuple[int, int]:
     return groups, group_size
 
 
-def _check_g_idx(g_idx, k: int, group_size: int, device) -> None:
+def _check_g_idx(g_idx, k: int, group_size: int) -> None:
     if not isinstance(g_idx, torch.Tensor) or g_idx.ndim != 1 or g_idx.numel() != k or \
             g_idx.is_floating_point():
         got = (f"a {g_idx.dtype} tensor of shape {tuple(g_idx.shape)}"
@@ -192,8 +193,6 @@ def load_quantized_state_dict(model: torch.nn.Module, state_dict: dict[str, torc
     "gptq" (bits, group_size, desc_act, checkpoint_format) or "awq" (bits 4, group_size,
     version "gemm"). Returns the names of the converted layers.
     """
-    from .nn import LutLinear  # nn imports this module's users, not the other way round
-
     if not isinstance(quantization_config, dict):
         raise TypeError(f"quantization_config: expected a dict (config.json's "
                         f"quantization_config), got {type(quantization_config).__name__}")

@@ -32,7 +32,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..bcq import METHODS, MODES, check_layout, quantize
+from ..bcq import METHODS, MODES, quantize
 from ..nn import LutLinear
 
 NAME = "lutflash"
@@ -136,11 +136,8 @@ class LutflashHfQuantizer(HfQuantizer):
             if not isinstance(module, torch.nn.Linear) or \
                     not should_convert_module(name, self.modules_to_not_convert):
                 continue
-            group_size = module.in_features if config.group_size in (None, -1) else config.group_size
-            check_layout(module.out_features, module.in_features, config.bits, group_size,
-                         config.mode)
             layer = LutLinear(module.in_features, module.out_features, module.bias is not None,
-                              bits=config.bits, group_size=group_size, mode=config.mode,
+                              bits=config.bits, group_size=config.group_size, mode=config.mode,
                               device=module.weight.device, dtype=_META_DTYPES[config.meta_dtype])
             if not self.pre_quantized:  # the checkpoint's weight key must exist to be loaded:
                 # a placeholder that the quantize op replaces with the packed buffers
@@ -156,7 +153,7 @@ class LutflashHfQuantizer(HfQuantizer):
                     raise ValueError(f"{name}.weight: the checkpoint holds no weight for this "
                                      f"layer, so it could not be quantized")
                 module._check_layout(module.layout, f"{name}.")
-                module.qweight.validate()
+                _ = module.qweight  # building the BCQWeight checks the buffers' shapes and dtypes
         return model
 
 
