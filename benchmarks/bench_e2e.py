@@ -1,8 +1,21 @@
-"""End-to-end decode benchmark: a small Llama-shaped decoder generating tokens with a KV cache.
+"""End-to-end decode benchmarks, in sections (--section; JSON schemas below).
 
-    python benchmarks/bench_e2e.py --device cpu                  # ~1B shape, 16 layers (~2 min)
-    python benchmarks/bench_e2e.py --device cpu --quick          # 2 layers, smoke run (~20 s)
+    python benchmarks/bench_e2e.py --device cpu                  # hf: ~1B shape, 16 layers (~2 min)
+    python benchmarks/bench_e2e.py --device cpu --quick          # hf: 2 layers, smoke run (~20 s)
     python benchmarks/bench_e2e.py --device cpu --json e2e.json
+    python benchmarks/bench_e2e.py --device cuda --json results/e2e_cuda.json    # step + opt175b
+    python benchmarks/bench_e2e.py --device cuda --quick --json /tmp/e2e_quick.json  # < 1 min
+    python benchmarks/bench_e2e.py --device cpu --section step opt175b --quick   # CPU smoke run
+
+Sections "step" and "opt175b" (the default with --device cuda) are e2e_step.py's, which
+describes them: a hand-written, CUDA-graph capturable Llama-2-7B-shaped decode step at batch 1
+and 8, context 1024, eager and graph replay, fp16 nn.Linear + SDPA, torch's int4 kernel + SDPA,
+lutflash 3- and 4-bit + lutflash attention, against the floor (bytes a step reads / the copy
+rate measured in the same run); and the OPT-175B-shaped 3-bit stack on one GPU. They print a
+table, the checks and the issue's targets (met / missed), and write the JSON and a PNG plot
+(--plot, default next to the JSON; skipped with a message where matplotlib is missing).
+
+Section "hf" (the default on the CPU), described from here to the JSON schema:
 
 The model is transformers' LlamaForCausalLM built from a LlamaConfig with random weights (speed
 does not depend on the values): by default the body of Llama-3.2-1B (hidden 2048, 16 layers,
@@ -32,11 +45,12 @@ over the time per token: the bandwidth the step implies, whatever bounds it.
 
 Target (end-to-end CPU decode issue): the 3-bit model decodes ≥ 4× faster than fp32.
 
---device cuda: the model building, the swap and the step timing are written device-agnostic
-(the step synchronizes the device), but only the CPU path has been run; a GPU section
-(CUDA graphs, fp16 peers, larger models) is still to be written and measured.
+--device cuda --section hf: the model building, the swap and the step timing are written
+device-agnostic (the step synchronizes the device); one eager run is in RESULTS.md. The GPU
+measurements proper (CUDA graphs, fp16 and int4 peers, the 7B and 175B shapes) are the step
+and opt175b sections.
 
-JSON (--json):
+JSON of section hf (--json):
     {"meta": {environment(), "quick": bool, "model": {LlamaConfig fields}, "params": int,
               "prompt_tokens": int, "warmup": int, "steps": int, "group_size": 128,
               "mode": "uniform", "seconds": float, "load_average": float (1 min, before)},
@@ -48,6 +62,30 @@ JSON (--json):
                "weight_gb_per_s": float, "x_fp32": float|null, "x_bf16": float|null}],
      "checks": [{"label": str, "rel_err": float}]}   # first decode step's logits, lutflash
                                                      # attention against sdpa, same weights
+
+JSON of sections step and opt175b (--json; each section's key only when it ran):
+    {"meta": {environment(), "quick": bool, "sections": [str], "copy_bandwidth_bytes_per_s":
+              float (bytes read + written), "batches": [int], "steps": int (eager, timed),
+              "warmup": int, "graph_runs": int, "graph_replays": int, "opt_steps": int,
+              "group_size": 128, "mode": "uniform", "seconds": float},
+     "step": {"model": {"layers", "hidden", "mlp", "heads", "head_dim", "vocab": int},
+              "context": int,
+              "rows": [{"variant": "fp16"|"int4"|"lutflash 3b"|"lutflash 4b", "batch": int,
+                        "mode": "eager"|"graph", "ms_per_step": float|null,
+                        "error": str|null (why there is no time), "weight_bytes": int,
+                        "kv_bytes": int, "bytes_per_step": int, "floor_ms": float,
+                        "x_fp16": float|null (fp16's ms / this ms, same batch and mode),
+                        "x_floor": float|null (this ms / floor)}],
+                       # rows with an error may lack the byte and ratio fields
+              "checks": [{"variant": str, "batch": int,
+                          "check": "float32 model"|"graph vs eager", "rel_err": float}],
+              "targets": [{"target": str, "value": float|null, "bound": float,
+                           "met": bool|null (null: not measured)}]},
+     "opt175b": {"layers", "hidden", "mlp", "bits": int, "weight_bytes": int,
+                 "floor_ms": float, "eager_ms": float|null, "graph_ms": float|null (one pass
+                 over all layers), "error": str|null ("not run: needs X GB ..." included),
+                 "checks": [{"projection": "qkv"|"o"|"fc1"|"fc2", "rel_err": float}],
+                 "targets": [as above]}}
 """
 
 from __future__ import annotations
@@ -260,33 +298,97 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--section", nargs="+", choices=["hf", "step", "opt175b"],
+                        help="hf: the Hugging Face decode above (default on the CPU); step and "
+                        "opt175b: e2e_step.py's sections (default on CUDA: both)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"{QUICK_LAYERS} layers, {QUICK_STEPS} steps, {QUICK_WARMUP} "
-                        "warm-up steps (explicit --layers/--steps/--warmup still win)")
-    parser.add_argument("--layers", type=int, help=f"default {MODEL['num_hidden_layers']}")
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--steps", type=int, help="timed decode steps (default 48)")
-    parser.add_argument("--warmup", type=int, help="untimed decode steps first (default 6)")
-    parser.add_argument("--bits", type=int, nargs="*", default=[2, 3, 4])
+                        help=f"hf: {QUICK_LAYERS} layers, {QUICK_STEPS} steps, {QUICK_WARMUP} "
+                        "warm-up steps (explicit --layers/--steps/--warmup still win); step: "
+                        "4 layers (CUDA) or a 2-layer hidden-256 model (CPU), 10 steps, 3 graph "
+                        "runs; opt175b: 8 layers (CUDA) or 2 of hidden 256 (CPU)")
+    parser.add_argument("--layers", type=int, help=f"hf: default {MODEL['num_hidden_layers']}; "
+                        "step: default 32")
+    parser.add_argument("--prompt-tokens", type=int, default=128, help="hf only")
+    parser.add_argument("--steps", type=int,
+                        help="timed decode steps (hf: default 48; step: eager steps, default 50)")
+    parser.add_argument("--warmup", type=int,
+                        help="untimed decode steps first (hf: default 6; step: default 5)")
+    parser.add_argument("--bits", type=int, nargs="*",
+                        help="lutflash bits (hf: default 2 3 4; step: default 3 4)")
     parser.add_argument("--attn", nargs="+", choices=["sdpa", "lutflash"],
-                        default=["sdpa", "lutflash"], help="attention of the lutflash rows")
+                        default=["sdpa", "lutflash"], help="hf: attention of the lutflash rows")
     parser.add_argument("--lm-head", nargs="+", choices=["dense", "lut"], default=["dense", "lut"],
-                        help="lm_head of the lutflash rows: dense bf16 nn.Linear or LutLinear")
+                        help="hf: lm_head of the lutflash rows: dense bf16 nn.Linear or LutLinear")
     parser.add_argument("--baselines", nargs="*", choices=["fp32", "bf16"],
-                        default=["fp32", "bf16"])
+                        default=["fp32", "bf16"], help="hf only")
     parser.add_argument("--threads", type=int,
                         help="torch threads (default: every core this process may run on)")
     parser.add_argument("--fuse", nargs="+", choices=["no", "yes"], default=["no"],
-                        help="lutflash runs with q/k/v and gate/up unfused, fused "
+                        help="hf: lutflash runs with q/k/v and gate/up unfused, fused "
                              "(lutflash.nn.fuse_lut_linears) or both")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="step only")
+    parser.add_argument("--context", type=int, default=1024,
+                        help="step: KV cache positions attended by each step")
+    parser.add_argument("--variants", nargs="+", choices=["fp16", "int4", "lutflash"],
+                        default=["fp16", "int4", "lutflash"], help="step only")
+    parser.add_argument("--graph-runs", type=int,
+                        help="step: timed runs of --graph-replays replays (default 10)")
+    parser.add_argument("--graph-replays", type=int, default=20, help="step only")
+    parser.add_argument("--opt-layers", type=int,
+                        help="opt175b: layers of the stack (default 96; 0 skips the section)")
+    parser.add_argument("--opt-steps", type=int,
+                        help="opt175b: timed eager passes and graph runs of 2 replays (default 10)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path,
+                        help="step/opt175b: PNG path (default: the --json path with .png)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.exit(1, "--device cuda: no GPU visible to torch\n")
+    args.section = args.section or (["hf"] if args.device == "cpu" else ["step", "opt175b"])
+    if "hf" in args.section and len(args.section) > 1:
+        parser.error("--section hf writes its own JSON: run it apart from step and opt175b")
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    if args.section == ["hf"]:
+        main_hf(args)
+    else:
+        main_step(args)
+
+
+def main_step(args) -> None:
+    import e2e_step
+
+    quick = args.quick
+    args.bits = args.bits if args.bits is not None else [3, 4]
+    args.steps = args.steps or (10 if quick else 50)
+    args.warmup = args.warmup if args.warmup is not None else (3 if quick else 5)
+    args.graph_runs = args.graph_runs or (3 if quick else 10)
+    args.opt_steps = args.opt_steps or (3 if quick else 10)
+    device = torch.device(args.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        data = e2e_step.run(args, device)
+    elapsed = time.perf_counter() - start
+    print(f"total {elapsed:.0f} s, lutflash {lutflash.__version__}")
+    meta = environment(args.device)
+    meta.update(quick=quick, sections=args.section,
+                copy_bandwidth_bytes_per_s=data.pop("copy_bandwidth_bytes_per_s"),
+                batches=args.batch, steps=args.steps, warmup=args.warmup,
+                graph_runs=args.graph_runs, graph_replays=args.graph_replays,
+                opt_steps=args.opt_steps, group_size=e2e_step.GROUP_SIZE, mode=e2e_step.MODE,
+                seconds=elapsed)
+    data = {"meta": meta, **data}
+    if args.json:
+        write_json(args.json, data)
+    plot = args.plot or (args.json.with_suffix(".png") if args.json else None)
+    if plot:
+        e2e_step.plot(data, plot, args.device)
+
+
+def main_hf(args) -> None:
+    args.bits = args.bits if args.bits is not None else [2, 3, 4]
     args.layers = args.layers or (QUICK_LAYERS if args.quick else MODEL["num_hidden_layers"])
     args.steps = args.steps or (QUICK_STEPS if args.quick else 48)
     args.warmup = args.warmup if args.warmup is not None else (QUICK_WARMUP if args.quick else 6)
-    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     device = torch.device(args.device)
     if device.type == "cuda":
         print("--device cuda: device-agnostic code, not yet run on a GPU; check the numbers")
