@@ -241,10 +241,12 @@ class FusedLutLinear(nn.Module):
         self._pending: list | None = None  # [input, its version, outputs not yet handed out]
 
     def part_output(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # traced: no Python state (nor is_inference())
+            return self.fused(x).split(self.splits, dim=-1)[index]
         pending = self._pending
         version = _version(x)
         if (pending is None or pending[0] is not x or pending[1] != version
-                or pending[2][index] is None or torch.compiler.is_compiling()):
+                or pending[2][index] is None):
             outputs = list(self.fused(x).split(self.splits, dim=-1))
             pending = self._pending = [x, version, outputs]
         out, pending[2][index] = pending[2][index], None

@@ -34,13 +34,14 @@ import weakref
 import torch
 import torch.nn.functional as F
 from transformers import modeling_flash_attention_utils as _hf_flash_utils
-from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+from transformers.masking_utils import (AttentionMaskInterface, causal_mask_function,
+                                        flash_attention_mask)
 from transformers.modeling_utils import AttentionInterface
 from transformers.utils import logging
 
 from ..attention import flash_attention, flash_attention_varlen
 
-__all__ = ["NAME", "lutflash_attention_forward", "register"]
+__all__ = ["NAME", "lutflash_attention_forward", "lutflash_attention_mask", "register"]
 
 NAME = "lutflash"
 
@@ -120,7 +121,10 @@ def lutflash_attention_forward(
         raise ValueError(f"value head dim {value_dim} is larger than the query/key head dim "
                          f"{head_dim}; lutflash needs value_dim <= head_dim")
 
-    if attention_mask is not None:
+    prefix_lengths = _prefix_lengths(attention_mask, k.shape[1])
+    if prefix_lengths is not None:
+        out = _attention_prefix(q, k, v, prefix_lengths, options)
+    elif attention_mask is not None:
         out = _attention_padded(q, k, v, attention_mask, options)
     else:
         segments = _packed_segments(q, k, kwargs)
@@ -198,6 +202,81 @@ def _unpad_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]
     indices = torch.nonzero(mask.flatten()).flatten()
     cu_seqlens = F.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
     return indices, cu_seqlens, int(lengths.max())
+
+
+# Static caches (StaticCache: the k/v tensors are always max_cache_len long, and only the first
+# L = (tokens cached before) + Sq are real). When the model passes no 2-D attention mask, the mask
+# transformers asks "lutflash" for (lutflash_attention_mask) is exactly "the first L keys of every
+# sequence", with L known on the device only (a tensor, so that a step can be captured in a CUDA
+# graph or compiled). That mask is remembered here (a weak reference to the mask tensor and its
+# lengths) so that the attention function recognizes it by identity and attends to the first L
+# keys without reading L on the host: _attention_prefix. Every other mask takes the unpadding path,
+# which reads lengths on the host (a synchronization on a GPU).
+_prefix_mask: tuple | None = None
+
+
+def lutflash_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
+                            kv_offset=0, mask_function=causal_mask_function,
+                            attention_mask: torch.Tensor | None = None, **kwargs):
+    """The mask builder registered for "lutflash" in transformers' AttentionMaskInterface.
+
+    transformers' own flash-attention mask (a (B, kv_length) padding mask, or None when nothing is
+    padded), except for a causal layer of a static cache with no padding mask (attention_mask
+    None and keys beyond the ones seen so far: kv_length > q_offset + q_length, or a tensor
+    q_offset, which StaticCache's layers give): then a (B, kv_length) boolean mask whose first
+    q_offset + q_length columns are True, built on the device without reading q_offset, and
+    marked as a prefix mask for lutflash_attention_forward.
+    """
+    static = (isinstance(q_offset, torch.Tensor)
+              or (isinstance(q_offset, int) and q_offset + q_length < kv_length))
+    if (attention_mask is None and static and mask_function is causal_mask_function
+            and isinstance(kv_offset, int) and kv_offset == 0):
+        global _prefix_mask
+        device = q_offset.device if isinstance(q_offset, torch.Tensor) else kwargs.get("device")
+        lengths = (torch.as_tensor(q_offset, device=device).to(torch.int32) + q_length)
+        lengths = lengths.reshape(-1).expand(batch_size)
+        mask = torch.arange(kv_length, device=lengths.device)[None, :] < lengths[:, None]
+        _prefix_mask = (weakref.ref(mask), lengths)
+        return mask
+    return flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
+                                mask_function, attention_mask, **kwargs)
+
+
+def _prefix_lengths(mask, k_len: int) -> torch.Tensor | None:
+    """The per-sequence key lengths (B,) int32 when `mask` is the prefix mask
+    lutflash_attention_mask built last and covers all k_len keys; None otherwise."""
+    remembered = _prefix_mask
+    if (mask is None or remembered is None or remembered[0]() is not mask or mask.dim() != 2
+            or mask.shape[1] != k_len):
+        return None
+    return remembered[1]
+
+
+def _attention_prefix(q, k, v, lengths, options):
+    """Attention of q (B, Sq, Hq, D) to the first lengths[b] keys of k and v (B, Sk, Hkv, D),
+    the queries being the last Sq of those keys, with no host synchronization (CUDA-graph
+    capturable): one varlen call in which every (sequence, kv head) pair is a sequence of one kv
+    head and Hq / Hkv query heads, followed by a sequence without queries that holds the unused
+    end of the cache. The k/v cache tensors of transformers are (B, Hkv, Sk, D) and contiguous,
+    so the keys are taken as they lie (a view); only q (Sq rows) is copied."""
+    batch, q_len, q_heads, head_dim = q.shape
+    k_len, kv_heads = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    count = batch * kv_heads
+    device = q.device
+    keys = k.transpose(1, 2).reshape(count * k_len, 1, k.shape[-1])
+    values = v.transpose(1, 2).reshape(count * k_len, 1, v.shape[-1])
+    queries = q.reshape(batch, q_len, kv_heads, group, head_dim).transpose(1, 2)
+    queries = queries.reshape(count * q_len, group, head_dim)
+    ends = torch.arange(1, count + 1, dtype=torch.int32, device=device)
+    seq_lengths = lengths.to(device=device, dtype=torch.int32)[:, None].expand(batch, kv_heads)
+    zero = torch.zeros(1, dtype=torch.int32, device=device)
+    cu_q = torch.cat((zero, torch.stack((ends * q_len, ends * q_len), 1).reshape(-1)))
+    real_end = (ends - 1) * k_len + seq_lengths.reshape(-1)
+    cu_k = torch.cat((zero, torch.stack((real_end, ends * k_len), 1).reshape(-1)))
+    out = flash_attention_varlen(queries, keys, values, cu_q, cu_k, q_len, k_len, **options)
+    out = out.reshape(batch, kv_heads, q_len, group, out.shape[-1]).transpose(1, 2)
+    return out.reshape(batch, q_len, q_heads, out.shape[-1])
 
 
 def _attention_padded(q, k, v, mask, options):
@@ -321,7 +400,7 @@ def register() -> None:
     """Registers attn_implementation="lutflash" and quant_method "lutflash" (hf_quantizer.py)
     with transformers. Idempotent."""
     AttentionInterface.register(NAME, lutflash_attention_forward)
-    AttentionMaskInterface.register(NAME, flash_attention_mask)
+    AttentionMaskInterface.register(NAME, lutflash_attention_mask)
     _hook_flash_lazy_imports()
     try:
         from . import hf_quantizer
