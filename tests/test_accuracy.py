@@ -26,8 +26,11 @@ def test_calibrated_at_least_as_good_as_data_free(accuracy_rows, bits):
     gptq = accuracy_rows[f"{bits}-bit gptq"]["ppl"]
     for data_free in ("rtn", "alternating"):
         assert gptq <= accuracy_rows[f"{bits}-bit {data_free}"]["ppl"], data_free
-    if bits == 3:
+    if bits == 3:  # and each calibrated variant beats its own data-free quantizer
         assert accuracy_rows["3-bit gptq uniform"]["ppl"] <= accuracy_rows["3-bit rtn"]["ppl"]
+        assert accuracy_rows["3-bit rtn + awq"]["ppl"] <= accuracy_rows["3-bit rtn"]["ppl"]
+        for data_free in ("rtn", "alternating"):
+            assert accuracy_rows["3-bit gptq + awq"]["ppl"] <= accuracy_rows[f"3-bit {data_free}"]["ppl"]
 
 
 @pytest.mark.slow

@@ -325,3 +325,114 @@ def test_calibration_refuses_models_without_decoder_layers():
         lutflash.quantize_model(model, 3, 32, "gptq", calibration=[torch.zeros(1, 4, dtype=torch.long)])
     with pytest.raises(ValueError, match="calibration"):
         lutflash.patch_model(tiny_llama(), attention=False, calibration=[torch.zeros(1, 4)])
+
+
+def test_calibrated_bfloat16_model_and_other_layouts():
+    import transformers
+
+    model = tiny_llama().to(torch.bfloat16)
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(2))
+    names = lutflash.quantize_model(model, 3, 32, "gptq", calibration=[ids], progress=False)
+    assert len(names) == 15 and model.model.layers[1].mlp.down_proj.meta.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits.float()).all()
+    torch.manual_seed(0)
+    opt = transformers.OPTForCausalLM(transformers.OPTConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128, vocab_size=96,
+        word_embed_proj_dim=64, max_position_embeddings=64)).eval()
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    names = lutflash.quantize_model(opt, 3, 32, "gptq", calibration=[batch], progress=False)
+    assert len(names) == 2 * 6 + 1 and names[0].startswith("model.decoder.layers.0.")
+
+
+# AWQ-style scale search.
+
+def outlier_llama():
+    """A tiny Llama whose norms give a few channels large activations (as trained LLMs have)."""
+    model = tiny_llama()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[:3] = 20.0
+            layer.post_attention_layernorm.weight[5:7] = 15.0
+    return model
+
+
+def test_awq_folding_keeps_the_full_precision_function():
+    from lutflash.gptq import _hidden_of, awq_layer
+
+    model = outlier_llama()
+    ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = model(ids).logits
+    captured = []
+    layer = model.model.layers[0]
+    handle = layer.register_forward_pre_hook(lambda m, a, k: captured.append((a, k)),
+                                             with_kwargs=True)
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    before = layer.input_layernorm.weight.clone()
+    folded = awq_layer(layer, captured, 3, 32)
+    assert "input_layernorm" in folded  # the outlier channels get scaled
+    assert not torch.equal(before, layer.input_layernorm.weight)
+    with torch.no_grad():
+        out = model(ids).logits
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+        assert _hidden_of((out,)) is out
+
+
+def test_awq_search_never_loses_on_its_inputs():
+    from lutflash.gptq import _awq_search
+
+    weight, x = weight_and_inputs(k=128)
+    linear = nn.Linear(128, 64, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(weight[:, :128])
+    for method in ("rtn", "alternating"):
+        scale = _awq_search(x, [linear], 3, 32, method)
+
+        def err(s, method=method):
+            q = lutflash.quantize(linear.weight * s, 3, 32, method).dequantize() / s
+            return (x @ (q - linear.weight).t()).square().sum().item()
+
+        assert err(scale) <= err(torch.ones(128)) and not torch.equal(scale, torch.ones(128))
+
+
+def test_awq_leaves_a_norm_that_is_not_a_channel_product():
+    from lutflash.gptq import _scale_output
+
+    class OnePlusNorm(nn.Module):  # Gemma's RMSNorm: x̂ · (1 + weight)
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(32))
+
+        def forward(self, x):
+            return x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * (1 + self.weight)
+
+    norm = OnePlusNorm()
+    before = norm.weight.detach().clone()
+    with torch.no_grad():
+        assert not _scale_output(norm, torch.rand(32) + 0.5, 32)
+        assert _scale_output(nn.LayerNorm(32), torch.rand(32) + 0.5, 32)
+    assert torch.equal(norm.weight, before)
+
+
+def test_quantize_model_with_awq():
+    model = outlier_llama()
+    calibration = calibration_batches()
+    ids = calibration[0]
+    with torch.no_grad():
+        ref = model(ids).logits
+    errors = {}
+    for awq in (False, True):
+        copied = copy.deepcopy(model)
+        names = lutflash.quantize_model(copied, 3, 32, "rtn", skip=("lm_head",), progress=False,
+                                        calibration=calibration if awq else None, awq=awq)
+        assert len(names) == 14
+        with torch.no_grad():
+            errors[awq] = (copied(ids).logits - ref).square().mean().item()
+    assert errors[True] < errors[False]
+    with pytest.raises(TypeError, match="awq"):
+        lutflash.quantize_model(copy.deepcopy(model), 3, 32, "rtn", awq="yes")
+    with pytest.raises(ValueError, match="calibration"):
+        lutflash.quantize_model(copy.deepcopy(model), 3, 32, "rtn", awq=True)

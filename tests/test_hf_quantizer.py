@@ -149,6 +149,7 @@ def test_truncated_file_refused(fp_folder, tmp_path):
                                          (dict(method="gptq", calibration=[torch.zeros(1, 2, 4, dtype=torch.long)]),
                                           r"calibration\[0\]"),
                                          (dict(method="gptq", damp=-1), "damp"),
+                                         (dict(awq=1), "awq"),
                                          (dict(mode="ternary"), "mode"),
                                          (dict(meta_dtype="float64"), "meta_dtype"),
                                          (dict(group_size=0), "group_size")])
@@ -209,3 +210,17 @@ def test_gptq_on_load_with_calibration(fp_folder, tmp_path):
 def test_gptq_on_load_needs_calibration(fp_folder):
     with pytest.raises(ValueError, match="^calibration: "):
         load(fp_folder[0], quantization_config=LutflashConfig(bits=3, group_size=64, method="gptq"))
+
+
+def test_awq_on_load_equals_quantize_model(fp_folder):
+    folder, _ = fp_folder
+    ids = torch.randint(0, CONFIG["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(4))
+    config = LutflashConfig(bits=3, group_size=64, method="rtn", awq=True, calibration=[ids],
+                            modules_to_not_convert=["lm_head"])
+    model = load(folder, quantization_config=config)
+    reference = load(folder)
+    names = lutflash.quantize_model(reference, 3, 64, "rtn", skip=("lm_head",), progress=False,
+                                    calibration=[ids], awq=True)
+    for name in names:
+        assert torch.equal(model.get_submodule(name).planes, reference.get_submodule(name).planes)
+    assert torch.equal(logits(model), logits(reference))

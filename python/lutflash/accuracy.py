@@ -5,7 +5,7 @@ A character-level Llama (transformers.LlamaForCausalLM, hidden 128, 2 layers) is
 few hundred steps on the first 90% of a text (tests/data/corpus.txt), then copies of it are
 quantized (every Linear of the decoder layers; the embedding and lm_head stay in float32) and
 the perplexity per character of each copy is measured on the held-out last 10%. Calibrated
-variants (method "gptq") take their calibration sequences from the training part.
+variants (method "gptq", awq=True) take their calibration sequences from the training part.
 """
 
 from __future__ import annotations
@@ -20,12 +20,17 @@ import torch
 
 CORPUS = Path(__file__).resolve().parents[2] / "tests" / "data" / "corpus.txt"
 
-# (label, bits, method, mode) in the table's order; None bits = the float32 model
-VARIANTS = (("fp32", None, None, None),
-            ("4-bit rtn", 4, "rtn", "uniform"), ("4-bit alternating", 4, "alternating", "general"),
-            ("4-bit gptq", 4, "gptq", "general"),
-            ("3-bit rtn", 3, "rtn", "uniform"), ("3-bit alternating", 3, "alternating", "general"),
-            ("3-bit gptq", 3, "gptq", "general"), ("3-bit gptq uniform", 3, "gptq", "uniform"))
+# (label, bits, method, mode, awq) in the table's order; None bits = the float32 model
+VARIANTS = (("fp32", None, None, None, False),
+            ("4-bit rtn", 4, "rtn", "uniform", False),
+            ("4-bit alternating", 4, "alternating", "general", False),
+            ("4-bit gptq", 4, "gptq", "general", False),
+            ("3-bit rtn", 3, "rtn", "uniform", False),
+            ("3-bit alternating", 3, "alternating", "general", False),
+            ("3-bit gptq", 3, "gptq", "general", False),
+            ("3-bit gptq uniform", 3, "gptq", "uniform", False),
+            ("3-bit rtn + awq", 3, "rtn", "uniform", True),
+            ("3-bit gptq + awq", 3, "gptq", "general", True))
 
 
 @dataclass
@@ -126,30 +131,33 @@ def calibration_batches(train_ids: torch.Tensor, setup: Setup) -> list[torch.Ten
     return list(ids.split(8))
 
 
-def quantized_copy(model, bits: int, method: str, mode: str, setup: Setup, calibration):
+def quantized_copy(model, bits: int, method: str, mode: str, setup: Setup, calibration,
+                   awq: bool = False):
     """A copy of `model` with every decoder Linear quantized (lm_head kept)."""
     from .nn import quantize_model
 
     copied = copy.deepcopy(model)
+    calibrated = method == "gptq" or awq
     quantize_model(copied, bits, setup.group_size, method, mode=mode, skip=("lm_head",),
-                   progress=False, calibration=calibration if method == "gptq" else None)
+                   progress=False, calibration=calibration if calibrated else None, awq=awq)
     return copied
 
 
 def evaluate(model, train_ids, heldout_ids, setup: Setup) -> list[dict]:
-    """One row per variant: {"variant", "bits", "method", "mode", "ppl", "gap",
+    """One row per variant: {"variant", "bits", "method", "mode", "awq", "ppl", "gap",
     "seconds"} where gap is ppl / fp32 ppl − 1 and seconds the quantization time."""
     calibration = calibration_batches(train_ids, setup)
     rows = []
     base = None
-    for label, bits, method, mode in setup.variants:
+    for label, bits, method, mode, awq in setup.variants:
         start = time.perf_counter()
         quantized = model if bits is None else quantized_copy(model, bits, method, mode, setup,
-                                                              calibration)
+                                                              calibration, awq)
         seconds = time.perf_counter() - start
         ppl = perplexity(quantized, heldout_ids, setup.seq, setup.eval_chars)
         base = ppl if bits is None else base
-        rows.append({"variant": label, "bits": bits, "method": method, "mode": mode, "ppl": ppl,
+        rows.append({"variant": label, "bits": bits, "method": method, "mode": mode, "awq": awq,
+                     "ppl": ppl,
                      "gap": ppl / base - 1.0, "seconds": seconds if bits else 0.0})
     return rows
 

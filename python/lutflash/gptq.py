@@ -396,7 +396,8 @@ def _hidden_of(output):
 
 @torch.no_grad()
 def quantize_model_calibrated(model: nn.Module, targets: list[tuple[str, nn.Linear]],
-                              calibration: list, make_layer: Callable, progress: bool) -> list[str]:
+                              calibration: list, make_layer: Callable, progress: bool,
+                              awq: tuple | None = None) -> list[str]:
     """Sequential GPTQ of `targets` (name, nn.Linear) of `model`.
 
     The inputs of the first decoder layer are captured for every calibration batch (a hook
@@ -406,7 +407,10 @@ def quantize_model_calibrated(model: nn.Module, targets: list[tuple[str, nn.Line
     layer runs on all batches, are quantized by ``make_layer(name, linear, hessian)`` (which
     returns the LutLinear) and replaced; the now-quantized layer runs again to give the next
     layer its inputs. Every Linear is thus calibrated on the inputs it gets in the final
-    model, everything before it already quantized. Target Linears outside
+    model, everything before it already quantized. With awq = (bits, group_size, search
+    method), each layer
+    first gets the AWQ-style scale search (:func:`awq_layer`) on its calibration inputs. Target
+    Linears outside
     the decoder layers (e.g. an untied lm_head) are calibrated last, on one forward pass of
     the whole quantized model. Returns the names of the replaced modules.
     """
@@ -477,6 +481,8 @@ def quantize_model_calibrated(model: nn.Module, targets: list[tuple[str, nn.Line
             def run_layer(layer=layer):
                 return [_hidden_of(layer(*args, **kwargs)) for args, kwargs in captured]
 
+            if awq is not None and index in by_layer:
+                awq_layer(layer, captured, *awq)
             for stage in _stages(layer, by_layer.get(index, []), captured[0]):
                 quantize_group(stage, run_layer)
             outputs = run_layer()
@@ -523,6 +529,131 @@ def _stages(layer: nn.Module, items: list, call) -> list[list]:
             stages.append([(name, by_name[name])])
     missing = [(name, linear) for name, linear in items if name not in order]
     return stages + ([missing] if missing else [])
+
+
+# AWQ-style scale search (Lin et al., MLSys 2024): for a group of Linear layers reading one
+# input that a preceding module produces by a per-channel product (a norm's weight, or the rows
+# of a Linear), scale the input channels down by s and the Linear layers' columns up by s: the
+# full-precision function is unchanged, while the channels that carry large activations get
+# finer quantization. s = mean|x|^a (normalized), with a picked on a grid to minimize the
+# layers' output error on the calibration inputs after round-to-nearest quantization.
+
+# (preceding module, the Linear layers it feeds), as names inside a decoder layer
+AWQ_PAIRS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+             ("self_attn.v_proj", ("self_attn.o_proj",)),
+             ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+             ("mlp.up_proj", ("mlp.down_proj",)),
+             ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+             ("self_attn.v_proj", ("self_attn.out_proj",)),
+             ("final_layer_norm", ("fc1",)))
+AWQ_GRID = 20
+
+
+def _get(module: nn.Module, name: str):
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _scale_output(module: nn.Module, scale: torch.Tensor, probe_width: int) -> bool:
+    """Divides `module`'s output channels by `scale` in place if that is exact for it (an
+    nn.Linear's rows and bias, or a norm whose output is weight·normalized (+ bias), checked on
+    a probe); returns False, leaving the module as it was, otherwise."""
+    if isinstance(module, nn.Linear):
+        if module.out_features != scale.numel():
+            return False
+        module.weight.div_(scale.to(module.weight.dtype).unsqueeze(1))
+        if module.bias is not None:
+            module.bias.div_(scale.to(module.bias.dtype))
+        return True
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (scale.numel(),):
+        return False
+    bias = getattr(module, "bias", None)
+    probe = torch.randn(4, probe_width, generator=torch.Generator().manual_seed(0)).to(
+        device=weight.device, dtype=weight.dtype)
+    before = module(probe).float()
+    saved = (weight.detach().clone(), bias.detach().clone() if isinstance(bias, torch.Tensor) else None)
+    weight.div_(scale.to(weight.dtype))
+    if isinstance(bias, torch.Tensor):
+        bias.div_(scale.to(bias.dtype))
+    after = module(probe).float()
+    want = before / scale.float().to(before.device)
+    tolerance = 1e-2 if weight.dtype in (torch.float16, torch.bfloat16) else 1e-4
+    if ((after - want).norm() / want.norm().clamp_min(1e-30)).item() > tolerance:
+        weight.copy_(saved[0])  # e.g. Gemma's (1 + weight) norm: not a per-channel product
+        if saved[1] is not None:
+            bias.copy_(saved[1])
+        return False
+    return True
+
+
+def _awq_search(x: torch.Tensor, linears: list[nn.Linear], bits: int, group_size,
+                method: str) -> torch.Tensor:
+    """The input scales s (in_features,) minimizing Σ ||x Wᵀ − (x/s) Q(W·s)ᵀ||² over the grid
+    s = mean|x|^(i/AWQ_GRID), i = 0 (no scaling) .. AWQ_GRID − 1; Q is lutflash.quantize with
+    `method` (a data-free one)."""
+    from .bcq import quantize
+
+    x = x.to(torch.float32)
+    magnitude = x.abs().mean(0).clamp_min(1e-8)
+    weights = [linear.weight.detach().to(torch.float32) for linear in linears]
+    refs = [x @ w.t() for w in weights]
+    best, best_scale = None, torch.ones_like(magnitude)
+    for i in range(AWQ_GRID):
+        scale = magnitude.pow(i / AWQ_GRID)
+        scale = scale / (scale.max() * scale.min()).sqrt()
+        err = 0.0
+        for w, ref in zip(weights, refs, strict=True):
+            q = quantize(w * scale, bits, group_size, method).dequantize().to(x.device) / scale
+            err += (x @ q.t() - ref).square().sum().item()
+        if best is None or err < best:
+            best, best_scale = err, scale
+    return best_scale
+
+
+@torch.no_grad()
+def awq_layer(layer: nn.Module, captured: list, bits: int, group_size,
+              method: str = "rtn") -> list[str]:
+    """AWQ scale search and folding for one decoder layer run on `captured` (args, kwargs)
+    calls, the search quantizing with `method` ("rtn", "greedy" or "alternating"); returns the names of the preceding modules whose scales were folded (the pairs of
+    AWQ_PAIRS that the layer has, shapes allowing). The layer's full-precision function is
+    unchanged (up to rounding)."""
+    pairs = []
+    for prev_name, names in AWQ_PAIRS:
+        prev = _get(layer, prev_name)
+        linears = [_get(layer, name) for name in names]
+        if prev is None or any(not isinstance(lin, nn.Linear) for lin in linears):
+            continue
+        if len({lin.in_features for lin in linears}) != 1:
+            continue
+        pairs.append((prev_name, prev, linears))
+    if not pairs:
+        return []
+    inputs: dict[int, list] = {id(pair[2][0]): [] for pair in pairs}
+    handles = [pair[2][0].register_forward_hook(
+        lambda module, args, output: inputs[id(module)].append(
+            args[0].detach().reshape(-1, args[0].shape[-1])))
+        for pair in pairs]
+    try:
+        for args, kwargs in captured:
+            layer(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    folded = []
+    for prev_name, prev, linears in pairs:
+        x = torch.cat(inputs[id(linears[0])])
+        k = linears[0].in_features
+        group = k if group_size in (None, -1) else group_size
+        scale = _awq_search(x, linears, bits, group, method)
+        if bool((scale == 1).all()) or not _scale_output(prev, scale, k):
+            continue
+        for linear in linears:
+            linear.weight.mul_(scale.to(linear.weight.dtype))
+        folded.append(prev_name)
+    return folded
 
 
 def _with_hidden(args, kwargs, hidden):

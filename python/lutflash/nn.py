@@ -157,7 +157,7 @@ def quantize_model(model: nn.Module, bits: int = 3, group_size: int | None = 128
                    method: str = "alternating", *, skip: SkipRule = (), rounds: int = 15,
                    mode: str | None = None, meta_dtype: torch.dtype | None = None,
                    progress: bool = True, calibration: Sequence | None = None,
-                   damp: float = 0.01, block_size: int = 128) -> list[str]:
+                   damp: float = 0.01, block_size: int = 128, awq: bool = False) -> list[str]:
     """Replaces every nn.Linear of `model` (in place) by a LutLinear quantized with
     lutflash.quantize, and returns the names of the replaced modules.
 
@@ -171,6 +171,14 @@ def quantize_model(model: nn.Module, bits: int = 3, group_size: int | None = 128
     gpt_neox.layers); the layers are calibrated in order, each on the outputs of the
     already-quantized layers before it (lutflash.gptq.quantize_model_calibrated). damp and
     block_size go to lutflash.quantize.
+
+    awq=True (with `calibration`, for any method) first searches, layer by layer, AWQ-style
+    input-channel scales for each group of projections fed by a norm or a Linear (Llama-style
+    input_layernorm → q/k/v, v_proj → o_proj when their shapes match, post_attention_layernorm
+    → gate/up, up_proj → down_proj; OPT's norms and v_proj → out_proj) and folds them into that
+    preceding module, leaving the full-precision function unchanged (lutflash.gptq.awq_layer);
+    the search quantizes with `method` (gptq: rtn in uniform mode, alternating in general).
+    A norm whose output is not weight × normalized (Gemma's 1 + weight) is left alone.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -179,9 +187,14 @@ def quantize_model(model: nn.Module, bits: int = 3, group_size: int | None = 128
     if method == "gptq" and calibration is None:
         raise ValueError("calibration: method='gptq' needs calibration batches (a list of "
                          "token-id tensors or dicts of model inputs)")
-    if method != "gptq" and calibration is not None:
-        raise ValueError(f"calibration: only method='gptq' uses calibration batches, got "
-                         f"method={method!r}")
+    if not isinstance(awq, bool):
+        raise TypeError(f"awq: expected a bool, got {type(awq).__name__}")
+    if awq and calibration is None:
+        raise ValueError("calibration: awq=True searches scales on calibration batches; pass "
+                         "calibration=[token-id tensors or dicts of model inputs]")
+    if method != "gptq" and calibration is not None and not awq:
+        raise ValueError(f"calibration: only method='gptq' or awq=True use calibration batches, "
+                         f"got method={method!r}")
     if isinstance(skip, str):
         skip = (skip,)
     targets = [(name, module) for name, module in model.named_modules()
@@ -199,7 +212,7 @@ def quantize_model(model: nn.Module, bits: int = 3, group_size: int | None = 128
         except (ValueError, TypeError) as error:
             raise type(error)(f"{name}: {error}") from error
 
-    if method == "gptq":
+    if calibration is not None:
         from .gptq import check_calibration, quantize_model_calibrated
 
         calibration = check_calibration(calibration)
@@ -207,10 +220,14 @@ def quantize_model(model: nn.Module, bits: int = 3, group_size: int | None = 128
             group = linear.in_features if group_size in (None, -1) else group_size
             try:
                 check_layout(linear.out_features, linear.in_features, bits, group,
-                             mode or "general")
+                             mode or ("uniform" if method == "rtn" else "general"))
             except (ValueError, TypeError) as error:
                 raise type(error)(f"{name}: {error}") from error
-        return quantize_model_calibrated(model, targets, calibration, quantized, progress)
+        # the scale search quantizes with the data-free method nearest to the final one
+        search = method if method != "gptq" else ("rtn" if mode == "uniform" else "alternating")
+        make = quantized if method == "gptq" else (lambda name, linear, hessian: quantized(name, linear))
+        return quantize_model_calibrated(model, targets, calibration, make, progress,
+                                         awq=(bits, group_size, search) if awq else None)
 
     from tqdm.auto import tqdm
 

@@ -50,18 +50,19 @@ class LutflashConfig(QuantizationConfigMixin):
     dicts of model inputs, as lutflash.quantize_model takes them). The full-precision weights
     then load first and the whole model is quantized after loading, layer by layer
     (lutflash.quantize_model(..., method="gptq")), on the device it was loaded to; `damp` goes
-    to lutflash.quantize. The calibration batches are not saved with the config (a saved gptq
+    to lutflash.quantize. awq=True (any method, with `calibration`) adds lutflash.quantize_model's
+    AWQ-style scale search, also after loading. The calibration batches are not saved with the config (a saved gptq
     model loads its packed weights like any other)."""
 
     def __init__(self, bits: int = 3, group_size: int | None = 128, method: str = "alternating",
                  mode: str | None = None, meta_dtype: str | None = None, rounds: int = 15,
                  modules_to_not_convert: list[str] | None = None, calibration=None,
-                 damp: float = 0.01, **kwargs):
+                 damp: float = 0.01, awq: bool = False, **kwargs):
         self.quant_method = NAME
         self.bits, self.group_size, self.method, self.mode = bits, group_size, method, mode
         self.meta_dtype, self.rounds = meta_dtype, rounds
         self.modules_to_not_convert = modules_to_not_convert
-        self.calibration, self.damp = calibration, damp
+        self.calibration, self.damp, self.awq = calibration, damp, awq
         self.post_init()
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,10 +81,12 @@ class LutflashConfig(QuantizationConfigMixin):
             raise ValueError(f"group_size: expected a positive int or None, got {self.group_size!r}")
         if self.method not in ALL_METHODS:
             raise ValueError(f"method: expected one of {ALL_METHODS}, got {self.method!r}")
+        if not isinstance(self.awq, bool):
+            raise ValueError(f"awq: expected a bool, got {self.awq!r}")
         if self.calibration is not None:
-            if self.method != "gptq":
-                raise ValueError(f"calibration: only method='gptq' uses calibration batches, got "
-                                 f"method={self.method!r}")
+            if self.method != "gptq" and not self.awq:
+                raise ValueError(f"calibration: only method='gptq' or awq=True use calibration "
+                                 f"batches, got method={self.method!r}")
             from ..gptq import check_calibration
 
             self.calibration = check_calibration(self.calibration)
@@ -143,8 +146,10 @@ class LutflashHfQuantizer(HfQuantizer):
         return dtype
 
     def _calibrated(self) -> bool:
-        """Quantized after loading (gptq on full-precision weights) rather than as they load."""
-        return self.quantization_config.method == "gptq" and not self.pre_quantized
+        """Quantized after loading (gptq or awq on full-precision weights) rather than as they
+        load."""
+        config = self.quantization_config
+        return (config.method == "gptq" or getattr(config, "awq", False)) and not self.pre_quantized
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         if self.pre_quantized or self._calibrated():
@@ -165,8 +170,8 @@ class LutflashHfQuantizer(HfQuantizer):
             model, config.modules_to_not_convert or [], keep_in_fp32_modules)
         if self._calibrated():
             if config.calibration is None:
-                raise ValueError("calibration: method='gptq' quantizes on calibration batches; "
-                                 "pass LutflashConfig(method='gptq', calibration=[token-id "
+                raise ValueError("calibration: method='gptq' and awq=True quantize on calibration "
+                                 "batches; pass LutflashConfig(..., calibration=[token-id "
                                  "tensors or dicts of model inputs])")
             return  # the Linear layers load in full precision; quantized after loading
         for name, module in list(model.named_modules()):
@@ -187,10 +192,11 @@ class LutflashHfQuantizer(HfQuantizer):
         if self._calibrated():
             config = self.quantization_config
             keep = self.modules_to_not_convert
-            quantize_model(model, config.bits, config.group_size, "gptq", mode=config.mode,
+            quantize_model(model, config.bits, config.group_size, config.method, mode=config.mode,
                            rounds=config.rounds, meta_dtype=_META_DTYPES[config.meta_dtype],
                            skip=lambda name, module: not should_convert_module(name, keep),
-                           progress=False, calibration=config.calibration, damp=config.damp)
+                           progress=False, calibration=config.calibration, damp=config.damp,
+                           awq=config.awq)
             config.calibration = None  # no longer needed; not part of the saved config
         for name, module in model.named_modules():
             if isinstance(module, LutLinear):
