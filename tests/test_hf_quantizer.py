@@ -143,7 +143,13 @@ def test_truncated_file_refused(fp_folder, tmp_path):
         load(tmp_path)
 
 
-@pytest.mark.parametrize("kwargs,name", [(dict(bits=9), "bits"), (dict(method="gptq"), "method"),
+@pytest.mark.parametrize("kwargs,name", [(dict(bits=9), "bits"), (dict(method="awq"), "method"),
+                                         (dict(method="rtn", calibration=[torch.zeros(1, 4, dtype=torch.long)]),
+                                          "calibration"),
+                                         (dict(method="gptq", calibration=[torch.zeros(1, 2, 4, dtype=torch.long)]),
+                                          r"calibration\[0\]"),
+                                         (dict(method="gptq", damp=-1), "damp"),
+                                         (dict(awq=1), "awq"),
                                          (dict(mode="ternary"), "mode"),
                                          (dict(meta_dtype="float64"), "meta_dtype"),
                                          (dict(group_size=0), "group_size")])
@@ -174,3 +180,47 @@ def test_reload_with_lutflash_imported_after_transformers(fp_folder, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_gptq_on_load_with_calibration(fp_folder, tmp_path):
+    """method="gptq": the full-precision model loads, is calibrated and quantized layer by
+    layer (the same as lutflash.quantize_model on it), saves, and reloads without the batches."""
+    folder, source = fp_folder
+    ids = torch.randint(0, CONFIG["vocab_size"], (4, 24), generator=torch.Generator().manual_seed(3))
+    calibration = [ids[:2], {"input_ids": ids[2:]}]
+    config = LutflashConfig(bits=3, group_size=64, method="gptq", calibration=calibration,
+                            modules_to_not_convert=["lm_head"])
+    assert "calibration" not in config.to_dict()
+    model = load(folder, quantization_config=config)
+    reference = load(folder)
+    names = lutflash.quantize_model(reference, 3, 64, "gptq", skip=("lm_head",), progress=False,
+                                    calibration=calibration)
+    assert len(names) == 14 and isinstance(model.lm_head, torch.nn.Linear)
+    for name in names:
+        layer = model.get_submodule(name)
+        assert isinstance(layer, LutLinear) and layer.mode == "general"
+        assert torch.equal(layer.planes, reference.get_submodule(name).planes), name
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved["method"] == "gptq" and "calibration" not in saved
+    reloaded = load(tmp_path)
+    assert torch.equal(logits(reloaded), logits(model))
+
+
+def test_gptq_on_load_needs_calibration(fp_folder):
+    with pytest.raises(ValueError, match="^calibration: "):
+        load(fp_folder[0], quantization_config=LutflashConfig(bits=3, group_size=64, method="gptq"))
+
+
+def test_awq_on_load_equals_quantize_model(fp_folder):
+    folder, _ = fp_folder
+    ids = torch.randint(0, CONFIG["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(4))
+    config = LutflashConfig(bits=3, group_size=64, method="rtn", awq=True, calibration=[ids],
+                            modules_to_not_convert=["lm_head"])
+    model = load(folder, quantization_config=config)
+    reference = load(folder)
+    names = lutflash.quantize_model(reference, 3, 64, "rtn", skip=("lm_head",), progress=False,
+                                    calibration=[ids], awq=True)
+    for name in names:
+        assert torch.equal(model.get_submodule(name).planes, reference.get_submodule(name).planes)
+    assert torch.equal(logits(model), logits(reference))

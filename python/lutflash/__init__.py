@@ -4,11 +4,12 @@
     qweight = lutflash.quantize(linear.weight, bits=3, group_size=128, method="alternating")
     y = lutflash.lutgemm(x, qweight, bias)
     model = lutflash.quantize_model(model, bits=3)   # nn.Linear -> lutflash.nn.LutLinear
+    lutflash.quantize_model(model, bits=3, method="gptq", calibration=batches)  # calibrated
     out = lutflash.flash_attention(q, k, v, causal=True)
     qweight = lutflash.from_gptq(qweight, qzeros, scales, g_idx, bits=4, group_size=128)
 """
 
-from . import _C, integrations, nn  # integrations registers "lutflash" with transformers, lazily
+from . import _C, gptq, integrations, nn  # integrations registers "lutflash" with transformers, lazily
 from .attention import flash_attention, flash_attention_varlen
 from .bcq import FORMAT_VERSION, BCQWeight, quantize
 from .convert import from_awq, from_gptq, load_quantized_state_dict
@@ -22,6 +23,6 @@ __version__ = "0.1.0"
 built_with_cuda = _C.built_with_cuda()
 
 __all__ = ["BCQWeight", "FORMAT_VERSION", "LoraLutLinear", "LutLinear", "add_lora", "built_with_cuda",
-           "flash_attention", "flash_attention_varlen", "from_awq", "from_gptq", "integrations",
+           "flash_attention", "flash_attention_varlen", "from_awq", "from_gptq", "gptq", "integrations",
            "load_quantized_state_dict", "lutgemm", "nn",
            "patch_model", "quantize", "quantize_model"]

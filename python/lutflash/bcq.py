@@ -27,7 +27,9 @@ MAX_BITS = _C.BCQ_MAX_BITS
 WORD_K = _C.BCQ_WORD_K
 ROW_PAD = _C.BCQ_ROW_PAD
 MODES = ("general", "uniform")
-METHODS = ("rtn", "greedy", "alternating")
+METHODS = ("rtn", "greedy", "alternating")  # the C quantizers, in _C's numbering
+CALIBRATED_METHODS = ("gptq",)  # lutflash.gptq, in torch; needs the layer's input Hessian
+ALL_METHODS = METHODS + CALIBRATED_METHODS
 META_DTYPES = FLOAT_DTYPES  # metadata takes the same floating dtypes as activations
 MAX_DIM = 2**31 - 1  # n and k, as the C layer takes them
 
@@ -207,15 +209,25 @@ def dequantize_packed(planes: torch.Tensor, meta: torch.Tensor, n: int, k: int, 
 
 def quantize(weight: torch.Tensor, bits: int, group_size: int | None = 128,
              method: str = "alternating", *, rounds: int = 15, mode: str | None = None,
-             meta_dtype: torch.dtype | None = None) -> BCQWeight:
+             meta_dtype: torch.dtype | None = None, hessian: torch.Tensor | None = None,
+             damp: float = 0.01, block_size: int = 128) -> BCQWeight:
     """Quantizes a dense (out_features, in_features) weight to BCQ.
 
-    method: "rtn" (asymmetric round-to-nearest, exact uniform BCQ), "greedy", or
-    "alternating" (least-squares alphas and optimal codes, repeated `rounds` times).
+    method: "rtn" (asymmetric round-to-nearest, exact uniform BCQ), "greedy",
+    "alternating" (least-squares alphas and optimal codes, repeated `rounds` times), or
+    "gptq" (calibrated: column by column with error feedback through the inverse of
+    `hessian`, lutflash.gptq; runs in torch on the weight's device, CUDA included).
     group_size: a multiple of 32 dividing in_features, or None (or in_features) for one
-    group per row. mode: "uniform" (rtn's default) or "general" (the others'; rtn can give it
-    too). meta_dtype: dtype of the stored metadata; default float32, or the weight's dtype when
-    that is float16 or bfloat16. The result lives on the weight's device.
+    group per row. mode: "uniform" (rtn's default) or "general" (the others'; rtn and gptq can
+    give either; gptq's default is general). meta_dtype: dtype of the stored metadata; default
+    float32, or the weight's dtype when that is float16 or bfloat16. The result lives on the
+    weight's device.
+
+    gptq only: hessian, the (in_features, in_features) matrix 2/N Σ xᵀx of the layer's inputs
+    x (lutflash.gptq.HessianAccumulator builds it); damp, the fraction of its mean diagonal
+    added to the diagonal; block_size, columns per lazy update block. In general mode each
+    group's alphas and offset come from greedy + `rounds` rounds of alternating least squares
+    on the group's error-updated weights.
     """
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
@@ -226,8 +238,8 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int | None = 128,
         raise TypeError(f"weight: expected a floating-point tensor, got {weight.dtype}")
     if weight.is_meta:
         raise ValueError("weight: expected a tensor with data, got one on the meta device")
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if method not in ALL_METHODS:
+        raise ValueError(f"method: expected one of {ALL_METHODS}, got {method!r}")
     n, k = weight.shape
     if group_size is None or group_size == -1:
         group_size = k
@@ -236,6 +248,11 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int | None = 128,
     if n == 0 or k == 0:
         raise ValueError(f"weight: expected a non-empty weight, got shape {tuple(weight.shape)}")
     check_layout(n, k, bits, group_size, mode)
+    if method == "gptq":
+        return _quantize_gptq(weight, bits, group_size, mode, rounds, meta_dtype, hessian, damp,
+                              block_size)
+    if hessian is not None:
+        raise ValueError(f"hessian: only method='gptq' uses it, got method={method!r}")
     if mode == "uniform" and method != "rtn":
         raise ValueError(f"mode: method {method!r} gives non-uniform alphas; use mode='general'")
     if not isinstance(rounds, int) or isinstance(rounds, bool):
@@ -257,6 +274,36 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int | None = 128,
                     METHODS.index(method), rounds)
     result = BCQWeight(planes, meta.to(meta_dtype), (n, k), bits, group_size, mode)
     return result.to(weight.device) if weight.device.type != "cpu" else result
+
+
+def _quantize_gptq(weight, bits, group_size, mode, rounds, meta_dtype, hessian, damp, block_size):
+    from .gptq import check_hessian, gptq_quantize
+
+    n, k = weight.shape
+    if hessian is None:
+        raise ValueError("hessian: method='gptq' needs the Hessian of the layer's inputs, "
+                         "2/N Σ xᵀx (lutflash.gptq.HessianAccumulator), or use "
+                         "lutflash.quantize_model(..., calibration=batches)")
+    check_hessian(hessian, k)
+    for name, value in (("rounds", rounds), ("block_size", block_size)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if rounds < 0:
+        raise ValueError(f"rounds: expected a non-negative int, got {rounds}")
+    if block_size < 1:
+        raise ValueError(f"block_size: expected a positive int, got {block_size}")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp < 1e6 \
+            or damp != damp:
+        raise ValueError(f"damp: expected a non-negative float (a fraction of the mean diagonal "
+                         f"of the Hessian), got {damp!r}")
+    if meta_dtype is None:
+        meta_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    if meta_dtype not in META_DTYPES:
+        raise TypeError(f"meta_dtype: expected one of {META_DTYPES}, got {meta_dtype}")
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight: has non-finite values")
+    return gptq_quantize(weight, hessian, bits, group_size, mode, rounds=rounds, damp=float(damp),
+                         block_size=block_size, meta_dtype=meta_dtype)
 
 
 def bits_per_weight(bits: int, group_size: int, mode: str, meta_bytes: int = 2) -> float:

@@ -3,12 +3,13 @@ quantize_model, which swaps a model's nn.Linear layers for it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from .bcq import (
+    ALL_METHODS,
     FORMAT_VERSION,
     META_DTYPES,
     MODES,
@@ -155,29 +156,85 @@ def _skipped(name: str, module: nn.Module, skip: SkipRule) -> bool:
 def quantize_model(model: nn.Module, bits: int = 3, group_size: int | None = 128,
                    method: str = "alternating", *, skip: SkipRule = (), rounds: int = 15,
                    mode: str | None = None, meta_dtype: torch.dtype | None = None,
-                   progress: bool = True) -> list[str]:
+                   progress: bool = True, calibration: Sequence | None = None,
+                   damp: float = 0.01, block_size: int = 128, awq: bool = False) -> list[str]:
     """Replaces every nn.Linear of `model` (in place) by a LutLinear quantized with
     lutflash.quantize, and returns the names of the replaced modules.
 
     skip: substrings of module names to leave alone (e.g. ("lm_head",)), or a callable
     (name, module) -> bool. A progress bar (tqdm) shows the layers as they are quantized.
+
+    method="gptq" is calibrated and needs `calibration`: a list of batches, each a tensor of
+    token ids ((seq,) or (batch, seq)) or a dict of the model's keyword arguments
+    ({"input_ids": ..., "attention_mask": ...}). The model must be a decoder whose layers sit
+    in a ModuleList (Hugging Face causal LMs: model.layers, transformer.h, decoder.layers,
+    gpt_neox.layers); the layers are calibrated in order, each on the outputs of the
+    already-quantized layers before it (lutflash.gptq.quantize_model_calibrated). damp and
+    block_size go to lutflash.quantize.
+
+    awq=True (with `calibration`, for any method) first searches, layer by layer, AWQ-style
+    input-channel scales for each group of projections fed by a norm or a Linear (Llama-style
+    input_layernorm → q/k/v, v_proj → o_proj when their shapes match, post_attention_layernorm
+    → gate/up, up_proj → down_proj; OPT's norms and v_proj → out_proj) and folds them into that
+    preceding module, leaving the full-precision function unchanged (lutflash.gptq.awq_layer);
+    the search quantizes with `method` (gptq: rtn in uniform mode, alternating in general).
+    A norm whose output is not weight × normalized (Gemma's 1 + weight) is left alone.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if method not in ALL_METHODS:
+        raise ValueError(f"method: expected one of {ALL_METHODS}, got {method!r}")
+    if method == "gptq" and calibration is None:
+        raise ValueError("calibration: method='gptq' needs calibration batches (a list of "
+                         "token-id tensors or dicts of model inputs)")
+    if not isinstance(awq, bool):
+        raise TypeError(f"awq: expected a bool, got {type(awq).__name__}")
+    if awq and calibration is None:
+        raise ValueError("calibration: awq=True searches scales on calibration batches; pass "
+                         "calibration=[token-id tensors or dicts of model inputs]")
+    if method != "gptq" and calibration is not None and not awq:
+        raise ValueError(f"calibration: only method='gptq' or awq=True use calibration batches, "
+                         f"got method={method!r}")
     if isinstance(skip, str):
         skip = (skip,)
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and not _skipped(name, module, skip)]
+
+    def quantized(name, linear, hessian=None):
+        try:
+            if hessian is None:
+                return LutLinear.from_linear(linear, bits, group_size, method, rounds=rounds,
+                                             mode=mode, meta_dtype=meta_dtype)
+            qweight = quantize(linear.weight, bits, group_size, method, rounds=rounds, mode=mode,
+                               meta_dtype=meta_dtype, hessian=hessian, damp=damp,
+                               block_size=block_size)
+            return LutLinear.from_bcq(qweight, linear.bias)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"{name}: {error}") from error
+
+    if calibration is not None:
+        from .gptq import check_calibration, quantize_model_calibrated
+
+        calibration = check_calibration(calibration)
+        for name, linear in targets:  # the layout and arguments, before any forward pass
+            group = linear.in_features if group_size in (None, -1) else group_size
+            try:
+                check_layout(linear.out_features, linear.in_features, bits, group,
+                             mode or ("uniform" if method == "rtn" else "general"))
+            except (ValueError, TypeError) as error:
+                raise type(error)(f"{name}: {error}") from error
+        # the scale search quantizes with the data-free method nearest to the final one
+        search = method if method != "gptq" else ("rtn" if mode == "uniform" else "alternating")
+        make = quantized if method == "gptq" else (lambda name, linear, hessian: quantized(name, linear))
+        return quantize_model_calibrated(model, targets, calibration, make, progress,
+                                         awq=(bits, group_size, search) if awq else None)
+
     from tqdm.auto import tqdm
 
     replaced = []
     for name, linear in tqdm(targets, desc="lutflash: quantizing", unit="layer",
                              disable=not progress):
-        try:
-            new = LutLinear.from_linear(linear, bits, group_size, method, rounds=rounds,
-                                        mode=mode, meta_dtype=meta_dtype)
-        except (ValueError, TypeError) as error:
-            raise type(error)(f"{name}: {error}") from error
+        new = quantized(name, linear)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         replaced.append(name)

@@ -13,7 +13,8 @@ __all__ = ["patch_model"]
 
 
 def patch_model(model: nn.Module, attention: bool = True,
-                linear: dict[str, Any] | None = None, fuse: bool = True) -> dict[str, Any]:
+                linear: dict[str, Any] | None = None, fuse: bool = True,
+                calibration=None) -> dict[str, Any]:
     """Converts `model` in place: lutflash attention and/or LutLinear layers.
 
     attention: switch a Hugging Face model to attn_implementation="lutflash" (through
@@ -21,12 +22,16 @@ def patch_model(model: nn.Module, attention: bool = True,
         through transformers' AttentionInterface, keep their attention (a warning says so).
     linear: None to leave nn.Linear layers alone, or the keyword arguments of
         lutflash.quantize_model (bits, group_size, method, skip, rounds, mode, meta_dtype,
-        progress). `skip` defaults to the output embedding (`lm_head`), which is usually tied
+        progress, calibration, damp, block_size). `skip` defaults to the output embedding (`lm_head`), which is usually tied
         to the input embedding; pass skip=() to quantize it too.
     fuse: with `linear`, run the projections a layer applies to one input as one lutgemm call
         (q/k/v and gate/up; lutflash.nn.fuse_lut_linears): fewer, larger kernels, the same
         outputs within rounding. Leave it off to attach adapters per projection (add_lora) or
         to keep the unfused state_dict keys.
+
+    calibration: batches for linear=dict(method="gptq", ...) (the same as linear's
+        "calibration" entry; see lutflash.quantize_model). The model is calibrated with the
+        attention implementation chosen here.
 
     Returns a summary: {"attention": "lutflash" or None, "linear": [names of the nn.Linear
     modules replaced by LutLinear], "linear_count": int, "fused": [names of the
@@ -39,12 +44,18 @@ def patch_model(model: nn.Module, attention: bool = True,
         raise TypeError(f"linear: expected None or a dict of quantize_model arguments, got "
                         f"{type(linear).__name__}")
 
+    if calibration is not None and linear is None:
+        raise ValueError("calibration: only used with linear=dict(method='gptq', ...)")
     summary: dict[str, Any] = {"attention": None, "linear": [], "linear_count": 0, "fused": [],
                                "bytes_before": _model_bytes(model)}
     if attention:
         summary["attention"] = _set_lutflash_attention(model)
     if linear is not None:
         options = dict(linear)
+        if calibration is not None:
+            if "calibration" in options:
+                raise ValueError("calibration: given both as patch_model's argument and in linear")
+            options["calibration"] = calibration
         options.setdefault("skip", _output_embedding_rule(model))
         summary["linear"] = quantize_model(model, **options)
         summary["linear_count"] = len(summary["linear"])

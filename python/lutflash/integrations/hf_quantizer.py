@@ -32,8 +32,8 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..bcq import METHODS, MODES, quantize
-from ..nn import LutLinear
+from ..bcq import ALL_METHODS, MODES, quantize
+from ..nn import LutLinear, quantize_model
 
 NAME = "lutflash"
 _META_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -44,16 +44,34 @@ class LutflashConfig(QuantizationConfigMixin):
     "greedy" or "alternating" (lutflash.quantize); mode "general" or "uniform" (default: what
     the method gives); meta_dtype "float32", "float16" or "bfloat16" (default: the model's
     dtype when 16-bit, else float32); modules_to_not_convert: names (or name suffixes) of
-    Linear layers kept in full precision, e.g. ["lm_head"]."""
+    Linear layers kept in full precision, e.g. ["lm_head"].
+
+    method "gptq" is calibrated: pass `calibration`, a list of batches (token-id tensors or
+    dicts of model inputs, as lutflash.quantize_model takes them). The full-precision weights
+    then load first and the whole model is quantized after loading, layer by layer
+    (lutflash.quantize_model(..., method="gptq")), on the device it was loaded to; `damp` goes
+    to lutflash.quantize. awq=True (any method, with `calibration`) adds lutflash.quantize_model's
+    AWQ-style scale search, also after loading. The calibration batches are not saved with the config (a saved gptq
+    model loads its packed weights like any other)."""
 
     def __init__(self, bits: int = 3, group_size: int | None = 128, method: str = "alternating",
                  mode: str | None = None, meta_dtype: str | None = None, rounds: int = 15,
-                 modules_to_not_convert: list[str] | None = None, **kwargs):
+                 modules_to_not_convert: list[str] | None = None, calibration=None,
+                 damp: float = 0.01, awq: bool = False, **kwargs):
         self.quant_method = NAME
         self.bits, self.group_size, self.method, self.mode = bits, group_size, method, mode
         self.meta_dtype, self.rounds = meta_dtype, rounds
         self.modules_to_not_convert = modules_to_not_convert
+        self.calibration, self.damp, self.awq = calibration, damp, awq
         self.post_init()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()  # without the calibration batches: not part of the saved config
+        data.pop("calibration", None)
+        return data
+
+    def __iter__(self):
+        yield from self.to_dict().items()
 
     def post_init(self):
         if not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
@@ -61,8 +79,20 @@ class LutflashConfig(QuantizationConfigMixin):
         if self.group_size is not None and (not isinstance(self.group_size, int)
                                             or self.group_size < 1):
             raise ValueError(f"group_size: expected a positive int or None, got {self.group_size!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
+        if self.method not in ALL_METHODS:
+            raise ValueError(f"method: expected one of {ALL_METHODS}, got {self.method!r}")
+        if not isinstance(self.awq, bool):
+            raise ValueError(f"awq: expected a bool, got {self.awq!r}")
+        if self.calibration is not None:
+            if self.method != "gptq" and not self.awq:
+                raise ValueError(f"calibration: only method='gptq' or awq=True use calibration "
+                                 f"batches, got method={self.method!r}")
+            from ..gptq import check_calibration
+
+            self.calibration = check_calibration(self.calibration)
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or \
+                not 0 <= self.damp < 1e6:
+            raise ValueError(f"damp: expected a non-negative float, got {self.damp!r}")
         if self.mode is None:
             self.mode = "uniform" if self.method == "rtn" else "general"
         if self.mode not in MODES:
@@ -115,8 +145,14 @@ class LutflashHfQuantizer(HfQuantizer):
         self.dtype = dtype
         return dtype
 
+    def _calibrated(self) -> bool:
+        """Quantized after loading (gptq or awq on full-precision weights) rather than as they
+        load."""
+        config = self.quantization_config
+        return (config.method == "gptq" or getattr(config, "awq", False)) and not self.pre_quantized
+
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
-        if self.pre_quantized:
+        if self.pre_quantized or self._calibrated():
             return False
         module, name = get_module_from_name(model, param_name)
         return isinstance(module, LutLinear) and name == "weight"
@@ -132,6 +168,12 @@ class LutflashHfQuantizer(HfQuantizer):
                                  "bfloat16" if dtype == torch.bfloat16 else "float32")
         self.modules_to_not_convert = self.get_modules_to_not_convert(
             model, config.modules_to_not_convert or [], keep_in_fp32_modules)
+        if self._calibrated():
+            if config.calibration is None:
+                raise ValueError("calibration: method='gptq' and awq=True quantize on calibration "
+                                 "batches; pass LutflashConfig(..., calibration=[token-id "
+                                 "tensors or dicts of model inputs])")
+            return  # the Linear layers load in full precision; quantized after loading
         for name, module in list(model.named_modules()):
             if not isinstance(module, torch.nn.Linear) or \
                     not should_convert_module(name, self.modules_to_not_convert):
@@ -147,6 +189,15 @@ class LutflashHfQuantizer(HfQuantizer):
             setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if self._calibrated():
+            config = self.quantization_config
+            keep = self.modules_to_not_convert
+            quantize_model(model, config.bits, config.group_size, config.method, mode=config.mode,
+                           rounds=config.rounds, meta_dtype=_META_DTYPES[config.meta_dtype],
+                           skip=lambda name, module: not should_convert_module(name, keep),
+                           progress=False, calibration=config.calibration, damp=config.damp,
+                           awq=config.awq)
+            config.calibration = None  # no longer needed; not part of the saved config
         for name, module in model.named_modules():
             if isinstance(module, LutLinear):
                 if "weight" in module._parameters:
