@@ -248,13 +248,6 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int | None = 128,
     if n == 0 or k == 0:
         raise ValueError(f"weight: expected a non-empty weight, got shape {tuple(weight.shape)}")
     check_layout(n, k, bits, group_size, mode)
-    if method == "gptq":
-        return _quantize_gptq(weight, bits, group_size, mode, rounds, meta_dtype, hessian, damp,
-                              block_size)
-    if hessian is not None:
-        raise ValueError(f"hessian: only method='gptq' uses it, got method={method!r}")
-    if mode == "uniform" and method != "rtn":
-        raise ValueError(f"mode: method {method!r} gives non-uniform alphas; use mode='general'")
     if not isinstance(rounds, int) or isinstance(rounds, bool):
         raise TypeError(f"rounds: expected an int, got {type(rounds).__name__}")
     if rounds < 0:
@@ -263,6 +256,13 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int | None = 128,
         meta_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float32
     if meta_dtype not in META_DTYPES:
         raise TypeError(f"meta_dtype: expected one of {META_DTYPES}, got {meta_dtype}")
+    if method == "gptq":
+        return _quantize_gptq(weight, bits, group_size, mode, rounds, meta_dtype, hessian, damp,
+                              block_size)
+    if hessian is not None:
+        raise ValueError(f"hessian: only method='gptq' uses it, got method={method!r}")
+    if mode == "uniform" and method != "rtn":
+        raise ValueError(f"mode: method {method!r} gives non-uniform alphas; use mode='general'")
 
     source = weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
     if weight.dtype == torch.float64 and not torch.isfinite(source).all() and torch.isfinite(weight).all():
@@ -285,21 +285,14 @@ def _quantize_gptq(weight, bits, group_size, mode, rounds, meta_dtype, hessian, 
                          "2/N Σ xᵀx (lutflash.gptq.HessianAccumulator), or use "
                          "lutflash.quantize_model(..., calibration=batches)")
     check_hessian(hessian, k)
-    for name, value in (("rounds", rounds), ("block_size", block_size)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if rounds < 0:
-        raise ValueError(f"rounds: expected a non-negative int, got {rounds}")
+    if not isinstance(block_size, int) or isinstance(block_size, bool):
+        raise TypeError(f"block_size: expected an int, got {type(block_size).__name__}")
     if block_size < 1:
         raise ValueError(f"block_size: expected a positive int, got {block_size}")
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp < 1e6 \
             or damp != damp:
         raise ValueError(f"damp: expected a non-negative float (a fraction of the mean diagonal "
                          f"of the Hessian), got {damp!r}")
-    if meta_dtype is None:
-        meta_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    if meta_dtype not in META_DTYPES:
-        raise TypeError(f"meta_dtype: expected one of {META_DTYPES}, got {meta_dtype}")
     if not torch.isfinite(weight).all():
         raise ValueError("weight: has non-finite values")
     return gptq_quantize(weight, hessian, bits, group_size, mode, rounds=rounds, damp=float(damp),

@@ -31,11 +31,11 @@ Hugging Face decoder layer by layer (:func:`quantize_model_calibrated`).
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .bcq import (
     WORD_K,
@@ -375,21 +375,6 @@ def _as_kwargs(batch, device) -> dict:
     return kwargs
 
 
-def _progress(items, desc: str, enabled: bool):
-    if not enabled:
-        return items
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # a plain line per item
-        def lines():
-            for index, item in enumerate(items):
-                print(f"\r{desc}: {index + 1}/{len(items)}", end="", file=sys.stderr, flush=True)
-                yield item
-            print(file=sys.stderr)
-        return lines()
-    return tqdm(items, desc=desc, unit="layer")
-
-
 def _hidden_of(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -475,7 +460,8 @@ def quantize_model_calibrated(model: nn.Module, targets: list[tuple[str, nn.Line
                 outside.append((name, linear))
 
         # 2. layer by layer
-        for index in _progress(range(len(layers)), "lutflash: calibrating", progress):
+        for index in tqdm(range(len(layers)), desc="lutflash: calibrating", unit="layer",
+                          disable=not progress):
             layer = layers[index]
 
             def run_layer(layer=layer):
