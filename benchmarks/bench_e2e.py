@@ -32,7 +32,7 @@ Configurations (labels as in the table and the JSON):
 - "fp32": nn.Linear in float32, attention "sdpa";
 - "bf16": the same model cast to bfloat16;
 - "lutflash {b}b": every nn.Linear of the decoder layers (q, k, v, o, gate, up, down) replaced
-  by a LutLinear with a random packed weight (lutflash.testing.random_bcq_weight, uniform mode,
+  by a LutLinear with a random packed weight (lutflash.testing.random_lut_linear, uniform mode,
   group 128, bfloat16 metadata; nothing is quantized from the dense weights, which would take
   minutes and change nothing in the timing), bfloat16 activations; lm_head stays a dense
   bfloat16 nn.Linear ("dense head") or is a LutLinear too ("lut head", --lm-head); attention
@@ -104,7 +104,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import lutflash
 from lutflash.nn import LutLinear, fuse_lut_linears
-from lutflash.testing import random_bcq_weight, relative_error
+from lutflash.testing import random_lut_linear, relative_error
 
 MODEL = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
              num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=32000,
@@ -181,17 +181,13 @@ def lut_layers(model: LlamaForCausalLM, bits: int, lm_head: bool,
                generator: torch.Generator) -> dict[str, LutLinear]:
     """A LutLinear with a random packed weight (bf16 metadata) for every decoder nn.Linear and,
     with lm_head, for the output layer."""
-    device = model.lm_head.weight.device
     layers = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or (name == "lm_head" and not lm_head):
             continue
-        qweight = random_bcq_weight(module.out_features, module.in_features, bits, GROUP_SIZE,
-                                    MODE, generator=generator)
-        qweight.meta.mul_(META_SCALE)
-        qweight = qweight.to(device, meta_dtype=torch.bfloat16)
-        bias = None if module.bias is None else module.bias.detach()
-        layers[name] = LutLinear.from_bcq(qweight, bias).requires_grad_(False)
+        layers[name] = random_lut_linear(module, bits, group_size=GROUP_SIZE,
+                                         meta_dtype=torch.bfloat16, meta_scale=META_SCALE,
+                                         generator=generator)
     return layers
 
 

@@ -15,7 +15,7 @@ Compares, on the same model shape and prompt, tokens/s of
 Without --model, the model is transformers' LlamaForCausalLM from a LlamaConfig of Llama-2-7B's
 dimensions (hidden 4096, MLP 11008, 32 heads of 128, vocabulary 32000) with --layers layers and
 random weights. The lutflash rows swap every decoder nn.Linear for a LutLinear with a random
-packed weight (lutflash.testing.random_bcq_weight, uniform mode, group 128; quantizing the dense
+packed weight (lutflash.testing.random_lut_linear, uniform mode, group 128; quantizing the dense
 weights would take minutes and changes nothing in the timing), with q/k/v and gate/up fused
 (lutflash.nn.fuse_lut_linears); lm_head stays fp16. With --model, the checkpoint's own Linears are
 swapped the same way (random values: this measures speed, not output quality; use
@@ -44,8 +44,8 @@ from torch import nn
 
 import lutflash
 from lutflash.generation import StaticGenerator
-from lutflash.nn import LutLinear, fuse_lut_linears
-from lutflash.testing import random_bcq_weight
+from lutflash.nn import fuse_lut_linears
+from lutflash.testing import random_lut_linear
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 try:
@@ -85,20 +85,15 @@ def build_model(args, device, dtype):
 def lut_swap(model, bits: int, generator) -> dict[str, nn.Module]:
     """Replaces every decoder nn.Linear (not lm_head) by a LutLinear with a random packed weight
     (values on the scale of a trained layer's); returns the dense modules it replaced."""
-    device = model.lm_head.weight.device
     old = {}
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or module is model.get_output_embeddings():
             continue
-        qweight = random_bcq_weight(module.out_features, module.in_features, bits, GROUP_SIZE,
-                                    "uniform", generator=generator)
-        qweight.meta.mul_(0.02)
-        layer = LutLinear.from_bcq(qweight.to(device, meta_dtype=torch.float16),
-                                   None if module.bias is None else module.bias.detach())
+        layer = random_lut_linear(module, bits, group_size=GROUP_SIZE, generator=generator)
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         old[name] = module
-        setattr(owner, child, layer.requires_grad_(False))
+        setattr(owner, child, layer)
     return old
 
 

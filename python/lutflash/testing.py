@@ -34,6 +34,23 @@ def random_bcq_weight(n: int, k: int, bits: int, group_size: int | None = 128,
     return BCQWeight(planes, meta.to(meta_dtype), (n, k), bits, group_size, mode).to(device)
 
 
+def random_lut_linear(like: torch.nn.Linear, bits: int, *, group_size: int = 128,
+                      meta_dtype: torch.dtype = torch.float16, meta_scale: float = 0.02,
+                      generator: torch.Generator | None = None):
+    """A frozen LutLinear of `like`'s shape, device and bias with a random uniform-mode packed
+    weight (random_bcq_weight), its metadata scaled by `meta_scale` so the dequantized weight
+    has about a trained layer's magnitude: for benchmarks, where speed does not depend on the
+    values and quantizing the dense weight would only cost time."""
+    from .nn import LutLinear
+
+    qweight = random_bcq_weight(like.out_features, like.in_features, bits, group_size, "uniform",
+                                generator=generator)
+    qweight.meta.mul_(meta_scale)
+    bias = None if like.bias is None else like.bias.detach()
+    return LutLinear.from_bcq(qweight.to(like.weight.device, meta_dtype=meta_dtype),
+                              bias).requires_grad_(False)
+
+
 def lutgemm_reference(x: torch.Tensor, qweight: BCQWeight, bias: torch.Tensor | None = None):
     """x · Ŵᵀ + bias in float64 on the CPU."""
     weight = qweight.to("cpu").dequantize(torch.float64)
