@@ -14,9 +14,11 @@ GPU step cannot hide. `StaticGenerator` removes all of that:
 The same step runs eagerly where there is no graph (`cuda_graph=False`, and always on the CPU), so
 its logic is tested on the CPU against `model.generate`.
 
-Works with attn_implementation "sdpa", "eager" and "lutflash" (with a static cache and no padding
-mask, lutflash attention reads the valid cache length on the device: see
-`lutflash.integrations.transformers.lutflash_attention_mask`) and with LutLinear layers
+Captures the step for attn_implementation "sdpa" and "lutflash" (with a static cache and no
+padding mask, lutflash attention reads the valid cache length on the device: see
+`lutflash.integrations.transformers.lutflash_attention_mask`); "eager" attention runs the same
+loop without a graph (transformers' eager mask copies a host scalar to the device each step,
+which a CUDA graph cannot capture) and with LutLinear layers
 (`lutflash.patch_model`). Batches must not be padded: every sequence of a batch has the same
 prompt length (an `attention_mask` with zeros is refused).
 """
@@ -30,8 +32,9 @@ import torch
 
 __all__ = ["StaticGenerator", "generate"]
 
-# attention implementations whose decode step with a static cache is known to be capturable
-GRAPH_ATTENTION = ("sdpa", "eager", "lutflash")
+# attention implementations whose decode step with a static cache is capturable (tested on the
+# GPU; transformers' "eager" builds its mask from a host scalar each step, which is not)
+GRAPH_ATTENTION = ("sdpa", "lutflash")
 MAX_EOS_TOKENS = 16
 
 
@@ -66,12 +69,13 @@ class StaticGenerator:
 
     model: a transformers causal LM (`model(input_ids, position_ids, cache=..., use_cache=True)`
         returning `.logits`), in eval mode, on one device. Its config's attn_implementation
-        must be "sdpa", "eager" or "lutflash" for graphs (any implementation runs eagerly).
+        must be "sdpa" or "lutflash" for graphs (any implementation runs eagerly).
     batch_size, max_length: the shape of the cache, prompt + new tokens at most; a generator
         serves any number of `generate` calls of that batch size whose prompt + max_new_tokens
         fit, reusing its cache and its graph (captured at the first call).
-    cuda_graph: None (the default) captures a graph when the model is on a CUDA device and runs
-        eagerly otherwise; True requires a CUDA device; False always runs eagerly.
+    cuda_graph: None (the default) captures a graph when the model is on a CUDA device with a
+        capturable attention implementation and runs eagerly otherwise; True requires both
+        (ValueError otherwise); False always runs eagerly.
     eos_check_every: with an end-of-sequence token, the host reads "has every sequence
         finished?" every this many tokens (one synchronization each; the tokens after a sequence
         finished are pad tokens, as in model.generate, and the result is cut where every sequence
@@ -97,13 +101,13 @@ class StaticGenerator:
         if reference is None:
             raise ValueError("model: has no parameters or buffers to tell its device")
         self.device = reference.device
+        attn = getattr(model.config, "_attn_implementation", None)
         if cuda_graph is None:
-            cuda_graph = self.device.type == "cuda"
+            cuda_graph = self.device.type == "cuda" and attn in GRAPH_ATTENTION
         if cuda_graph:
             if self.device.type != "cuda":
                 raise ValueError(f"cuda_graph=True: the model is on {self.device}; CUDA graphs "
                                  "need a model on a CUDA device (pass cuda_graph=None or False)")
-            attn = getattr(model.config, "_attn_implementation", None)
             if attn not in GRAPH_ATTENTION:
                 raise ValueError(f"cuda_graph=True: attn_implementation {attn!r} is not supported "
                                  f"in the captured decode step; use one of {GRAPH_ATTENTION} or "
@@ -160,7 +164,7 @@ class StaticGenerator:
         """Writes the chosen token (B,) as the next input and into the output columns."""
         if track_eos:
             token = torch.where(self._finished, self._pad, token)
-            self._finished |= torch.isin(token, self._eos)
+            self._finished |= (token[:, None] == self._eos).any(-1)  # isin cannot be captured
         self._token.copy_(token[:, None])
         self._tokens.index_copy_(1, self._index, token[:, None])
         self._index += 1
@@ -185,6 +189,11 @@ class StaticGenerator:
         """Captures one step in a CUDA graph, after a warm-up step on a side stream (as
         torch.cuda.graphs requires), then restores the state the warm-up step advanced."""
         saved = [t.clone() for t in self._state()]
+        # the warm-up step draws random numbers: put the generator back after the capture, so
+        # that a call's samples depend on its seed only, not on whether it captured the graph
+        rng = generator if generator is not None else \
+            torch.cuda.default_generators[self.device.index or 0]
+        rng_state = rng.get_state() if sample else None
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -203,6 +212,8 @@ class StaticGenerator:
             self._step(sample, generator, track_eos)
         for tensor, value in zip(self._state(), saved, strict=True):
             tensor.copy_(value)
+        if rng_state is not None:
+            rng.set_state(rng_state)
         self._graph = graph
 
     def _check_input_ids(self, input_ids, attention_mask) -> int:
