@@ -30,7 +30,7 @@ import math
 import torch
 
 from . import _C
-from ._runtime import FLOAT_DTYPES, stream_of
+from ._runtime import FLOAT_DTYPES, direct_call, scratch_workspace, stream_of
 
 MAX_HEAD_DIM = 256
 _INT32_MAX = 2**31 - 1
@@ -54,7 +54,7 @@ def _workspace(q: torch.Tensor, cu_seqlens_q, backward: bool, threads: int, k=No
         seqlen_k = max_seqlen_k if varlen else k.shape[1]
         args += [k.shape[-2], seqlen_q, seqlen_k]
     size = _C.attention_workspace_bytes(*args)
-    return torch.empty(size, dtype=torch.uint8, device=q.device)
+    return scratch_workspace(q.device, stream_of(q.device), size)
 
 
 def _cuda_operand(t: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -419,8 +419,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         raise ValueError(f"k: expected batch {q.shape[0]} (the batch of q), got {k.shape[0]}")
     options = _check_options(q, q.shape[0], causal, softmax_scale, window, softcap, alibi_slopes,
                              dropout_p, generator, seed, deterministic, return_lse)
-    out, lse = _flash_attention_op(_inner_contiguous(q), _inner_contiguous(k),
-                                   _inner_contiguous(v), *options)
+    q, k, v = (_inner_contiguous(t) for t in (q, k, v))
+    if direct_call(q, k, v, options[4]):  # what the op runs, without the dispatcher
+        out, lse = _forward(q, k, v, None, None, 0, 0, *options[:-1])
+    else:
+        out, lse = _flash_attention_op(q, k, v, *options)
     return (out, lse) if return_lse else out
 
 
@@ -452,8 +455,12 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     batch = cu_seqlens_q.shape[0] - 1
     options = _check_options(q, batch, causal, softmax_scale, window, softcap, alibi_slopes,
                              dropout_p, generator, seed, deterministic, return_lse)
-    out, lse = _flash_attention_varlen_op(_inner_contiguous(q), _inner_contiguous(k),
-                                          _inner_contiguous(v), cu_seqlens_q.contiguous(),
-                                          cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k,
-                                          *options)
+    q, k, v = (_inner_contiguous(t) for t in (q, k, v))
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    if direct_call(q, k, v, options[4]):  # what the op runs, without the dispatcher
+        out, lse = _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            *options[:-1])
+    else:
+        out, lse = _flash_attention_varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                              max_seqlen_k, *options)
     return (out, lse) if return_lse else out

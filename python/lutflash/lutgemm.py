@@ -5,38 +5,21 @@ from __future__ import annotations
 import torch
 
 from . import _C
-from ._runtime import FLOAT_DTYPES, stream_of
+from ._runtime import FLOAT_DTYPES, direct_call, is_capturing, scratch_workspace, stream_of
 from .bcq import MODES, WORD_K, BCQWeight, dequantize_packed
 
-# Workspaces kept between calls on CUDA, one of each kind per (device, stream), so that a call
-# allocates nothing but its output (a torch.empty costs about as much host time as the rest of
-# the Python path). Per stream, because calls on one stream run one after the other while two
-# streams may run at once. Not used while a CUDA graph is being captured: the graph would bake
-# in a buffer that eager calls on the same stream also use, and replays of two graphs could
-# overlap; captured calls allocate theirs (the graph keeps them).
-# - scratch: split-k partial sums, any content; kept up to _SCRATCH_MAX_BYTES (prefill-sized
-#   workspaces are allocated per call: their kernels take far longer than the allocation).
-# - clean: zero, and left zero by the decode kernel (m <= 8), so no memset launch is needed.
-_scratch_workspaces: dict[tuple[int, int], torch.Tensor] = {}
+# The zeroed workspace of the decode kernel (m <= 8), kept per (device, stream) like the scratch
+# one (_runtime.scratch_workspace, which says why): the kernel leaves it zero, so no memset
+# launch is needed per call. Not used while a CUDA graph is being captured.
 _clean_workspaces: dict[tuple[int, int], torch.Tensor] = {}
-_SCRATCH_MAX_BYTES = 64 << 20
-_is_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", torch.cuda.is_current_stream_capturing)
 
 
 def _workspaces(device: torch.device, stream: int, size: int, m: int):
     """(workspace, clean_workspace or None) for one call on `device`'s `stream`."""
-    if device.type != "cuda" or _is_capturing():
-        return torch.empty(size, dtype=torch.uint8, device=device), None
-    key = (device.index, stream)
-    if size <= _SCRATCH_MAX_BYTES:
-        workspace = _scratch_workspaces.get(key)
-        if workspace is None or workspace.numel() < size:
-            workspace = torch.empty(max(size, 1 << 20), dtype=torch.uint8, device=device)
-            _scratch_workspaces[key] = workspace
-    else:
-        workspace = torch.empty(size, dtype=torch.uint8, device=device)
-    if m > 8:
+    workspace = scratch_workspace(device, stream, size)
+    if device.type != "cuda" or m > 8 or is_capturing():
         return workspace, None
+    key = (device.index, stream)
     clean = _clean_workspaces.get(key)
     if clean is None or clean.numel() < size:
         # allocated and zeroed on this stream, so it is ordered before the calls that use it
@@ -147,18 +130,10 @@ def _backward(ctx, grad_out):
 torch.library.register_autograd("lutflash::lutgemm", _backward, setup_context=_setup_context)
 
 
-def _dispatch_modes_active() -> bool:
-    return bool(torch._C._len_torch_dispatch_stack()) or torch._C._is_torch_function_mode_enabled()
-
-
 def lutgemm_call(x, planes, meta, bias, n, k, bits, group_size, mode) -> torch.Tensor:
-    """Runs lutflash::lutgemm, calling the kernel directly when nothing needs the dispatcher:
-    no gradient to record, no tracing (torch.compile, dispatch or function modes) and a plain
-    tensor. That saves about 15 us of autograd and dispatcher overhead per call."""
-    if (type(x) is torch.Tensor and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled()
-                     and (x.requires_grad or (bias is not None and bias.requires_grad)))
-            and not _dispatch_modes_active()):
+    """Runs lutflash::lutgemm, calling the kernel directly when nothing needs the dispatcher
+    (_runtime.direct_call): about 15 us of autograd and dispatcher overhead saved per call."""
+    if direct_call(x, bias):
         return _lutgemm_kernel(x, planes, meta, bias, n, k, bits, group_size, mode)
     return _lutgemm_op(x, planes, meta, bias, n, k, bits, group_size, mode)
 

@@ -182,5 +182,5 @@ def poisoned_empty(monkeypatch, workspaces: bool = False):
         return t
 
     monkeypatch.setattr(torch, "empty", empty)
-    if workspaces:  # lutgemm's kept scratch workspaces are made again, poisoned, on first use
-        monkeypatch.setattr(sys.modules["lutflash.lutgemm"], "_scratch_workspaces", {})
+    if workspaces:  # the ops' kept scratch workspaces are made again, poisoned, on first use
+        monkeypatch.setattr(sys.modules["lutflash._runtime"], "_scratch_workspaces", {})
