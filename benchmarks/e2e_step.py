@@ -4,14 +4,14 @@ Section "step": a Llama-2-7B-shaped decoder (32 layers, hidden 4096, SwiGLU MLP 
 heads of 128 without GQA, RMSNorm, rotary, vocabulary 32000, dense 16-bit lm_head) decoding
 one token per sequence at batch 1 and 8 against a KV cache of `context` (1024) positions.
 The step is plain torch ops (no Hugging Face), so that a whole step can be captured in one
-CUDA graph. Per layer: RMSNorm → q/k/v as ONE fused projection 4096→12288 (for every variant)
-→ rotary at position `pos` (a device tensor) → k and v written into the preallocated cache at
-`pos` with index_copy_ (no host sync) → attention of the new query over the cache → o
-projection → residual → RMSNorm → gate/up as ONE fused projection 4096→22016 → SiLU·mul →
-down → residual; then the final RMSNorm, the lm_head and the argmax. The cache has exactly
-`context` positions and `pos` = context − 1: each step rewrites the last position and attends
-over all `context` of them, so no mask is needed and every step (and every graph replay) is
-the same decode step at context `context`; the other positions hold random values.
+CUDA graph. Per layer: RMSNorm (F.rms_norm) → q/k/v as ONE fused projection 4096→12288 (for
+every variant) → rotary of q and k together at position `pos` (a device tensor) → k and v
+written into the preallocated cache at `pos` with index_copy_ (no host sync) → attention of the
+new query over the cache → o projection → residual → RMSNorm → gate/up as ONE fused projection
+4096→22016 → SiLU·mul → down → residual; then the final RMSNorm, the lm_head and the argmax. The
+cache has exactly `context` positions and `pos` = context − 1: each step rewrites the last
+position and attends over all `context` of them, so no mask is needed and every step (and every
+graph replay) is the same decode step at context `context`; the other positions hold random values.
 
 Variants:
 - "fp16": nn.Linear weights in float16 (F.linear, cuBLAS) + F.scaled_dot_product_attention,
@@ -175,8 +175,8 @@ def bcq_template(n: int, k: int, bits: int, device, generator: torch.Generator):
 # --- the decoder -------------------------------------------------------------------------------
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype) * weight
+    # torch's own (one fused kernel on CUDA where this torch has it, instead of ~8 small ones)
+    return F.rms_norm(x, (x.shape[-1],), weight, EPS)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -222,8 +222,9 @@ class Decoder:
         for layer, (norm1, norm2), (k_cache, v_cache) in zip(self.layers, self.norms,
                                                              state.caches, strict=True):
             h = rms_norm(x, norm1)
-            q, k, v = layer["qkv"](h).view(batch, 3, s.heads, s.head_dim).unbind(1)
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            qkv = layer["qkv"](h).view(batch, 3, s.heads, s.head_dim)
+            q, k = rotate(qkv[:, :2], cos, sin).unbind(1)  # q and k in one set of kernels
+            v = qkv[:, 2]
             if self.attention == "sdpa":  # cache (B, H, S, D)
                 k_cache.index_copy_(2, state.pos, k.unsqueeze(2))
                 v_cache.index_copy_(2, state.pos, v.unsqueeze(2))
