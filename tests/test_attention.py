@@ -591,3 +591,27 @@ def test_low_precision_is_the_rounded_float32_result(attention_variant, case, dt
     for name, ours, exact in zip(("dq", "dk", "dv"), grads, grads32, strict=True):
         assert ours.dtype == dtype
         assert torch.equal(ours, exact.to(dtype)), name
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_direct_call_equals_the_op(monkeypatch, varlen):
+    # Without a gradient to record, flash_attention skips the dispatcher and runs _forward
+    # itself; the result must be the op's, bit for bit, and the op must not be called.
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 7, 4, 32, generator=g) for _ in range(3))
+    kw = dict(causal=True, softcap=3.0, window=(4, -1), return_lse=True)
+    if varlen:
+        cu = torch.tensor([0, 3, 14], dtype=torch.int32)
+        args = [t.reshape(14, 4, 32) for t in (q, k, v)] + [cu, cu, 11, 11]
+        fn, op = flash_attention_varlen, "_flash_attention_varlen_op"
+    else:
+        args, fn, op = [q, k, v], flash_attention, "_flash_attention_op"
+    with torch.no_grad():
+        direct = fn(*args, **kw)
+    through_op = fn(*[a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                      else a for a in args], **kw)
+    for a, b in zip(direct, through_op, strict=True):
+        assert torch.equal(a, b.detach())
+    monkeypatch.setattr(lutflash.attention, op, lambda *a, **k: pytest.fail("the op was called"))
+    with torch.inference_mode():
+        fn(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args], **kw)
