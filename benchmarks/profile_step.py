@@ -69,8 +69,6 @@ def profile(variant: str, shape: Shape, batch: int, context: int, steps: int) ->
     print("| kernel | µs/step | launches/step | µs/launch |\n|---|---|---|---|")
     for name, (us, count) in sorted(per_name.items(), key=lambda kv: -kv[1][0])[:25]:
         print(f"| {name[:90]} | {us:.1f} | {count:.0f} | {us / count:.2f} |")
-    del graph, state, model
-    free_memory()
 
 
 def main() -> None:
@@ -86,6 +84,7 @@ def main() -> None:
     shape = Shape(**{**LLAMA2_7B.__dict__, "layers": args.layers})
     for variant in args.variants:
         profile(variant, shape, args.batch, args.context, args.steps)
+        free_memory()  # the variant's model, state and graph went with profile's frame
 
 
 if __name__ == "__main__":

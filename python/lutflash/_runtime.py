@@ -34,12 +34,13 @@ def direct_call(*tensors) -> bool:
     dispatch or function modes) and every tensor argument (None skipped) is a plain tensor or
     Parameter (a subclass may override what the op does).
     The dispatcher and autograd wrapping cost 15 to 30 us per call, which decoding, with
-    hundreds of small calls per token, cannot afford."""
-    present = [t for t in tensors if t is not None]
-    return (all(type(t) in _PLAIN for t in present)
-            and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
-            and not _dispatch_modes_active())
+    hundreds of small calls per token, cannot afford; this check runs on every call, so it is
+    one loop and no temporaries."""
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
+            return False
+    return not torch.compiler.is_compiling() and not _dispatch_modes_active()
 
 
 # Scratch workspaces kept between calls on CUDA, one per (device, stream), so that a call
@@ -53,14 +54,21 @@ def direct_call(*tensors) -> bool:
 # take far longer than the allocation.
 _scratch_workspaces: dict[tuple[int, int], torch.Tensor] = {}
 _SCRATCH_MAX_BYTES = 64 << 20
-is_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing",
-                       torch.cuda.is_current_stream_capturing)
+_is_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing",
+                        torch.cuda.is_current_stream_capturing)
 
 
-def scratch_workspace(device: torch.device, stream: int, size: int) -> torch.Tensor:
+def may_keep(device: torch.device) -> bool:
+    """Whether a call on `device` may use buffers kept between calls: a CUDA device whose
+    current stream is not being captured (asked once per call, by the op)."""
+    return device.type == "cuda" and not _is_capturing()
+
+
+def scratch_workspace(device: torch.device, stream: int, size: int, keep: bool) -> torch.Tensor:
     """A uint8 buffer of at least `size` bytes for one call on `device`'s `stream`, any
-    content (a fresh one on the CPU, where calls from several threads may run at once)."""
-    if device.type != "cuda" or size > _SCRATCH_MAX_BYTES or is_capturing():
+    content: the kept one where `keep` (may_keep(device)) and it is not prefill-sized, else a
+    fresh one (also on the CPU, where calls from several threads may run at once)."""
+    if not keep or size > _SCRATCH_MAX_BYTES:
         return torch.empty(size, dtype=torch.uint8, device=device)
     key = (device.index, stream)
     workspace = _scratch_workspaces.get(key)

@@ -30,7 +30,7 @@ import math
 import torch
 
 from . import _C
-from ._runtime import FLOAT_DTYPES, direct_call, scratch_workspace, stream_of
+from ._runtime import FLOAT_DTYPES, direct_call, may_keep, scratch_workspace, stream_of
 
 MAX_HEAD_DIM = 256
 _INT32_MAX = 2**31 - 1
@@ -42,8 +42,8 @@ def _inner_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-def _workspace(q: torch.Tensor, cu_seqlens_q, backward: bool, threads: int, k=None,
-               max_seqlen_q: int = 0, max_seqlen_k: int = 0) -> torch.Tensor:
+def _workspace(q: torch.Tensor, stream: int, cu_seqlens_q, backward: bool, threads: int,
+               k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0) -> torch.Tensor:
     varlen = cu_seqlens_q is not None
     batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
     total_q = q.shape[0] if varlen else q.shape[0] * q.shape[1]
@@ -54,7 +54,7 @@ def _workspace(q: torch.Tensor, cu_seqlens_q, backward: bool, threads: int, k=No
         seqlen_k = max_seqlen_k if varlen else k.shape[1]
         args += [k.shape[-2], seqlen_q, seqlen_k]
     size = _C.attention_workspace_bytes(*args)
-    return scratch_workspace(q.device, stream_of(q.device), size)
+    return scratch_workspace(q.device, stream, size, may_keep(q.device))
 
 
 def _cuda_operand(t: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -91,12 +91,13 @@ def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, so
     if varlen:
         lse.fill_(-math.inf)
     threads = max(1, torch.get_num_threads())
+    stream = stream_of(q.device)
     _C.attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state, out, lse,
-                         _workspace(q, cu_seqlens_q, False, threads, k, max_seqlen_q,
+                         _workspace(q, stream, cu_seqlens_q, False, threads, k, max_seqlen_q,
                                     max_seqlen_k),
                          max_seqlen_q, max_seqlen_k,
                          softmax_scale, softcap, window_left, window_right, dropout_p, threads,
-                         variant, stream_of(q.device))
+                         variant, stream)
     if out.shape[-1] != d:
         out = out[..., :d].contiguous()
     return out, lse
@@ -120,14 +121,15 @@ def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seq
     dv = alloc(v.shape, dtype=v.dtype, device=v.device)
     delta = torch.empty_like(lse)
     threads = max(1, torch.get_num_threads())
+    stream = stream_of(q.device)
     if q.device.type == "cuda" and deterministic:
         workspace = torch.empty(0, dtype=torch.uint8, device=q.device)
     else:
-        workspace = _workspace(q, cu_seqlens_q, True, threads)
+        workspace = _workspace(q, stream, cu_seqlens_q, True, threads)
     _C.attention_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state, dout,
                           out, lse, dlse, dq, dk, dv, delta, workspace,
                           max_seqlen_q, max_seqlen_k, softmax_scale, softcap, window_left,
-                          window_right, dropout_p, threads, variant, stream_of(q.device),
+                          window_right, dropout_p, threads, variant, stream,
                           int(deterministic))
     if dq.shape[-1] != d:
         dq, dk, dv = (t[..., :d].contiguous() for t in (dq, dk, dv))

@@ -14,13 +14,12 @@ GPU step cannot hide. `StaticGenerator` removes all of that:
 The same step runs eagerly where there is no graph (`cuda_graph=False`, and always on the CPU), so
 its logic is tested on the CPU against `model.generate`.
 
-Captures the step for attn_implementation "sdpa" and "lutflash" (with a static cache and no
-padding mask, lutflash attention reads the valid cache length on the device: see
-`lutflash.integrations.transformers.lutflash_attention_mask`); "eager" attention runs the same
-loop without a graph (transformers' eager mask copies a host scalar to the device each step,
-which a CUDA graph cannot capture) and with LutLinear layers
-(`lutflash.patch_model`). Batches must not be padded: every sequence of a batch has the same
-prompt length (an `attention_mask` with zeros is refused).
+Works with LutLinear layers (`lutflash.patch_model`). Captures the step for attn_implementation
+"sdpa" and "lutflash" (with a static cache and no padding mask, lutflash attention reads the valid
+cache length on the device: see `lutflash.integrations.transformers.lutflash_attention_mask`);
+"eager" attention runs the same loop without a graph (transformers' eager mask copies a host scalar
+to the device each step, which a CUDA graph cannot capture). Batches must not be padded: every
+sequence of a batch has the same prompt length (an `attention_mask` with zeros is refused).
 """
 
 from __future__ import annotations
@@ -191,9 +190,11 @@ class StaticGenerator:
         saved = [t.clone() for t in self._state()]
         # the warm-up step draws random numbers: put the generator back after the capture, so
         # that a call's samples depend on its seed only, not on whether it captured the graph
-        rng = generator if generator is not None else \
-            torch.cuda.default_generators[self.device.index or 0]
-        rng_state = rng.get_state() if sample else None
+        rng = None
+        if sample:  # (a parameter's CUDA device always has its index)
+            rng = generator if generator is not None else \
+                torch.cuda.default_generators[self.device.index]
+        rng_state = rng.get_state() if rng is not None else None
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -212,7 +213,7 @@ class StaticGenerator:
             self._step(sample, generator, track_eos)
         for tensor, value in zip(self._state(), saved, strict=True):
             tensor.copy_(value)
-        if rng_state is not None:
+        if rng is not None:
             rng.set_state(rng_state)
         self._graph = graph
 

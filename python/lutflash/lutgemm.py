@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _C
-from ._runtime import FLOAT_DTYPES, direct_call, is_capturing, scratch_workspace, stream_of
+from ._runtime import FLOAT_DTYPES, direct_call, may_keep, scratch_workspace, stream_of
 from .bcq import MODES, WORD_K, BCQWeight, dequantize_packed
 
 # The zeroed workspace of the decode kernel (m <= 8), kept per (device, stream) like the scratch
@@ -16,8 +16,9 @@ _clean_workspaces: dict[tuple[int, int], torch.Tensor] = {}
 
 def _workspaces(device: torch.device, stream: int, size: int, m: int):
     """(workspace, clean_workspace or None) for one call on `device`'s `stream`."""
-    workspace = scratch_workspace(device, stream, size)
-    if device.type != "cuda" or m > 8 or is_capturing():
+    keep = may_keep(device)
+    workspace = scratch_workspace(device, stream, size, keep)
+    if not keep or m > 8:
         return workspace, None
     key = (device.index, stream)
     clean = _clean_workspaces.get(key)
