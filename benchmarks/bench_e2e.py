@@ -70,7 +70,7 @@ JSON of sections step and opt175b (--json; each section's key only when it ran):
               "group_size": 128, "mode": "uniform", "seconds": float},
      "step": {"model": {"layers", "hidden", "mlp", "heads", "head_dim", "vocab": int},
               "context": int,
-              "rows": [{"variant": "fp16"|"int4"|"lutflash 3b"|"lutflash 4b", "batch": int,
+              "rows": [{"variant": "fp16"|"fp16 ops"|"int4"|"lutflash 3b"|"lutflash 4b", "batch": int,
                         "mode": "eager"|"graph", "ms_per_step": float|null,
                         "error": str|null (why there is no time), "weight_bytes": int,
                         "kv_bytes": int, "bytes_per_step": int, "floor_ms": float,
@@ -325,8 +325,9 @@ def main():
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="step only")
     parser.add_argument("--context", type=int, default=1024,
                         help="step: KV cache positions attended by each step")
-    parser.add_argument("--variants", nargs="+", choices=["fp16", "int4", "lutflash"],
-                        default=["fp16", "int4", "lutflash"], help="step only")
+    parser.add_argument("--variants", nargs="+", choices=["fp16", "fp16-ops", "int4", "lutflash"],
+                        default=["fp16", "fp16-ops", "int4", "lutflash"],
+                        help="step only (fp16-ops: fp16 with lutflash's row-wise ops)")
     parser.add_argument("--graph-runs", type=int,
                         help="step: timed runs of --graph-replays replays (default 10)")
     parser.add_argument("--graph-replays", type=int, default=20, help="step only")

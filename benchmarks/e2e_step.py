@@ -16,11 +16,14 @@ graph replay) is the same decode step at context `context`; the other positions 
 Variants:
 - "fp16": nn.Linear weights in float16 (F.linear, cuBLAS) + F.scaled_dot_product_attention,
   cache (B, H, S, D) as Hugging Face keeps it;
+- "fp16 ops": "fp16" with lutflash's row-wise ops (below) instead of torch's: what the ops
+  alone are worth, apart from the quantized projections;
 - "int4": torch._weight_int4pack_mm (tinygemm, group 128) on bfloat16 activations, each weight
   RTN-quantized by bench_lutgemm.int4_peer; SDPA; lm_head bfloat16;
 - "lutflash {b}b": LutLinear with random packed weights (lutflash.testing.random_bcq_weight,
   uniform mode, group 128, float16 metadata), float16 activations, lutflash.flash_attention
-  on a (B, S, H, D) cache.
+  on a (B, S, H, D) cache, and lutflash's row-wise ops (step_fused: each residual add fused
+  into the RMSNorm after it, rotary of q and k in one kernel, SiLU·mul in one).
 Each projection shape has one random template, built once; every layer holds its own copy (its
 own memory, so that a step reads every layer's bytes from HBM as a real model would; the values
 being equal changes no timing). The variants are built one at a time and freed before the next.
@@ -189,9 +192,10 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 class Decoder:
     """The weights of one variant and its step; the per-batch buffers are a State."""
 
-    def __init__(self, shape: Shape, layers: list[dict], embed, lm_head, dtype, attention: str):
+    def __init__(self, shape: Shape, layers: list[dict], embed, lm_head, dtype, attention: str,
+                 ops: str = "torch"):
         self.shape, self.layers, self.embed, self.lm_head = shape, layers, embed, lm_head
-        self.dtype, self.attention = dtype, attention
+        self.dtype, self.attention, self.ops = dtype, attention, ops
         device = embed.device
         self.norms = [(torch.ones(shape.hidden, dtype=dtype, device=device),
                        torch.ones(shape.hidden, dtype=dtype, device=device)) for _ in layers]
@@ -214,6 +218,9 @@ class Decoder:
         return (batch, context, s.heads, s.head_dim)
 
     def step(self, state: State) -> None:
+        if self.ops == "lutflash":
+            self.step_fused(state)
+            return
         s, batch = self.shape, state.tokens.shape[0]
         x = self.embed.index_select(0, state.tokens)
         angles = state.pos.float() * self.inv_freq
@@ -224,20 +231,49 @@ class Decoder:
             h = rms_norm(x, norm1)
             qkv = layer["qkv"](h).view(batch, 3, s.heads, s.head_dim)
             q, k = rotate(qkv[:, :2], cos, sin).unbind(1)  # q and k in one set of kernels
-            v = qkv[:, 2]
-            if self.attention == "sdpa":  # cache (B, H, S, D)
-                k_cache.index_copy_(2, state.pos, k.unsqueeze(2))
-                v_cache.index_copy_(2, state.pos, v.unsqueeze(2))
-                out = F.scaled_dot_product_attention(q.unsqueeze(2), k_cache, v_cache)
-            else:  # lutflash, cache (B, S, H, D)
-                k_cache.index_copy_(1, state.pos, k.unsqueeze(1))
-                v_cache.index_copy_(1, state.pos, v.unsqueeze(1))
-                out = lutflash.flash_attention(q.unsqueeze(1), k_cache, v_cache)
+            out = self.attend(state, q, k, qkv[:, 2], k_cache, v_cache)
             x = x + layer["o"](out.reshape(batch, s.heads * s.head_dim))
             h = rms_norm(x, norm2)
             gate, up = layer["gate_up"](h).chunk(2, dim=-1)
             x = x + layer["down"](F.silu(gate) * up)
         logits = F.linear(rms_norm(x, self.final_norm), self.lm_head)
+        state.logits.copy_(logits)
+        state.next_token.copy_(logits.argmax(-1))
+
+    def attend(self, state: State, q, k, v, k_cache, v_cache):
+        """The new token's k and v written into the cache at `pos`, its q over the cache."""
+        if self.attention == "sdpa":  # cache (B, H, S, D)
+            k_cache.index_copy_(2, state.pos, k.unsqueeze(2))
+            v_cache.index_copy_(2, state.pos, v.unsqueeze(2))
+            return F.scaled_dot_product_attention(q.unsqueeze(2), k_cache, v_cache)
+        k_cache.index_copy_(1, state.pos, k.unsqueeze(1))  # lutflash, cache (B, S, H, D)
+        v_cache.index_copy_(1, state.pos, v.unsqueeze(1))
+        return lutflash.flash_attention(q.unsqueeze(1), k_cache, v_cache)
+
+    def step_fused(self, state: State) -> None:
+        """The same step with lutflash's row-wise ops: each residual add fused into the
+        RMSNorm after it (lutflash.rms_norm with residual=), rotary of q and k in one kernel
+        (lutflash.apply_rotary on the fused q/k/v output's slice), SiLU·mul in one."""
+        s, batch = self.shape, state.tokens.shape[0]
+        x = self.embed.index_select(0, state.tokens)
+        angles = state.pos.float() * self.inv_freq
+        angles = torch.cat((angles, angles))
+        cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        pending = None  # the last projection's output, not yet added to the residual x
+        for layer, (norm1, norm2), (k_cache, v_cache) in zip(self.layers, self.norms,
+                                                             state.caches, strict=True):
+            if pending is None:
+                h = lutflash.rms_norm(x, norm1, EPS)
+            else:
+                h, x = lutflash.rms_norm(pending, norm1, EPS, residual=x)
+            qkv = layer["qkv"](h).view(batch, 3, s.heads, s.head_dim)
+            q, k = lutflash.apply_rotary(qkv[:, :2], cos, sin).unbind(1)
+            out = self.attend(state, q, k, qkv[:, 2], k_cache, v_cache)
+            pending = layer["o"](out.reshape(batch, s.heads * s.head_dim))
+            h, x = lutflash.rms_norm(pending, norm2, EPS, residual=x)
+            pending = layer["down"](lutflash.silu_mul(layer["gate_up"](h)))
+        h, _ = lutflash.rms_norm(pending, self.final_norm, EPS, residual=x)
+        logits = F.linear(h, self.lm_head)
         state.logits.copy_(logits)
         state.next_token.copy_(logits.argmax(-1))
 
@@ -278,11 +314,12 @@ def build(variant: str, shape: Shape, dense: dict[str, torch.Tensor], device,
     """The variant's decoder and, for fp16 and lutflash, the same model in float32 (the
     templates upcast or dequantized once, shared by every layer) for the check."""
     projections = shape.projections()
-    if variant == "fp16":
+    if variant in ("fp16", "fp16 ops"):
         half = {name: w.half() for name, w in dense.items()}
         layers = [{name: Dense(half[name].clone()) for name in projections}
                   for _ in range(shape.layers)]
-        model = Decoder(shape, layers, half["embed"], half["lm_head"], torch.float16, "sdpa")
+        model = Decoder(shape, layers, half["embed"], half["lm_head"], torch.float16, "sdpa",
+                        ops="lutflash" if variant == "fp16 ops" else "torch")
         reference = {name: Dense(half[name].float()) for name in projections}
     elif variant == "int4":
         layers = [{name: Int4(dense[name]) for name in projections} for _ in range(shape.layers)]
@@ -295,7 +332,7 @@ def build(variant: str, shape: Shape, dense: dict[str, torch.Tensor], device,
         layers = [{name: LutLinear.from_bcq(t) for name, t in templates.items()}
                   for _ in range(shape.layers)]
         model = Decoder(shape, layers, dense["embed"].half(), dense["lm_head"].half(),
-                        torch.float16, "lutflash")
+                        torch.float16, "lutflash", ops="lutflash")
         reference = {name: Dense(t.dequantize(torch.float32)) for name, t in templates.items()}
     ref_model = Decoder(shape, [reference] * shape.layers, model.embed.float(),
                         model.lm_head.float(), torch.float32, "sdpa")
@@ -386,7 +423,7 @@ def bench_step(args, device, bandwidth: float) -> dict:
     shape = Shape(**{**shape.__dict__, "layers": args.layers or (
         4 if args.quick and device.type == "cuda" else shape.layers)})
     print(f"\n## step: {shape}, context {args.context}, batches {args.batch}", flush=True)
-    variants = [v for v in args.variants if v != "lutflash"]
+    variants = [v.replace("-", " ") for v in args.variants if v != "lutflash"]
     if "lutflash" in args.variants:
         variants += [f"lutflash {b}b" for b in args.bits]
     dense = dense_templates(shape, device)

@@ -9,6 +9,7 @@ static PyMethodDef *const method_tables[] = {
     bcq_quantize_methods,
     runtime_methods,
     attention_methods,
+    decode_ops_methods,
 };
 
 static struct PyModuleDef lutflash_module = {

@@ -5,6 +5,8 @@
 
 #include <cuda_runtime.h>
 
+#include <utility>
+
 namespace lf {
 
 constexpr int kMaxDevices = 64;
@@ -43,6 +45,24 @@ cudaError_t setup_kernel(int threads, int smem_bytes, int *blocks_per_sm) {
     }
     if (blocks_per_sm != nullptr) *blocks_per_sm = resident[device];
     return cudaSuccess;
+}
+
+/* kKernel<<<grid, block, smem, stream>>>(args...), launched so that on compute capability 9.x
+ * it may start while the previous kernel of the stream finishes (programmatic dependent launch,
+ * also inside a CUDA graph capture). The kernel must call lf::wait_prior_grid() (ptx.cuh)
+ * before it reads anything an earlier kernel may write or writes anything at all. */
+template <typename... Params, typename... Args>
+cudaError_t launch_overlapped(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                              cudaStream_t stream, Args &&...args) {
+    cudaLaunchAttribute attr[1] = {};
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid, config.blockDim = block, config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    config.attrs = attr;
+    config.numAttrs = current_device_info().major >= 9 ? 1 : 0;
+    return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
 }  // namespace lf

@@ -41,6 +41,38 @@ int64_t attention_cuda_backward_workspace_bytes(int64_t heads_q, int64_t head_di
                                                 int64_t total_q);
 int attention_backward_cuda(const attention_bwd_params *p, void *stream);
 
+/* Row-wise ops of a decoder step (cuda/decode_ops.cu), on fp16/bf16/fp32 rows (x_type, an
+ * lf_scalar); each rounds to x's dtype where the torch composition it replaces does (the
+ * Python docstrings say where). Launched overlapped with the kernel before them (PDL). */
+typedef struct {
+    const void *x, *residual, *weight; /* residual may be NULL */
+    void *out, *sum;                   /* sum = x + residual, written when residual is given */
+    int64_t rows, hidden, ldx, ldr;    /* out and sum are dense (rows, hidden) */
+    float eps;
+    int x_type;
+} rms_norm_params;
+/* out = (h · rsqrt(mean(h²) + eps)) · weight per row, h = x (+ residual). */
+int rms_norm_cuda(const rms_norm_params *p, void *stream);
+
+typedef struct {
+    const void *x; /* (rows, 2·d), rows ldx apart: gate then up */
+    void *out;     /* dense (rows, d) */
+    int64_t rows, d, ldx;
+    int x_type;
+} silu_mul_params;
+/* out = silu(gate) · up. */
+int silu_mul_cuda(const silu_mul_params *p, void *stream);
+
+typedef struct {
+    const void *x;           /* (outer, inner, head_dim), strides (xs_outer, xs_inner, 1) */
+    const void *cos, *sin;   /* (outer or 1, head_dim) dense; cs_outer 0 broadcasts one row */
+    void *out;               /* dense (outer, inner, head_dim) */
+    int64_t outer, inner, head_dim, xs_outer, xs_inner, cs_outer;
+    int x_type;
+} rotary_params;
+/* out = x · cos + rotate_half(x) · sin (rotate_half(x) = (−x₂, x₁) for halves x₁, x₂). */
+int rotary_cuda(const rotary_params *p, void *stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -20,11 +20,16 @@
  * output and puts the workspace back to zero (sums and counter), so that a workspace kept per
  * stream (lutflash.ops) needs no memset launch before the next call. Grid: (row tiles G,
  * slabs), with G·slabs ≈ the resident blocks of one wave; runs of 8 consecutive row sets of 16
- * rows go round-robin to the G tiles, one row set to each of the block's 8 warps. */
+ * rows go round-robin to the G tiles, one row set to each of the block's 8 warps.
+ *
+ * Launched overlapped with the kernel before it (programmatic dependent launch): a block
+ * prefetches its first weights into L2 and lets the next kernel launch before it waits for
+ * the previous one; weight and metadata bytes do not depend on earlier kernels, x does. */
 #include <type_traits>
 
 #include "device.cuh"
 #include "lutgemm_cuda.cuh"
+#include "ptx.cuh"
 
 namespace {
 
@@ -160,6 +165,29 @@ __global__ void __launch_bounds__(THREADS, M >= 4 ? 1 : 2) decode_kernel(LutArgs
                             : Raw{};
         }
     };
+
+    // Launched overlapped (lf::launch_overlapped): until wait_prior_grid the previous kernel
+    // of the stream may still run, and may be writing x, the workspace, even the weights. So
+    // the only memory work before it is L2 prefetches of this warp's first 2·D items (L2 is
+    // where every write lands, so a prefetched line is never stale), from the lane of each
+    // 64-byte run that starts it; then the next kernel may launch too (its blocks take SM room
+    // as ours leave).
+#pragma unroll
+    for (int j = 0; j < 2 * D; ++j) {
+        const int h = j % HALVES;
+        const int64_t set = item_rs(j), row = set * 16;
+        if (q == 0 && set < row_sets && row < a.n_pad && valid[h]) {
+#pragma unroll
+            for (int i = 0; i < BITS; ++i)
+                lf::prefetch_l2(a.planes + ((int64_t)word[h] * BITS + i) * a.n_pad + row);
+#pragma unroll
+            for (int e = 0; e < NM; ++e)
+                lf::prefetch_l2((const char *)a.meta +
+                                (((int64_t)group[h] * NM + e) * a.n_pad + row) * meta_size);
+        }
+    }
+    lf::allow_next_grid();
+    lf::wait_prior_grid();
 
     // The first D items' loads go out before the tables are built.
     St st[D];
@@ -330,8 +358,7 @@ cudaError_t launch(const LutArgs &a, cudaStream_t stream) {
     int64_t tiles = (int64_t)resident * a.sm_count / (slabs * z);
     tiles = tiles < 1 ? 1 : tiles > row_sets ? row_sets : tiles;
     const dim3 grid((unsigned)tiles, (unsigned)slabs, (unsigned)z);
-    kernel<<<grid, THREADS, SMEM, stream>>>(a);
-    return cudaGetLastError();
+    return lf::launch_overlapped(kernel, grid, dim3(THREADS), SMEM, stream, a);
 }
 
 template <bool META32, bool GENERAL, int M>

@@ -12,6 +12,7 @@
 from . import _C, gptq, integrations, nn  # integrations registers "lutflash" with transformers, lazily
 from .attention import flash_attention, flash_attention_varlen
 from .bcq import FORMAT_VERSION, BCQWeight, quantize
+from .decode_ops import apply_rotary, rms_norm, silu_mul
 from .convert import from_awq, from_gptq, load_quantized_state_dict
 from .lora import LoraLutLinear, add_lora
 from .lutgemm import lutgemm  # the function: lutflash.lutgemm; the module is sys.modules["lutflash.lutgemm"]
@@ -22,7 +23,8 @@ __version__ = "0.1.0"
 
 built_with_cuda = _C.built_with_cuda()
 
-__all__ = ["BCQWeight", "FORMAT_VERSION", "LoraLutLinear", "LutLinear", "add_lora", "built_with_cuda",
+__all__ = ["BCQWeight", "FORMAT_VERSION", "LoraLutLinear", "LutLinear", "add_lora", "apply_rotary",
+           "built_with_cuda",
            "flash_attention", "flash_attention_varlen", "from_awq", "from_gptq", "gptq", "integrations",
            "load_quantized_state_dict", "lutgemm", "nn",
-           "patch_model", "quantize", "quantize_model"]
+           "patch_model", "quantize", "quantize_model", "rms_norm", "silu_mul"]
