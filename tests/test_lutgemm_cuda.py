@@ -263,6 +263,17 @@ def test_decode_split_k_rows(m):
     check(x, qweight, None)
 
 
+@pytest.mark.parametrize("m", [1, 4, 8])
+@pytest.mark.parametrize("n", [20000, 40000])
+def test_decode_cluster_or_workspace(m, n):
+    # 2..8 slabs reduce in a thread-block cluster while a tile's rows fit its shared memory
+    # (4096 sums per block: 1024 rows at m = 4..8, where n = 40000 does not fit and the
+    # workspace reduction takes over)
+    qweight = weight(n, 1024, 3, 128, "uniform", torch.float16, seed=n + m)
+    check(torch.randn(m, 1024, dtype=torch.float16, device=DEVICE), qweight,
+          torch.randn(n, dtype=torch.float16, device=DEVICE), path="lut")
+
+
 @pytest.mark.parametrize("m", [17, 32, 48, 64])
 def test_mma_tiles_on_a_wide_layer(m):
     # many column tiles and split k, as on LLM layers; the reference is computed on the GPU
@@ -377,3 +388,27 @@ def test_mma_uniform_weights_exact(bits, dtype, path):
         x = torch.eye(k, dtype=dtype, device=DEVICE)[:m]
         out = poisoned_call(x, qweight, path=path)
         assert torch.equal(out, exact[:m]), (out - exact[:m]).abs().max().item()
+
+
+@pytest.mark.parametrize("m", [1, 2, 4])
+def test_overlapped_launch_sees_the_previous_kernels_writes(m):
+    """The decode kernel starts before the kernel ahead of it has finished (programmatic
+    dependent launch) and prefetches weights then: weights, metadata and x written by the
+    kernels just before it, with no synchronization, must be the ones it uses."""
+    gen = torch.Generator().manual_seed(5)
+    n, k = 3000, 4096
+    a, b = (weight(n, k, 3, 128, "uniform", torch.float16, seed) for seed in (1, 2))
+    layer = weight(n, k, 3, 128, "uniform", torch.float16, 3)
+    xs = [torch.randn(m, k, generator=gen).half().to(DEVICE) for _ in range(2)]
+    x = torch.empty_like(xs[0])
+    want = {(i, j): naive(xs[j], w, None) for i, w in enumerate((a, b)) for j in range(2)}
+    outs = []
+    for step in range(12):
+        i, j = step % 2, (step // 2) % 2
+        src = (a, b)[i]
+        layer.planes.copy_(src.planes)  # kernels that write what the next one reads
+        layer.meta.copy_(src.meta)
+        x.copy_(xs[j])
+        outs.append(((i, j), lutflash.lutgemm(x, layer)))
+    for key, out in outs:  # another weight or x than the intended gives an error of ~1.4
+        assert relative_error(out.float(), want[key].float()) < 1e-2, key
