@@ -2,16 +2,12 @@
  * before it), SiLU·mul of a fused gate/up output, and the rotary embedding of q and k. A
  * decode step runs each once or twice per layer on a few rows, so each is one small launch
  * that replaces several of torch's (the add and the norm; silu and mul; neg, cat, two muls and
- * an add), and each is launched overlapped (lf::launch_overlapped): it lets the next kernel
- * (a lutgemm decode kernel prefetching its weights) launch at once, then waits for the one
- * before it. Arithmetic in fp32; results rounded to the rows' dtype where torch's composition
+ * an add). Arithmetic in fp32; results rounded to the rows' dtype where torch's composition
  * rounds, so that a model gives what its own torch code gives up to the reduction order. */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "device.cuh"
 #include "lutflash_cuda.h"
-#include "ptx.cuh"
 
 namespace {
 
@@ -50,8 +46,6 @@ template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Vec {
 template <typename T, bool RESIDUAL, int VEC>
 __global__ void __launch_bounds__(NORM_THREADS) rms_norm_kernel(rms_norm_params p) {
     using V = Vec<T, VEC>;
-    lf::allow_next_grid();
-    lf::wait_prior_grid();
     const int64_t row = blockIdx.x, nvec = p.hidden / VEC;
     const int tid = threadIdx.x;
     const V *__restrict__ x = (const V *)((const T *)p.x + row * p.ldx);
@@ -137,8 +131,6 @@ __global__ void __launch_bounds__(NORM_THREADS) rms_norm_kernel(rms_norm_params 
 /* out[r, j] = rounded(silu(gate)) · up, rounded (torch: F.silu(gate) * up). Grid: x over
  * columns, y over rows (strided loop past the grid's limit). */
 template <typename T> __global__ void silu_mul_kernel(silu_mul_params p) {
-    lf::allow_next_grid();
-    lf::wait_prior_grid();
     const int64_t j = (int64_t)blockIdx.x * ELEMENTWISE_THREADS + threadIdx.x;
     if (j >= p.d) return;
     for (int64_t row = blockIdx.y; row < p.rows; row += gridDim.y) {
@@ -153,8 +145,6 @@ template <typename T> __global__ void silu_mul_kernel(silu_mul_params p) {
  * out_{j+D/2} = x_{j+D/2}·cos_{j+D/2} + x_j·sin_{j+D/2}, each product and the sum rounded
  * (torch: x * cos + rotate_half(x) * sin). Grid: x over (inner row, pair), y over outer. */
 template <typename T> __global__ void rotary_kernel(rotary_params p) {
-    lf::allow_next_grid();
-    lf::wait_prior_grid();
     const int64_t half = p.head_dim / 2;
     const int64_t e = (int64_t)blockIdx.x * ELEMENTWISE_THREADS + threadIdx.x;
     if (e >= p.inner * half) return;
@@ -180,10 +170,11 @@ dim3 elementwise_grid(int64_t columns, int64_t rows) {
 template <typename T, int VEC>
 cudaError_t rms_norm_vec(const rms_norm_params &p, cudaStream_t stream) {
     const dim3 grid((unsigned)p.rows);  // rows ≤ 2³¹ − 1: checked by the caller
-    return p.residual ? lf::launch_overlapped(rms_norm_kernel<T, true, VEC>, grid,
-                                              dim3(NORM_THREADS), 0, stream, p)
-                      : lf::launch_overlapped(rms_norm_kernel<T, false, VEC>, grid,
-                                              dim3(NORM_THREADS), 0, stream, p);
+    if (p.residual)
+        rms_norm_kernel<T, true, VEC><<<grid, NORM_THREADS, 0, stream>>>(p);
+    else
+        rms_norm_kernel<T, false, VEC><<<grid, NORM_THREADS, 0, stream>>>(p);
+    return cudaGetLastError();
 }
 
 bool aligned16(const void *ptr) { return (uintptr_t)ptr % 16 == 0; }
@@ -198,14 +189,14 @@ template <typename T> cudaError_t rms_norm(const rms_norm_params &p, cudaStream_
 }
 
 template <typename T> cudaError_t silu_mul(const silu_mul_params &p, cudaStream_t stream) {
-    return lf::launch_overlapped(silu_mul_kernel<T>, elementwise_grid(p.d, p.rows),
-                                 dim3(ELEMENTWISE_THREADS), 0, stream, p);
+    silu_mul_kernel<T><<<elementwise_grid(p.d, p.rows), ELEMENTWISE_THREADS, 0, stream>>>(p);
+    return cudaGetLastError();
 }
 
 template <typename T> cudaError_t rotary(const rotary_params &p, cudaStream_t stream) {
-    return lf::launch_overlapped(rotary_kernel<T>,
-                                 elementwise_grid(p.inner * (p.head_dim / 2), p.outer),
-                                 dim3(ELEMENTWISE_THREADS), 0, stream, p);
+    rotary_kernel<T><<<elementwise_grid(p.inner * (p.head_dim / 2), p.outer),
+                       ELEMENTWISE_THREADS, 0, stream>>>(p);
+    return cudaGetLastError();
 }
 
 /* fn<T>(p, stream) for the lf_scalar `type`. */

@@ -43,7 +43,7 @@ int attention_backward_cuda(const attention_bwd_params *p, void *stream);
 
 /* Row-wise ops of a decoder step (cuda/decode_ops.cu), on fp16/bf16/fp32 rows (x_type, an
  * lf_scalar); each rounds to x's dtype where the torch composition it replaces does (the
- * Python docstrings say where). Launched overlapped with the kernel before them (PDL). */
+ * Python docstrings say where). */
 typedef struct {
     const void *x, *residual, *weight; /* residual may be NULL */
     void *out, *sum;                   /* sum = x + residual, written when residual is given */

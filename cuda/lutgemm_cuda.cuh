@@ -32,7 +32,6 @@ struct LutArgs {
     int nm;              // metadata entries per (row, group): bcq_meta_per_group
     int mode, x_type, meta_type;
     int sm_count;
-    int cluster;         // decode kernel: the slabs of a tile are one cluster (no workspace)
 };
 
 /* Bytes of shared memory per activation row for a chunk of `chunk` words: x, tables, Σx. */

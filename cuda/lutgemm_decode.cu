@@ -15,28 +15,16 @@
  * PRMT + LDS + FADD, and a warp-uniform table's ~3-way conflicts are gone.
  *
  * Each lane's sums are for its word only; a row's total over the warp's 8 words is a
- * reduce-scatter over lanes 4, 8, 16 apart (4 shuffles for 16 rows). The slabs of a row tile
- * are reduced in one of two ways. Up to 8 slabs (k ≤ 4096 at m = 1, 2048 at m > 1), where the
- * tile's rows fit PARTIAL_FLOATS, the tile's blocks are one thread-block cluster: each keeps
- * its sums in shared memory and each block adds up a share of the rows over the cluster
- * (cluster_reduce). Otherwise they go with fp32 atomics into a workspace that starts zero; the
- * last block of a row tile writes the output and puts the workspace back to zero (sums and
- * counter), so that a workspace kept per stream (lutflash.ops) needs no memset launch before
- * the next call; that chain (atomics, a fence, a counter, re-reading the sums) costs a few
- * microseconds of L2 round trips per call that the cluster path does not pay. Grid: (row tiles G,
+ * reduce-scatter over lanes 4, 8, 16 apart (4 shuffles for 16 rows). Slabs are reduced with
+ * fp32 atomics into a workspace that starts zero; the last block of a row tile writes the
+ * output and puts the workspace back to zero (sums and counter), so that a workspace kept per
+ * stream (lutflash.ops) needs no memset launch before the next call. Grid: (row tiles G,
  * slabs), with G·slabs ≈ the resident blocks of one wave; runs of 8 consecutive row sets of 16
- * rows go round-robin to the G tiles, one row set to each of the block's 8 warps.
- *
- * Launched overlapped with the kernel before it (programmatic dependent launch): a block
- * prefetches its first weights into L2 and lets the next kernel launch before it waits for
- * the previous one; weight and metadata bytes do not depend on earlier kernels, x does. */
-#include <cooperative_groups.h>
-
+ * rows go round-robin to the G tiles, one row set to each of the block's 8 warps. */
 #include <type_traits>
 
 #include "device.cuh"
 #include "lutgemm_cuda.cuh"
-#include "ptx.cuh"
 
 namespace {
 
@@ -85,12 +73,8 @@ template <int BITS, bool META32, bool GENERAL, int M> __host__ __device__ conste
 }
 /* Table slots: 32 tables (8 words × 4 bytes) each; a pair of slots fills 64 KB. */
 template <int M> __host__ __device__ constexpr int slots() { return M == 1 ? 2 : M; }
-/* Cluster reduction (CLUSTER_MAX_SLABS ≥ slabs ≥ 2): a block's partial sums of its tile's rows,
- * PARTIAL_FLOATS / M rows per activation row. */
-constexpr int PARTIAL_FLOATS = 4096;
-constexpr int CLUSTER_MAX_SLABS = 8;  // the portable cluster size
 template <int M> __host__ __device__ constexpr int smem_bytes() {
-    return slots<M>() / 2 * TABLE_BYTES + slots<M>() * 8 * 4 + PARTIAL_FLOATS * 4;
+    return slots<M>() / 2 * TABLE_BYTES + slots<M>() * 8 * 4;
 }
 
 /* 16-byte read-only load of plane words that does not keep its line in L1 and asks L2 to
@@ -113,42 +97,11 @@ __device__ __forceinline__ int64_t tile_row_set(int64_t j, int x, int G) {
 }
 
 /* Number of row sets of tile x that exist (tile_row_set(j) < row_sets for j < this). */
-__host__ __device__ __forceinline__ int64_t tile_row_sets(int64_t row_sets, int x, int G) {
+__device__ __forceinline__ int64_t tile_row_sets(int64_t row_sets, int x, int G) {
     const int64_t rem = row_sets - 8 * (int64_t)x;
     if (rem <= 0) return 0;
     const int64_t periods = rem / (8 * (int64_t)G), tail = rem - periods * 8 * G;
     return periods * 8 + (tail < 8 ? tail : 8);
-}
-
-/* The slabs of a row tile are the blocks of one cluster (gridDim.y of them, compute capability
- * 9.x): once every block has its partial sums of the tile's rows in shared memory, block y
- * sums the y-th share of the rows over the cluster's blocks (distributed shared memory) and
- * writes them out: no workspace, atomics, fences or counters. */
-__device__ __forceinline__ void cluster_reduce(const LutArgs &a, float *partial,
-                                               int partial_rows, int64_t row_sets, int mz,
-                                               int64_t row0) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    namespace cg = cooperative_groups;
-    cg::cluster_group cluster = cg::this_cluster();
-    cluster.sync();  // every block's partial sums written
-    const int slabs = (int)gridDim.y, rank = (int)cluster.block_rank();
-    const int tile_rows = (int)tile_row_sets(row_sets, blockIdx.x, gridDim.x) * 16;
-    const int per = (tile_rows + slabs - 1) / slabs;
-    const int lo = rank * per, hi = min(tile_rows, lo + per);
-    for (int e = threadIdx.x; e < (hi > lo ? hi - lo : 0) * mz; e += THREADS) {
-        const int r = e / (hi - lo), f = lo + e % (hi - lo);
-        float v = 0.0f;
-        for (int b = 0; b < slabs; ++b)
-            v += *cluster.map_shared_rank(partial + r * partial_rows + f, b);
-        const int64_t row = tile_row_set(f / 16, blockIdx.x, gridDim.x) * 16 + f % 16;
-        if (row < a.n)
-            store_scalar(a.out, (row0 + r) * a.ldo + row, a.x_type,
-                         v + (a.bias ? load_scalar(a.bias, row, a.x_type) : 0.0f));
-    }
-    cluster.sync();  // no block leaves while another reads its shared memory
-#else
-    (void)a, (void)partial, (void)partial_rows, (void)row_sets, (void)mz, (void)row0;
-#endif
 }
 
 template <int BITS, bool META32, bool GENERAL, int M>
@@ -164,8 +117,6 @@ __global__ void __launch_bounds__(THREADS, M >= 4 ? 1 : 2) decode_kernel(LutArgs
     extern __shared__ float4 decode_smem[];
     float *tables = (float *)decode_smem;
     float *xsum = tables + S / 2 * 256 * TABLES;
-    float *partial = xsum + S * 8;  // (M, PARTIAL_FLOATS / M): cluster reduction only
-    constexpr int PARTIAL_ROWS = PARTIAL_FLOATS / M;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int w = lane >> 2, q = lane & 3;
@@ -209,29 +160,6 @@ __global__ void __launch_bounds__(THREADS, M >= 4 ? 1 : 2) decode_kernel(LutArgs
                             : Raw{};
         }
     };
-
-    // Launched overlapped (lf::launch_overlapped): until wait_prior_grid the previous kernel
-    // of the stream may still run, and may be writing x, the workspace, even the weights. So
-    // the only memory work before it is L2 prefetches of this warp's first 2·D items (L2 is
-    // where every write lands, so a prefetched line is never stale), from the lane of each
-    // 64-byte run that starts it; then the next kernel may launch too (its blocks take SM room
-    // as ours leave).
-#pragma unroll
-    for (int j = 0; j < 2 * D; ++j) {
-        const int h = j % HALVES;
-        const int64_t set = item_rs(j), row = set * 16;
-        if (q == 0 && set < row_sets && row < a.n_pad && valid[h]) {
-#pragma unroll
-            for (int i = 0; i < BITS; ++i)
-                lf::prefetch_l2(a.planes + ((int64_t)word[h] * BITS + i) * a.n_pad + row);
-#pragma unroll
-            for (int e = 0; e < NM; ++e)
-                lf::prefetch_l2((const char *)a.meta +
-                                (((int64_t)group[h] * NM + e) * a.n_pad + row) * meta_size);
-        }
-    }
-    lf::allow_next_grid();
-    lf::wait_prior_grid();
 
     // The first D items' loads go out before the tables are built.
     St st[D];
@@ -330,10 +258,9 @@ __global__ void __launch_bounds__(THREADS, M >= 4 ? 1 : 2) decode_kernel(LutArgs
     };
 
     // Reduce over the 8 lanes of equal q: lane (w, q) ends with row 4q + ((w >> 1) & 3).
-    auto finish = [&](int64_t rs, int j) {  // row set rs, tile slot j
+    auto finish = [&](int64_t rs) {
         const bool b16 = lane & 16, b8 = lane & 8;
-        const int in_set = 4 * q + ((w >> 1) & 3);
-        const int64_t row = rs * 16 + in_set;
+        const int64_t row = rs * 16 + 4 * q + ((w >> 1) & 3);
 #pragma unroll
         for (int r = 0; r < M; ++r) {
             const float v0 = __shfl_xor_sync(0xffffffffu, b16 ? acc[r][0] : acc[r][2], 16);
@@ -343,8 +270,7 @@ __global__ void __launch_bounds__(THREADS, M >= 4 ? 1 : 2) decode_kernel(LutArgs
             float v = (b8 ? a1 : a0) + __shfl_xor_sync(0xffffffffu, b8 ? a0 : a1, 8);
             v += __shfl_xor_sync(0xffffffffu, v, 4);
             if ((w & 1) == 0 && row < a.n_pad && r < mz) {
-                if (a.cluster) partial[r * PARTIAL_ROWS + j * 16 + in_set] = v;
-                else if (gridDim.y > 1) atomicAdd(wacc + r * a.n_pad + row, v);
+                if (gridDim.y > 1) atomicAdd(wacc + r * a.n_pad + row, v);
                 else if (row < a.n)
                     store_scalar(a.out, (row0 + r) * a.ldo + row, a.x_type,
                                  v + (a.bias ? load_scalar(a.bias, row, a.x_type) : 0.0f));
@@ -365,14 +291,10 @@ __global__ void __launch_bounds__(THREADS, M >= 4 ? 1 : 2) decode_kernel(LutArgs
             }
             consume(st[j], h);
             load(st[j], item_rs(it0 + j + D), h);
-            if (h == HALVES - 1) finish(rs, warp + 8 * ((it0 + j) / HALVES));
+            if (h == HALVES - 1) finish(rs);
         }
     }
 
-    if (a.cluster) {
-        cluster_reduce(a, partial, PARTIAL_ROWS, row_sets, mz, row0);
-        return;
-    }
     if (gridDim.y > 1 && last_block_of_tile(counter, gridDim.y)) {
         // Every other block of the tile has counted itself: reset the counter, and below put
         // back zeros where the atomics summed, so the workspace is clean for the next call.
@@ -407,24 +329,9 @@ cudaError_t launch(const LutArgs &a, cudaStream_t stream) {
     const int64_t row_sets = (a.n_pad + 15) / 16;
     int64_t tiles = (int64_t)resident * a.sm_count / (slabs * z);
     tiles = tiles < 1 ? 1 : tiles > row_sets ? row_sets : tiles;
-    // Clusters of the tile's slabs where they fit: the tiles are as many clusters as can be
-    // resident at once (a GPC holds whole clusters only), and each tile's rows fit the
-    // partial sums' space.
-    LutArgs c = a;
-    int cluster_tiles = 0;
-    if (slabs >= 2 && slabs <= CLUSTER_MAX_SLABS && lf::current_device_info().major >= 9) {
-        err = lf::max_active_clusters<kernel>(THREADS, SMEM, (int)slabs, &cluster_tiles);
-        if (err != cudaSuccess) return err;
-        cluster_tiles = (int)(cluster_tiles / z < row_sets ? cluster_tiles / z : row_sets);
-        // the fullest tile is tile 0
-        if (cluster_tiles > 0 && tile_row_sets(row_sets, 0, cluster_tiles) * 16 > PARTIAL_FLOATS / M)
-            cluster_tiles = 0;
-    }
-    c.cluster = cluster_tiles > 0;
-    if (c.cluster) tiles = cluster_tiles;
     const dim3 grid((unsigned)tiles, (unsigned)slabs, (unsigned)z);
-    return lf::launch_overlapped_clusters(kernel, grid, dim3(THREADS), SMEM, stream,
-                                          dim3(1, c.cluster ? (unsigned)slabs : 1u, 1), c);
+    kernel<<<grid, THREADS, SMEM, stream>>>(a);
+    return cudaGetLastError();
 }
 
 template <bool META32, bool GENERAL, int M>

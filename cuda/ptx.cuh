@@ -95,27 +95,6 @@ __device__ __forceinline__ void mma_m16n8k16(float c[4], const uint32_t a[4], ui
 }
 #undef LF_MMA_M16N8K16
 
-/* Programmatic dependent launch (compute capability 9.x; no-ops before, and in a kernel not
- * launched with lf::launch_overlapped). wait_prior_grid: returns once the kernels before this
- * one in the stream have finished and their writes are visible; before it a kernel may only
- * read memory that no earlier kernel writes, and write nothing. allow_next_grid: the next
- * kernel of the stream, if launched overlapped, may start its blocks (they wait in their own
- * wait_prior_grid until this whole grid has finished). */
-__device__ __forceinline__ void wait_prior_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void allow_next_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-/* The cache line at p fetched into L2 (no register written, nothing waits for it). */
-__device__ __forceinline__ void prefetch_l2(const void *p) {
-    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
-}
-
 /* dst[0..1] (8-byte aligned) += (x, y) and dst[0..3] (16-byte aligned) += v in global memory;
  * one vector atomic on compute capability 9.x, scalar ones before. */
 __device__ __forceinline__ void atomic_add2(float *dst, float x, float y) {

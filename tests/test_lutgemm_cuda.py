@@ -265,10 +265,9 @@ def test_decode_split_k_rows(m):
 
 @pytest.mark.parametrize("m", [1, 4, 8])
 @pytest.mark.parametrize("n", [20000, 40000])
-def test_decode_cluster_or_workspace(m, n):
-    # 2..8 slabs reduce in a thread-block cluster while a tile's rows fit its shared memory
-    # (4096 sums per block: 1024 rows at m = 4..8, where n = 40000 does not fit and the
-    # workspace reduction takes over)
+def test_decode_many_rows_few_slabs(m, n):
+    # tens of thousands of rows over 2 or 4 slabs of k: long row tiles reduced through the
+    # workspace, with a bias
     qweight = weight(n, 1024, 3, 128, "uniform", torch.float16, seed=n + m)
     check(torch.randn(m, 1024, dtype=torch.float16, device=DEVICE), qweight,
           torch.randn(n, dtype=torch.float16, device=DEVICE), path="lut")
@@ -391,10 +390,10 @@ def test_mma_uniform_weights_exact(bits, dtype, path):
 
 
 @pytest.mark.parametrize("m", [1, 2, 4])
-def test_overlapped_launch_sees_the_previous_kernels_writes(m):
-    """The decode kernel starts before the kernel ahead of it has finished (programmatic
-    dependent launch) and prefetches weights then: weights, metadata and x written by the
-    kernels just before it, with no synchronization, must be the ones it uses."""
+def test_sees_the_previous_kernels_writes(m):
+    """Weights, metadata and x written by the kernels just before a decode call, with no
+    synchronization, are the ones it uses (a kernel that started early or cached weights
+    across calls would not)."""
     gen = torch.Generator().manual_seed(5)
     n, k = 3000, 4096
     a, b = (weight(n, k, 3, 128, "uniform", torch.float16, seed) for seed in (1, 2))

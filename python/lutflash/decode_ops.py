@@ -5,8 +5,7 @@ A decode step runs each on a few rows once or twice per layer; in torch each is 
 kernels (the add and the norm; silu and mul; neg, cat, two muls and an add), and at batch 1
 their launches cost more than their bytes. On CUDA, for inference (no gradient needed, not
 traced by torch.compile, no dispatch modes: ``_runtime.direct_call``), each is one lutflash
-kernel (cuda/decode_ops.cu) launched so that the next lutflash kernel may start prefetching its
-weights under it. Everywhere else (the CPU, autograd, torch.compile) they are the torch
+kernel (cuda/decode_ops.cu). Everywhere else (the CPU, autograd, torch.compile) they are the torch
 composition they stand for, which is also the definition the kernels follow: arithmetic in
 float32, results rounded to the input's dtype where the torch composition rounds, so the two
 agree up to the order of the norm's sum.
