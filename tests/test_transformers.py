@@ -345,7 +345,7 @@ def test_patch_model_options():
     model = build("opt")
     summary = lutflash.patch_model(model)
     assert summary == {"attention": "lutflash", "linear": [], "linear_count": 0, "fused": [],
-                       "bytes_before": summary["bytes_before"],
+                       "norms": [], "bytes_before": summary["bytes_before"],
                        "bytes_after": summary["bytes_before"]}
 
     plain = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
@@ -357,6 +357,34 @@ def test_patch_model_options():
 
     with pytest.raises(TypeError, match="linear"):
         lutflash.patch_model(plain, linear=3)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma2"])
+def test_patch_model_norms(family):
+    """Llama-convention RMSNorms become lutflash.nn.RMSNorm sharing their weights: the same
+    logits bit for bit on the CPU, the same state_dict; Gemma2's (1 + weight) norm is left."""
+    model = build(family)
+    for module in model.modules():  # weights away from 1, so that the weight's role shows
+        if type(module).__name__ in lutflash.nn.RMS_NORM_CLASSES:
+            module.weight.data.uniform_(0.5, 1.5)
+    ids, mask = padded_batch("right")
+    keys = sorted(model.state_dict())
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+        summary = lutflash.patch_model(model, attention=False)
+        out = model(input_ids=ids, attention_mask=mask).logits
+    norms = [name for name, m in model.named_modules() if isinstance(m, lutflash.nn.RMSNorm)]
+    if family == "gemma2":
+        assert summary["norms"] == [] and norms == []
+    else:
+        assert sorted(summary["norms"]) == sorted(norms) and len(norms) == 2 * 2 + 1
+    assert sorted(model.state_dict()) == keys
+    assert torch.equal(out, ref)
+    with torch.no_grad():  # another dtype than the weight's: the module's own promotion
+        x = torch.randn(2, 3, 64, dtype=torch.bfloat16)
+        for name in norms[:1]:
+            norm = model.get_submodule(name)
+            assert norm(x).dtype == torch.float32
 
 
 FUSED = {  # family -> the fused modules of layer 0

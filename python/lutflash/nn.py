@@ -1,5 +1,6 @@
 """nn.Module front end: LutLinear, a drop-in for nn.Linear over a BCQ weight, and
-quantize_model, which swaps a model's nn.Linear layers for it."""
+quantize_model, which swaps a model's nn.Linear layers for it; RMSNorm over lutflash.rms_norm
+and replace_rms_norms, which swaps Hugging Face's Llama-convention norms for it."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .bcq import (
     quantize,
     words_per_row,
 )
+from .decode_ops import rms_norm
 from .lutgemm import check_lutgemm_args, lutgemm_call
 
 
@@ -359,3 +361,48 @@ def fuse_lut_linears(model: nn.Module, groups=FUSE_GROUPS) -> list[str]:
                 setattr(parent, child, LutLinearPart(fused, index))
             fused_names.append(f"{parent_name}.{name}" if parent_name else name)
     return fused_names
+
+
+# Hugging Face RMSNorm classes whose forward is Llama's: float32 arithmetic, the normalized row
+# cast back to the input's dtype, then multiplied by the weight (tests/test_transformers.py
+# checks each against its own module, bit for bit on the CPU).
+RMS_NORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+
+
+class RMSNorm(nn.Module):
+    """Llama-convention RMSNorm over lutflash.rms_norm (one CUDA kernel when decoding),
+    holding the replaced module's ``weight`` Parameter and ``variance_epsilon``, so that the
+    state_dict keys stay the same. An input whose dtype differs from the weight's gets the
+    original module's arithmetic (its product promotes to the wider dtype)."""
+
+    def __init__(self, weight: nn.Parameter, eps: float):
+        super().__init__()
+        self.weight = weight
+        self.variance_epsilon = float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.weight.dtype:
+            h = x.to(torch.float32)
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.variance_epsilon)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def replace_rms_norms(model: nn.Module) -> list[str]:
+    """Replaces every module of a class in RMS_NORM_CLASSES by an RMSNorm sharing its weight;
+    returns their names."""
+    names = []
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ not in RMS_NORM_CLASSES or name == "":
+            continue
+        weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+        if not isinstance(weight, nn.Parameter) or weight.dim() != 1 or eps is None:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, RMSNorm(weight, eps))
+        names.append(name)
+    return names

@@ -7,15 +7,15 @@ from typing import Any
 
 from torch import nn
 
-from .nn import SkipRule, fuse_lut_linears, quantize_model
+from .nn import SkipRule, fuse_lut_linears, quantize_model, replace_rms_norms
 
 __all__ = ["patch_model"]
 
 
 def patch_model(model: nn.Module, attention: bool = True,
                 linear: dict[str, Any] | None = None, fuse: bool = True,
-                calibration=None) -> dict[str, Any]:
-    """Converts `model` in place: lutflash attention and/or LutLinear layers.
+                calibration=None, norms: bool = True) -> dict[str, Any]:
+    """Converts `model` in place: lutflash attention, LutLinear layers, lutflash RMSNorm.
 
     attention: switch a Hugging Face model to attn_implementation="lutflash" (through
         `model.set_attn_implementation`). Models without one, or whose attention does not go
@@ -29,14 +29,18 @@ def patch_model(model: nn.Module, attention: bool = True,
         outputs within rounding. Leave it off to attach adapters per projection (add_lora) or
         to keep the unfused state_dict keys.
 
+    norms: replace the RMSNorm modules of Llama, Mistral, Qwen2 and Qwen3
+        (lutflash.nn.RMS_NORM_CLASSES) by lutflash.nn.RMSNorm: the same arithmetic, one CUDA
+        kernel per call when decoding instead of several (the same outputs on the CPU; on the
+        GPU up to the order of the sum of squares). The weights and state_dict keys stay.
     calibration: batches for linear=dict(method="gptq", ...) (the same as linear's
         "calibration" entry; see lutflash.quantize_model). The model is calibrated with the
         attention implementation chosen here.
 
     Returns a summary: {"attention": "lutflash" or None, "linear": [names of the nn.Linear
     modules replaced by LutLinear], "linear_count": int, "fused": [names of the
-    FusedLutLinear modules], "bytes_before": int, "bytes_after": int} where bytes count the
-    model's parameters and buffers.
+    FusedLutLinear modules], "norms": [names of the replaced RMSNorm modules], "bytes_before":
+    int, "bytes_after": int} where bytes count the model's parameters and buffers.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -47,7 +51,7 @@ def patch_model(model: nn.Module, attention: bool = True,
     if calibration is not None and linear is None:
         raise ValueError("calibration: only used with linear=dict(method='gptq', ...)")
     summary: dict[str, Any] = {"attention": None, "linear": [], "linear_count": 0, "fused": [],
-                               "bytes_before": _model_bytes(model)}
+                               "norms": [], "bytes_before": _model_bytes(model)}
     if attention:
         summary["attention"] = _set_lutflash_attention(model)
     if linear is not None:
@@ -61,6 +65,8 @@ def patch_model(model: nn.Module, attention: bool = True,
         summary["linear_count"] = len(summary["linear"])
         if fuse:
             summary["fused"] = fuse_lut_linears(model)
+    if norms:
+        summary["norms"] = replace_rms_norms(model)
     summary["bytes_after"] = _model_bytes(model)
     return summary
 
