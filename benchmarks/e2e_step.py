@@ -217,15 +217,19 @@ class Decoder:
             return (batch, s.heads, context, s.head_dim)
         return (batch, context, s.heads, s.head_dim)
 
+    def embed_and_rotary(self, state: State):
+        """The new tokens' embeddings and the rotary cos and sin (head_dim,) at `pos`."""
+        angles = state.pos.float() * self.inv_freq
+        angles = torch.cat((angles, angles))
+        return (self.embed.index_select(0, state.tokens), angles.cos().to(self.dtype),
+                angles.sin().to(self.dtype))
+
     def step(self, state: State) -> None:
         if self.ops == "lutflash":
             self.step_fused(state)
             return
         s, batch = self.shape, state.tokens.shape[0]
-        x = self.embed.index_select(0, state.tokens)
-        angles = state.pos.float() * self.inv_freq
-        angles = torch.cat((angles, angles))
-        cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        x, cos, sin = self.embed_and_rotary(state)
         for layer, (norm1, norm2), (k_cache, v_cache) in zip(self.layers, self.norms,
                                                              state.caches, strict=True):
             h = rms_norm(x, norm1)
@@ -255,10 +259,7 @@ class Decoder:
         RMSNorm after it (lutflash.rms_norm with residual=), rotary of q and k in one kernel
         (lutflash.apply_rotary on the fused q/k/v output's slice), SiLU·mul in one."""
         s, batch = self.shape, state.tokens.shape[0]
-        x = self.embed.index_select(0, state.tokens)
-        angles = state.pos.float() * self.inv_freq
-        angles = torch.cat((angles, angles))
-        cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        x, cos, sin = self.embed_and_rotary(state)
         pending = None  # the last projection's output, not yet added to the residual x
         for layer, (norm1, norm2), (k_cache, v_cache) in zip(self.layers, self.norms,
                                                              state.caches, strict=True):

@@ -87,10 +87,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
                     stream_of(x.device))
         return out if total is None else (out, total)
     h = x if residual is None else x + residual
+    y = rms_norm_composition(h, weight, eps)
+    return y if residual is None else (y, h)
+
+
+def rms_norm_composition(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The torch ops rms_norm stands for (Hugging Face's LlamaRMSNorm.forward, with float64
+    kept in float64): a weight of another dtype than h promotes the product, as there."""
     y = h.to(torch.promote_types(h.dtype, torch.float32))
     y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
-    y = weight * y.to(x.dtype)
-    return y if residual is None else (y, h)
+    return weight * y.to(h.dtype)
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
@@ -134,17 +140,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     if cos.shape != sin.shape:
         raise ValueError(f"sin: expected cos's shape {tuple(cos.shape)}, got {tuple(sin.shape)}")
     batch, head_dim = x.shape[0], x.shape[-1]
-    rows = cos.reshape(-1, head_dim).shape[0] if cos.numel() and cos.shape[-1] == head_dim else -1
-    if _kernel(x, cos, sin) and rows in (1, batch) and cos.ndim <= 2:
+    per_sequence = cos.shape == (batch, head_dim)  # one row per sequence of x
+    if _kernel(x, cos, sin) and (per_sequence or cos.shape in ((head_dim,), (1, head_dim))):
+        rows = batch if per_sequence else 1
         x3 = x.reshape(batch, -1, head_dim)  # a view where x's middle dimensions merge
         if x3.stride(-1) != 1:
             x3 = x3.contiguous()
         out = torch.empty((batch, x3.shape[1], head_dim), dtype=x.dtype, device=x.device)
-        if out.numel():
-            _C.rotary(x3, cos.reshape(rows, head_dim).contiguous(),
-                      sin.reshape(rows, head_dim).contiguous(), out, stream_of(x.device))
+        _C.rotary(x3, cos.reshape(rows, head_dim).contiguous(),
+                  sin.reshape(rows, head_dim).contiguous(), out, stream_of(x.device))
         return out.view(x.shape)
-    if rows == batch and cos.ndim == 2 and x.ndim > 2:  # (batch, head_dim) against x's batch
+    if per_sequence and x.ndim > 2:  # against x's batch, not its last dimensions
         cos = cos.reshape(batch, *([1] * (x.ndim - 2)), head_dim)
         sin = sin.reshape(batch, *([1] * (x.ndim - 2)), head_dim)
     return x * cos + rotate_half(x) * sin

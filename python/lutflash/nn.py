@@ -22,7 +22,7 @@ from .bcq import (
     quantize,
     words_per_row,
 )
-from .decode_ops import rms_norm
+from .decode_ops import rms_norm, rms_norm_composition
 from .lutgemm import check_lutgemm_args, lutgemm_call
 
 
@@ -382,9 +382,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.weight.dtype:
-            h = x.to(torch.float32)
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-            return self.weight * h.to(x.dtype)
+            return rms_norm_composition(x, self.weight, self.variance_epsilon)
         return rms_norm(x, self.weight, self.variance_epsilon)
 
     def extra_repr(self) -> str:
