@@ -75,6 +75,9 @@ class BuildExtWithCuda(build_ext):
             objects = self.compile_cuda(nvcc)
             if objects:
                 ext.extra_objects = list(ext.extra_objects) + objects
+                # a rebuilt object must relink the extension (build_ext looks at sources and
+                # depends only)
+                ext.depends = list(ext.depends) + objects
                 ext.define_macros = list(ext.define_macros) + [("LUTFLASH_WITH_CUDA", "1")]
                 ext.library_dirs = list(ext.library_dirs) + [cudart_static_dir(nvcc)]
                 ext.extra_link_args = list(ext.extra_link_args) + [

@@ -143,7 +143,8 @@ template <typename T> __global__ void silu_mul_kernel(silu_mul_params p) {
 
 /* One thread per pair (j, j + D/2) of a row: out_j = x_j·cos_j − x_{j+D/2}·sin_j and
  * out_{j+D/2} = x_{j+D/2}·cos_{j+D/2} + x_j·sin_{j+D/2}, each product and the sum rounded
- * (torch: x * cos + rotate_half(x) * sin). Grid: x over (inner row, pair), y over outer. */
+ * (torch: x * cos + rotate_half(x) * sin), so the result equals torch's bit for bit.
+ * Grid: x over (inner row, pair), y over outer. */
 template <typename T> __global__ void rotary_kernel(rotary_params p) {
     const int64_t half = p.head_dim / 2;
     const int64_t e = (int64_t)blockIdx.x * ELEMENTWISE_THREADS + threadIdx.x;
@@ -153,9 +154,11 @@ template <typename T> __global__ void rotary_kernel(rotary_params p) {
         const T *x = (const T *)p.x + a * p.xs_outer + i * p.xs_inner;
         const T *c = (const T *)p.cos + a * p.cs_outer, *s = (const T *)p.sin + a * p.cs_outer;
         const float x1 = to_float(x[j]), x2 = to_float(x[j + half]);
-        const float lo = rounded<T>(x1 * to_float(c[j])) + rounded<T>(-x2 * to_float(s[j]));
-        const float hi = rounded<T>(x2 * to_float(c[j + half])) +
-                         rounded<T>(x1 * to_float(s[j + half]));
+        // _rn: no multiply-add contraction, so float32 rounds like torch's mul then add too
+        const float lo = __fadd_rn(rounded<T>(__fmul_rn(x1, to_float(c[j]))),
+                                   rounded<T>(__fmul_rn(-x2, to_float(s[j]))));
+        const float hi = __fadd_rn(rounded<T>(__fmul_rn(x2, to_float(c[j + half]))),
+                                   rounded<T>(__fmul_rn(x1, to_float(s[j + half]))));
         T *out = (T *)p.out + (a * p.inner + i) * p.head_dim;
         out[j] = from_float<T>(lo);
         out[j + half] = from_float<T>(hi);

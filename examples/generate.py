@@ -206,11 +206,16 @@ def main():
     for bits in args.bits:
         dense = lut_swap(model, bits, generator)
         fused = fuse_lut_linears(model)
-        if args.attn == "lutflash":
-            lutflash.patch_model(model, attention=True)
+        mlps = {name: m for name, m in model.named_modules()
+                if type(m).__name__ in lutflash.nn.GATED_MLP_CLASSES}
+        # lutflash attention, RMSNorm, rotary, and SiLU·mul of the fused gate/up output
+        lutflash.patch_model(model, attention=args.attn == "lutflash")
         rows += measure(model, ids, args, device, f"lutflash {bits}b ({args.attn})",
                         f"lutflash {bits}b", args.attn)
         model.set_attn_implementation("sdpa")
+        for name, module in mlps.items():  # the modules that hold the fused gate/up
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module)
         for name in fused:
             parent, _, child = name.rpartition(".")
             delattr(model.get_submodule(parent), child)

@@ -6,6 +6,7 @@ logits with left and right padding (compared on real tokens only), greedy genera
 cache, and the gradients of one training step.
 """
 
+import random
 import subprocess
 import sys
 import warnings
@@ -345,7 +346,7 @@ def test_patch_model_options():
     model = build("opt")
     summary = lutflash.patch_model(model)
     assert summary == {"attention": "lutflash", "linear": [], "linear_count": 0, "fused": [],
-                       "norms": [], "bytes_before": summary["bytes_before"],
+                       "mlps": [], "norms": [], "rotary": [], "bytes_before": summary["bytes_before"],
                        "bytes_after": summary["bytes_before"]}
 
     plain = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
@@ -419,6 +420,11 @@ def test_patch_model_fuses_projections(family):
     attention = fused.get_submodule(f"{prefix}.0.self_attn")
     assert isinstance(attention.q_proj, lutflash.nn.LutLinearPart)
     assert not any(k.endswith("q_proj.planes") for k in fused.state_dict())
+    # SiLU-gated MLPs run their fused gate/up output through one silu_mul (Gemma2's is GELU)
+    gated = family in ("llama", "mistral", "qwen2")
+    assert summary["mlps"] == ([f"{prefix}.{i}.mlp" for i in range(2)] if gated else [])
+    for name in summary["mlps"]:
+        assert isinstance(fused.get_submodule(name), lutflash.nn.GatedMLP)
 
     ids, mask = padded_batch("left")
     with torch.no_grad():
@@ -734,3 +740,72 @@ def test_fused_parts_under_inference_mode():
         assert torch.equal(parts[0](x), layers[0](x))
         assert torch.equal(parts[1](x), layers[1](x))
         assert group._pending is None
+
+
+ROTARY_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2"]
+
+
+def rotary_function(family):
+    import importlib
+
+    return importlib.import_module(f"transformers.models.{family}.modeling_{family}").apply_rotary_pos_emb
+
+
+def rotary_inputs(rng, device, dtype, generator, decode=True):
+    """q, k as transformers makes them ((batch, heads, seq, head_dim) views of a projection's
+    output, here sometimes of one fused q/k/v output) and cos, sin (batch or 1, seq, head_dim)."""
+    batch, heads, kv_heads, seq = rng.randint(1, 4), rng.randint(1, 6), rng.randint(1, 3), 1
+    head_dim = 2 * rng.randint(1, 72)
+    if not decode:
+        seq = rng.randint(2, 5)
+    width = (heads + 2 * kv_heads) * head_dim
+    out = torch.randn(batch, seq, width, generator=generator).to(device, dtype)
+    q = out[..., :heads * head_dim].view(batch, seq, heads, head_dim).transpose(1, 2)
+    k = out[..., heads * head_dim:(heads + kv_heads) * head_dim]
+    k = k.view(batch, seq, kv_heads, head_dim).transpose(1, 2)
+    if rng.random() < 0.3:
+        q, k = q.contiguous(), k.contiguous()
+    angles = torch.rand(rng.choice((1, batch)), seq, head_dim // 2, generator=generator) * 40
+    angles = torch.cat((angles, angles), dim=-1)
+    return q, k, angles.cos().to(device, dtype), angles.sin().to(device, dtype)
+
+
+def test_use_lutflash_rotary_wraps_once_and_stays_exact():
+    from lutflash.integrations.transformers import ROTARY_MODULES, use_lutflash_rotary
+
+    model = build("llama")
+    names = use_lutflash_rotary(model)
+    assert names == ["transformers.models.llama.modeling_llama"] and names[0] in ROTARY_MODULES
+    function = rotary_function("llama")
+    assert use_lutflash_rotary(model) == names and rotary_function("llama") is function
+    assert function._lutflash and not getattr(function.__wrapped__, "_lutflash", False)
+    rng, generator = random.Random(5), torch.Generator().manual_seed(5)
+    for decode in (True, False):  # on the CPU every call is transformers' own
+        q, k, cos, sin = rotary_inputs(rng, "cpu", torch.float32, generator, decode)
+        for got, want in zip(function(q, k, cos, sin), function.__wrapped__(q, k, cos, sin)):
+            assert torch.equal(got, want)
+    assert lutflash.patch_model(build("opt"), attention=False)["rotary"] == []
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ROTARY_FAMILIES)
+def test_gpu_lutflash_rotary_equals_transformers_bits(family, cuda_device):
+    """The patched apply_rotary_pos_emb gives transformers' bits: the decode kernel for one
+    position per sequence, transformers' own function otherwise."""
+    from lutflash.integrations.transformers import use_lutflash_rotary
+
+    if family == "qwen3":  # (not in CONFIGS: the attention tests cover its Qwen2 base)
+        model = transformers.AutoModelForCausalLM.from_config(
+            transformers.Qwen3Config(**COMMON, num_key_value_heads=2))
+    else:
+        model = build(family)
+
+    assert use_lutflash_rotary(model) == [f"transformers.models.{family}.modeling_{family}"]
+    function = rotary_function(family)
+    rng, generator = random.Random(7), torch.Generator().manual_seed(7)
+    for case in range(40):
+        dtype = rng.choice(GPU_DTYPES + [torch.float32])
+        q, k, cos, sin = rotary_inputs(rng, cuda_device, dtype, generator, decode=case % 4 != 3)
+        got, want = function(q, k, cos, sin), function.__wrapped__(q, k, cos, sin)
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == w.shape and torch.equal(g, w), (family, case, dtype)

@@ -22,7 +22,7 @@ from .bcq import (
     quantize,
     words_per_row,
 )
-from .decode_ops import rms_norm, rms_norm_composition
+from .decode_ops import rms_norm, rms_norm_composition, silu_mul
 from .lutgemm import check_lutgemm_args, lutgemm_call
 
 
@@ -402,5 +402,53 @@ def replace_rms_norms(model: nn.Module) -> list[str]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, RMSNorm(weight, eps))
+        names.append(name)
+    return names
+
+
+# Hugging Face gated MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x))
+# (tests/test_transformers.py checks each against its own module).
+GATED_MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Gemma2MLP"})
+
+
+class GatedMLP(nn.Module):
+    """down_proj(silu(gate) · up) with gate/up one FusedLutLinear: one lutgemm, one
+    lutflash.silu_mul, one down projection (where the replaced module ran silu and mul apart).
+    Holds the replaced module's children under their names, so the state_dict is unchanged."""
+
+    def __init__(self, mlp: nn.Module, gate_up: FusedLutLinear):
+        super().__init__()
+        self.gate_proj, self.up_proj = mlp.gate_proj, mlp.up_proj
+        self.gate_proj_up_proj = gate_up
+        self.down_proj = mlp.down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_mul(self.gate_proj_up_proj.fused(x)))
+
+
+def _is_silu(act) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation" or \
+        act is torch.nn.functional.silu
+
+
+def replace_gated_mlps(model: nn.Module) -> list[str]:
+    """Replaces each module of a class in GATED_MLP_CLASSES whose activation is SiLU and whose
+    gate/up projections were fused by fuse_lut_linears (in that order) by a GatedMLP; returns
+    their names."""
+    names = []
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ not in GATED_MLP_CLASSES or name == "":
+            continue
+        gate_up = getattr(module, "gate_proj_up_proj", None)
+        gate, up = getattr(module, "gate_proj", None), getattr(module, "up_proj", None)
+        if not (isinstance(gate_up, FusedLutLinear) and _is_silu(getattr(module, "act_fn", None))
+                and isinstance(gate, LutLinearPart) and isinstance(up, LutLinearPart)
+                and gate._group is gate_up and up._group is gate_up
+                and (gate.index, up.index) == (0, 1) and len(gate_up.splits) == 2
+                and gate_up.splits[0] == gate_up.splits[1]):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, GatedMLP(module, gate_up))
         names.append(name)
     return names

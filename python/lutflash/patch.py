@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any
 
 from torch import nn
 
-from .nn import SkipRule, fuse_lut_linears, quantize_model, replace_rms_norms
+from .nn import SkipRule, fuse_lut_linears, quantize_model, replace_gated_mlps, replace_rms_norms
 
 __all__ = ["patch_model"]
 
 
 def patch_model(model: nn.Module, attention: bool = True,
                 linear: dict[str, Any] | None = None, fuse: bool = True,
-                calibration=None, norms: bool = True) -> dict[str, Any]:
-    """Converts `model` in place: lutflash attention, LutLinear layers, lutflash RMSNorm.
+                calibration=None, norms: bool = True, rotary: bool = True) -> dict[str, Any]:
+    """Converts `model` in place: lutflash attention, LutLinear layers, lutflash's row-wise ops.
 
     attention: switch a Hugging Face model to attn_implementation="lutflash" (through
         `model.set_attn_implementation`). Models without one, or whose attention does not go
@@ -27,20 +28,29 @@ def patch_model(model: nn.Module, attention: bool = True,
     fuse: with `linear`, run the projections a layer applies to one input as one lutgemm call
         (q/k/v and gate/up; lutflash.nn.fuse_lut_linears): fewer, larger kernels, the same
         outputs within rounding. Leave it off to attach adapters per projection (add_lora) or
-        to keep the unfused state_dict keys.
+        to keep the unfused state_dict keys. The gated MLPs of Llama, Mistral, Qwen2/3 and
+        Gemma2 with a SiLU activation and fused gate/up (fused here or before) then become
+        lutflash.nn.GatedMLP: the fused output goes through one lutflash.silu_mul (the
+        state_dict keys stay).
 
     norms: replace the RMSNorm modules of Llama, Mistral, Qwen2 and Qwen3
         (lutflash.nn.RMS_NORM_CLASSES) by lutflash.nn.RMSNorm: the same arithmetic, one CUDA
         kernel per call when decoding instead of several (the same outputs on the CPU; on the
         GPU up to the order of the sum of squares). The weights and state_dict keys stay.
+    rotary: make the Llama, Mistral, Qwen2/3 and Gemma2 modeling code of transformers compute
+        the rotary embedding of a decoding step with lutflash.apply_rotary (one kernel for q
+        and one for k, where transformers launches about ten): it replaces those modules'
+        apply_rotary_pos_emb function, process-wide, by one that gives the same bits
+        (lutflash.integrations.transformers.use_lutflash_rotary).
     calibration: batches for linear=dict(method="gptq", ...) (the same as linear's
         "calibration" entry; see lutflash.quantize_model). The model is calibrated with the
         attention implementation chosen here.
 
     Returns a summary: {"attention": "lutflash" or None, "linear": [names of the nn.Linear
     modules replaced by LutLinear], "linear_count": int, "fused": [names of the
-    FusedLutLinear modules], "norms": [names of the replaced RMSNorm modules], "bytes_before":
-    int, "bytes_after": int} where bytes count the model's parameters and buffers.
+    FusedLutLinear modules], "mlps": [names of the GatedMLP modules], "norms": [names of the
+    replaced RMSNorm modules], "rotary": [transformers modeling modules using lutflash's
+    rotary], "bytes_before": int, "bytes_after": int} where bytes count the model's parameters and buffers.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -51,7 +61,8 @@ def patch_model(model: nn.Module, attention: bool = True,
     if calibration is not None and linear is None:
         raise ValueError("calibration: only used with linear=dict(method='gptq', ...)")
     summary: dict[str, Any] = {"attention": None, "linear": [], "linear_count": 0, "fused": [],
-                               "norms": [], "bytes_before": _model_bytes(model)}
+                               "mlps": [], "norms": [], "rotary": [],
+                               "bytes_before": _model_bytes(model)}
     if attention:
         summary["attention"] = _set_lutflash_attention(model)
     if linear is not None:
@@ -65,8 +76,17 @@ def patch_model(model: nn.Module, attention: bool = True,
         summary["linear_count"] = len(summary["linear"])
         if fuse:
             summary["fused"] = fuse_lut_linears(model)
+    if fuse:  # also where gate/up were fused before (fuse_lut_linears)
+        summary["mlps"] = replace_gated_mlps(model)
     if norms:
         summary["norms"] = replace_rms_norms(model)
+    if rotary and "transformers" in sys.modules:  # a transformers model's library is loaded
+        from .integrations import register_transformers
+
+        register_transformers()
+        from .integrations.transformers import use_lutflash_rotary
+
+        summary["rotary"] = use_lutflash_rotary(model)
     summary["bytes_after"] = _model_bytes(model)
     return summary
 

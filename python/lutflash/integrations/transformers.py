@@ -41,7 +41,8 @@ from transformers.utils import logging
 
 from ..attention import flash_attention, flash_attention_varlen
 
-__all__ = ["NAME", "lutflash_attention_forward", "lutflash_attention_mask", "register"]
+__all__ = ["NAME", "lutflash_attention_forward", "lutflash_attention_mask", "register",
+           "use_lutflash_rotary"]
 
 NAME = "lutflash"
 
@@ -394,6 +395,51 @@ def _hook_flash_lazy_imports() -> None:
 
     _lazy_imports._lutflash_hook = True
     _hf_flash_utils._lazy_imports = _lazy_imports
+
+
+# Modeling modules whose apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1) is Llama's
+# q * cos + rotate_half(q) * sin (tests/test_transformers.py checks each, bit for bit).
+ROTARY_MODULES = tuple(f"transformers.models.{name}.modeling_{name}"
+                       for name in ("llama", "mistral", "qwen2", "qwen3", "gemma2"))
+
+
+def _decode_rotary(original):
+    """apply_rotary_pos_emb as `original` computes it, through lutflash.apply_rotary (one
+    kernel for q and one for k) where that runs its CUDA kernel: one position per sequence
+    (decoding), cos/sin of q's dtype. Any other call goes to `original`. The kernel rounds where
+    torch does, so both give the same bits."""
+    from ..decode_ops import _kernel, apply_rotary
+
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if (unsqueeze_dim == 1 and q.ndim == 4 and k.ndim == 4 and cos.ndim == 3
+                and q.shape[2] == 1 and k.shape[2] == 1 and cos.shape[1] == 1
+                and cos.shape == sin.shape and cos.shape[0] in (1, q.shape[0])
+                and cos.shape[-1] == q.shape[-1] == k.shape[-1] and q.shape[0] == k.shape[0]
+                and q.dtype == k.dtype == cos.dtype == sin.dtype and _kernel(q, k, cos, sin)):
+            cos, sin = cos[:, 0], sin[:, 0]
+            return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return original(q, k, cos, sin, unsqueeze_dim)
+
+    apply_rotary_pos_emb.__wrapped__ = original
+    apply_rotary_pos_emb._lutflash = True
+    return apply_rotary_pos_emb
+
+
+def use_lutflash_rotary(model: torch.nn.Module) -> list[str]:
+    """Makes the modeling modules of `model`'s Llama-family layers (ROTARY_MODULES) compute
+    their rotary embedding with lutflash.apply_rotary when decoding. This replaces the module's
+    `apply_rotary_pos_emb` function, so every model of those families in the process takes
+    it; the results are the same bits as transformers' own (which every other call still
+    runs). Idempotent; returns the names of the modeling modules now using it."""
+    import sys
+
+    names = sorted({type(m).__module__ for m in model.modules()} & set(ROTARY_MODULES))
+    for name in names:
+        module = sys.modules[name]
+        function = getattr(module, "apply_rotary_pos_emb", None)
+        if function is not None and not getattr(function, "_lutflash", False):
+            module.apply_rotary_pos_emb = _decode_rotary(function)
+    return names
 
 
 def register() -> None:
