@@ -3,6 +3,7 @@
 Compares, on the same model shape and prompt, tokens/s of
 
 - fp16 (nn.Linear, attention "sdpa") and lutflash (3-bit LutLinear, attention "lutflash"),
+  and with --attn-alone the fp16 model with attention "lutflash" alone,
 - each with (a) `model.generate` (eager, dynamic cache) and (b) `lutflash.generation`'s static
   decode loop (StaticGenerator: the prompt prefilled eagerly, then one CUDA-graph replay per
   token; eager on the CPU).
@@ -180,6 +181,8 @@ def main():
                         default=["generate", "static"])
     parser.add_argument("--attn", default="lutflash", choices=["lutflash", "sdpa"],
                         help="attention of the lutflash rows (the fp16 rows use sdpa)")
+    parser.add_argument("--attn-alone", action="store_true",
+                        help="also run the unquantized model with lutflash attention only")
     parser.add_argument("--device", choices=["cuda", "cpu"],
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-check", dest="check", action="store_false",
@@ -202,6 +205,11 @@ def main():
 
     base = "fp16" if dtype == torch.float16 else "fp32"
     rows = measure(model, ids, args, device, f"{base} (nn.Linear, sdpa)", base, "sdpa")
+    if args.attn_alone:  # the same model with lutflash attention only
+        lutflash.patch_model(model, attention=True, norms=False, rotary=False)
+        rows += measure(model, ids, args, device, f"{base} (nn.Linear, lutflash)",
+                        f"{base} lutflash attn", "lutflash")
+        model.set_attn_implementation("sdpa")
     generator = torch.Generator().manual_seed(2)
     for bits in args.bits:
         dense = lut_swap(model, bits, generator)
@@ -233,6 +241,10 @@ def main():
                 speedups[f"{w} / {base}, {loop}"] = by[(w, loop)] / by[(base, loop)]
         if (w, "static") in by and (base, "generate") in by:
             speedups[f"{w} static / {base} generate"] = by[(w, "static")] / by[(base, "generate")]
+    alone = f"{base} lutflash attn"
+    for loop in ("generate", "static"):
+        if (alone, loop) in by and (base, loop) in by:
+            speedups[f"{alone} / {base} sdpa, {loop}"] = by[(alone, loop)] / by[(base, loop)]
     if (base, "static") in by and (base, "generate") in by:
         speedups[f"{base} static / {base} generate"] = by[(base, "static")] / by[(base, "generate")]
     for name, value in speedups.items():
