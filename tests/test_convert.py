@@ -10,12 +10,11 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from checkpoint_packing import awq_pack_cols, gptq_checkpoint, gptq_pack_rows, source_weight
 
 import lutflash
 from lutflash.nn import LutLinear
 from lutflash.testing import assert_close_to_reference
-
-from checkpoint_packing import awq_pack_cols, gptq_checkpoint, gptq_pack_rows, source_weight
 
 
 def random_cases(count, seed):

@@ -286,8 +286,9 @@ class CheckpointFormat:
         shapes = self.packed_shapes(name, out_features, in_features)
         required = [key for key in ("qweight", "qzeros", "scales") if key not in tensors]
         if required:
-            raise ValueError(f"{name}: the checkpoint has no {', '.join(f'{name}.{key}' for key in required)} "
-                             f"for this {self.method.upper()}-quantized layer")
+            absent = ", ".join(f"{name}.{key}" for key in required)
+            raise ValueError(f"{name}: the checkpoint has no {absent} for this "
+                             f"{self.method.upper()}-quantized layer")
         for key, shape in shapes.items():
             value = tensors.get(key)
             if value is not None and tuple(value.shape) != shape:
