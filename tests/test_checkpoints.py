@@ -277,9 +277,13 @@ def test_meta_dtype_float16_rounds_only_the_offsets(tmp_path):
     ckpt = write_checkpoint(tmp_path, case)
     model = lutflash.from_quantized_pretrained(tmp_path, dtype=torch.float32,
                                                meta_dtype=torch.float16)
-    layer = model.model.layers[0].mlp.up_proj
-    assert layer.meta.dtype == torch.float16
-    torch.testing.assert_close(layer.qweight.dequantize(torch.float64),
+    exact = lutflash.from_quantized_pretrained(tmp_path, dtype=torch.float32)
+    for name in ckpt.quantized:
+        meta16, meta32 = model.get_submodule(name).meta, exact.get_submodule(name).meta
+        assert meta16.dtype == torch.float16
+        assert torch.equal(meta16[:, 0].float(), meta32[:, 0]), name  # the fp16 scales, unchanged
+        assert torch.equal(meta16[:, 1], meta32[:, 1].half()), name  # the offsets z, rounded once
+    torch.testing.assert_close(model.model.layers[0].mlp.up_proj.qweight.dequantize(torch.float64),
                                ckpt.quantized["model.layers.0.mlp.up_proj"], rtol=0, atol=1e-3)
 
 
