@@ -29,6 +29,8 @@ AWQ (llm-awq, AutoAWQ's "GEMM" version; ``quant_method: "awq"``, 4 bits):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .bcq import META_DTYPES, WORD_K, BCQWeight, check_layout, padded_rows, words_per_row
@@ -182,44 +184,154 @@ def _uniform_bcq(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
                      "uniform")
 
 
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """How a GPTQ or AWQ checkpoint packs its layers, read from its ``quantization_config``
+    (config.json) by :meth:`from_config`: method "gptq" or "awq", bits, group_size (-1: one group
+    per row) and, for GPTQ, the zero-point convention ("gptq" or "gptq_v2")."""
+
+    method: str
+    bits: int
+    group_size: int
+    gptq_format: str = "gptq"
+
+    @classmethod
+    def from_config(cls, quantization_config) -> CheckpointFormat:
+        """Refuses (ValueError, "quantization_config: ...") what lutflash cannot read exactly:
+        other methods, bits GPTQ/AWQ do not pack, GPTQ formats other than "gptq"/"gptq_v2"
+        (marlin, bitblas, ...), AWQ versions other than "gemm" (gemv, gemv_fast, llm-awq).
+
+        Keys as transformers' GPTQConfig/AwqConfig write them: GPTQ's zero convention is
+        ``checkpoint_format`` (AutoGPTQ, and transformers' legacy key) or ``format``
+        (GPTQModel), the former winning where both are present; AWQ's packing is ``version``
+        or ``format``. group_size defaults to 128 and AWQ's bits to 4, as in transformers."""
+        if hasattr(quantization_config, "to_dict") and not isinstance(quantization_config, dict):
+            quantization_config = quantization_config.to_dict()
+        if not isinstance(quantization_config, dict):
+            raise TypeError(f"quantization_config: expected a dict (config.json's "
+                            f"quantization_config), got {type(quantization_config).__name__}")
+        config = quantization_config
+        method = str(config.get("quant_method", "")).lower()
+        if method not in ("gptq", "awq"):
+            raise ValueError(f"quantization_config: quant_method must be 'gptq' or 'awq' (the "
+                             f"formats lutflash converts), got {config.get('quant_method')!r}")
+        bits = config.get("bits", 4 if method == "awq" else None)
+        allowed = GPTQ_BITS if method == "gptq" else (4,)
+        if isinstance(bits, bool) or bits not in allowed:
+            raise ValueError(f"quantization_config: {method.upper()} checkpoints pack "
+                             f"{', '.join(map(str, allowed))} bits, "
+                             f"the config says bits = {bits!r}")
+        group_size = config.get("group_size", 128)
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or \
+                (group_size != -1 and group_size < 1):
+            raise ValueError(f"quantization_config: group_size must be -1 or a positive int, got "
+                             f"{group_size!r}")
+        if method == "gptq":
+            fmt = config.get("checkpoint_format") or config.get("format") or "gptq"
+            fmt = str(fmt).lower()
+            if config.get("is_marlin_format"):
+                fmt = "marlin"
+            if fmt not in GPTQ_FORMATS:
+                raise ValueError(f"quantization_config: GPTQ checkpoint_format {fmt!r} is not "
+                                 f"read by lutflash (it reads {GPTQ_FORMATS}); re-save the model "
+                                 f"in the gptq format")
+            pack = str(config.get("pack_dtype") or "int32").lower().replace("torch.", "")
+            if pack != "int32":
+                raise ValueError(f"quantization_config: GPTQ pack_dtype {pack!r}: lutflash reads "
+                                 f"codes packed in int32 words")
+            return cls("gptq", bits, group_size, fmt)
+        version = str(config.get("version") or config.get("format") or "gemm").lower()
+        if version != "gemm":
+            raise ValueError(f"quantization_config: AWQ version {version!r} is not the GEMM "
+                             f"packing, the only one lutflash reads")
+        return cls("awq", bits, group_size)
+
+    def tensor_names(self) -> tuple[str, ...]:
+        """The tensors of one quantized layer (g_idx, GPTQ's, may be absent)."""
+        return ("qweight", "qzeros", "scales", "g_idx") if self.method == "gptq" else \
+            ("qweight", "qzeros", "scales")
+
+    def layer_group_size(self, name: str, in_features: int) -> int:
+        """The group size of one layer: the whole row for -1 or a group at least as long as
+        the row (GPTQ then has one group), else group_size, which must divide in_features."""
+        if self.group_size == -1 or self.group_size >= in_features:
+            return in_features
+        if in_features % self.group_size:
+            raise ValueError(f"{name}: in_features = {in_features} is not a multiple of "
+                             f"group_size = {self.group_size} (config.json); lutflash's groups "
+                             f"must tile the row")
+        return self.group_size
+
+    def packed_shapes(self, name: str, out_features: int,
+                      in_features: int) -> dict[str, tuple[int, ...]]:
+        """The shapes of the layer's tensors for a Linear(in_features, out_features)."""
+        n, k, bits = out_features, in_features, self.bits
+        groups = k // self.layer_group_size(name, k)
+        if self.method == "gptq":
+            for what, size in (("in_features", k), ("out_features", n)):
+                if size * bits % WORD_K:
+                    raise ValueError(f"{name}: {what} = {size} does not fill whole 32-bit words "
+                                     f"of {bits}-bit codes, so it cannot be a GPTQ-packed layer")
+            return {"qweight": (k * bits // WORD_K, n), "qzeros": (groups, n * bits // WORD_K),
+                    "scales": (groups, n), "g_idx": (k,)}
+        if n % 8:
+            raise ValueError(f"{name}: out_features = {n} is not a multiple of 8, so it cannot "
+                             f"be an AWQ-packed layer")
+        return {"qweight": (k, n // 8), "qzeros": (groups, n // 8), "scales": (groups, n)}
+
+    def convert(self, name: str, tensors: dict[str, torch.Tensor], out_features: int,
+                in_features: int, meta_dtype: torch.dtype = torch.float32) -> BCQWeight:
+        """The BCQ weight of layer `name` (a Linear(in_features, out_features)) from its
+        checkpoint tensors; every error names the layer."""
+        shapes = self.packed_shapes(name, out_features, in_features)
+        required = [key for key in ("qweight", "qzeros", "scales") if key not in tensors]
+        if required:
+            absent = ", ".join(f"{name}.{key}" for key in required)
+            raise ValueError(f"{name}: the checkpoint has no {absent} for this "
+                             f"{self.method.upper()}-quantized layer")
+        for key, shape in shapes.items():
+            value = tensors.get(key)
+            if value is not None and tuple(value.shape) != shape:
+                raise ValueError(
+                    f"{name}.{key}: expected shape {shape} for a {self.bits}-bit "
+                    f"{self.method.upper()} Linear(in_features={in_features}, out_features="
+                    f"{out_features}) with group_size {self.group_size} (config.json), got "
+                    f"{tuple(value.shape)}")
+        group_size = self.layer_group_size(name, in_features)
+        try:
+            if self.method == "gptq":
+                return from_gptq(tensors["qweight"], tensors["qzeros"], tensors["scales"],
+                                 tensors.get("g_idx"), bits=self.bits, group_size=group_size,
+                                 checkpoint_format=self.gptq_format, meta_dtype=meta_dtype)
+            return from_awq(tensors["qweight"], tensors["qzeros"], tensors["scales"],
+                            group_size=group_size, bits=self.bits, meta_dtype=meta_dtype)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{name}.{error}") from error
+
+
 def load_quantized_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
                               quantization_config: dict) -> list[str]:
     """Loads a GPTQ or AWQ checkpoint's state_dict into `model` (built from the checkpoint's
-    config, e.g. AutoModelForCausalLM.from_config): every nn.Linear whose `qweight`, `qzeros` and
-    `scales` are in the state_dict becomes a LutLinear holding the exact conversion; the other
-    tensors load as they are (load_state_dict, strict: nothing may be missing or left over).
+    config, e.g. AutoModelForCausalLM.from_config): every nn.Linear whose `qweight` and `qzeros`
+    are in the state_dict becomes a LutLinear holding the exact conversion; the other tensors
+    load as they are (load_state_dict, strict: nothing may be missing or left over).
 
     quantization_config: the checkpoint's ``quantization_config`` (config.json): quant_method
     "gptq" (bits, group_size, desc_act, checkpoint_format) or "awq" (bits 4, group_size,
-    version "gemm"). Returns the names of the converted layers.
+    version "gemm"); see CheckpointFormat.from_config. Returns the names of the converted
+    layers. lutflash.from_quantized_pretrained reads a whole checkpoint folder without building
+    the full-precision layers first.
     """
-    if not isinstance(quantization_config, dict):
-        raise TypeError(f"quantization_config: expected a dict (config.json's "
-                        f"quantization_config), got {type(quantization_config).__name__}")
-    method = quantization_config.get("quant_method")
-    if method not in ("gptq", "awq"):
-        raise ValueError(f"quantization_config: quant_method must be 'gptq' or 'awq', got {method!r}")
-    bits, group_size = quantization_config.get("bits"), quantization_config.get("group_size")
-    if method == "awq" and str(quantization_config.get("version", "gemm")).lower() != "gemm":
-        raise ValueError(f"quantization_config: AWQ version "
-                         f"{quantization_config.get('version')!r} is not the GEMM packing")
+    fmt = CheckpointFormat.from_config(quantization_config)
     state = dict(state_dict)
     converted = []
     for name, module in list(model.named_modules()):
-        if not isinstance(module, torch.nn.Linear) or f"{name}.qweight" not in state:
+        if not isinstance(module, torch.nn.Linear) or not (
+                f"{name}.qweight" in state or f"{name}.qzeros" in state):
             continue
-        tensors = [state.pop(f"{name}.{key}") for key in ("qweight", "qzeros", "scales")]
-        g_idx = state.pop(f"{name}.g_idx", None)
-        if method == "gptq":
-            qweight = from_gptq(*tensors, g_idx, bits=bits, group_size=group_size,
-                                checkpoint_format=quantization_config.get("checkpoint_format",
-                                                                          "gptq"))
-        else:
-            qweight = from_awq(*tensors, group_size=group_size, bits=bits)
-        if qweight.shape != (module.out_features, module.in_features):
-            raise ValueError(f"{name}.qweight: holds a ({qweight.shape[0]}, {qweight.shape[1]}) "
-                             f"weight, the model's layer is ({module.out_features}, "
-                             f"{module.in_features})")
+        tensors = {key: state.pop(f"{name}.{key}") for key in fmt.tensor_names()
+                   if f"{name}.{key}" in state}
+        qweight = fmt.convert(name, tensors, module.out_features, module.in_features)
         bias = state.pop(f"{name}.bias", None)
         layer = LutLinear.from_bcq(qweight, bias)
         parent, _, child = name.rpartition(".")

@@ -205,6 +205,10 @@ class LutflashHfQuantizer(HfQuantizer):
                                      f"layer, so it could not be quantized")
                 module._check_layout(module.layout, f"{name}.")
                 _ = module.qweight  # building the BCQWeight checks the buffers' shapes and dtypes
+                for buffer in ("planes", "meta"):  # the kernels read them 16-byte aligned; a
+                    # tensor mapped from a safetensors file is only 8-byte aligned
+                    if getattr(module, buffer).data_ptr() % 16:
+                        setattr(module, buffer, getattr(module, buffer).clone())
         return model
 
 
