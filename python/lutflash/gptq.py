@@ -37,13 +37,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .bcq import (
-    WORD_K,
-    BCQWeight,
-    meta_per_group,
-    padded_rows,
-    words_per_row,
-)
+from .bcq import WORD_K, BCQWeight, meta_per_group
+from .bcq_torch import fit_bcq, pack_codes, rtn_codes, rtn_grid
 
 __all__ = ["HessianAccumulator", "gptq_quantize", "pack_codes", "quantize_model_calibrated"]
 
@@ -87,34 +82,6 @@ class HessianAccumulator:
         self.hessian += rows.t() @ rows
 
 
-def pack_codes(codes: torch.Tensor, params: torch.Tensor, bits: int, group_size: int, mode: str,
-               meta_dtype: torch.dtype = torch.float32) -> BCQWeight:
-    """A BCQWeight from integer codes and per-group parameters.
-
-    codes: (n, k) integers in [0, 2^bits): bit i of codes[r, c] is the sign of plane i (1 means
-    +1). params: (n, k // group_size, bits + 1) = α_0..α_{q−1}, z (mode "general") or
-    (n, k // group_size, 2) = s, z (mode "uniform"), stored in `meta_dtype`. The result lives
-    on the codes' device.
-    """
-    n, k = codes.shape
-    device = codes.device
-    rows, words = padded_rows(n), words_per_row(k)
-    codes = codes.to(torch.int64)
-    padded = torch.zeros(n, words * WORD_K, dtype=torch.int64, device=device)
-    padded[:, :k] = codes
-    shifts = torch.arange(WORD_K, device=device, dtype=torch.int64)
-    planes = torch.zeros(words, bits, rows, dtype=torch.int32, device=device)
-    per_word = padded.reshape(n, words, WORD_K)
-    for i in range(bits):
-        word = (((per_word >> i) & 1) << shifts).sum(-1)             # (n, words), < 2^32
-        word = word - ((word >> 31) & 1) * (1 << 32)                 # as int32, two's complement
-        planes[:, i, :n] = word.t().to(torch.int32)
-    groups = k // group_size
-    meta = torch.zeros(groups, meta_per_group(bits, mode), rows, dtype=meta_dtype, device=device)
-    meta[:, :, :n] = params.to(meta_dtype).permute(1, 2, 0)
-    return BCQWeight(planes, meta, (n, k), bits, group_size, mode)
-
-
 def _sign_patterns(bits: int, device) -> torch.Tensor:
     """(2^bits, bits) float: entry [p, i] = +1 if bit i of p is set, else −1."""
     p = torch.arange(1 << bits, device=device).unsqueeze(-1)
@@ -131,68 +98,23 @@ def _levels(alpha: torch.Tensor, offset: torch.Tensor, patterns: torch.Tensor) -
     return out
 
 
-def _fit_general(w: torch.Tensor, bits: int, rounds: int, patterns: torch.Tensor):
-    """Greedy BCQ, then alternating least squares, per row of w (n, g) in float64; returns
-    (alpha (n, bits), offset (n,)), the best of the rounds for each row."""
-    mean = w.mean(1)
-    residual = w - mean.unsqueeze(1)
-    signs, alphas = [], []
-    for _ in range(bits):
-        a = residual.abs().mean(1)
-        s = torch.where(residual >= 0, 1.0, -1.0).to(w.dtype)
-        residual = residual - s * a.unsqueeze(1)
-        signs.append(s)
-        alphas.append(a)
-    alpha, offset = torch.stack(alphas, 1), mean
-    best = residual.square().sum(1)
-    sign = torch.stack(signs, -1)                                     # (n, g, bits)
-    ones = torch.ones_like(w).unsqueeze(-1)
-    eye = torch.eye(bits + 1, dtype=w.dtype, device=w.device)
-    g = w.shape[1]
-    for _ in range(rounds):
-        design = torch.cat([sign, ones], -1)                          # (n, g, bits + 1)
-        normal = design.transpose(1, 2) @ design
-        rhs = (design.transpose(1, 2) @ w.unsqueeze(-1)).squeeze(-1)
-        # singular systems (a plane constant over the group): a tiny ridge keeps it solvable;
-        # such a row rarely improves and then keeps its previous fit
-        solution = torch.linalg.solve(normal + 1e-9 * g * eye, rhs)
-        fit_alpha, fit_offset = solution[:, :bits], solution[:, bits]
-        levels = fit_offset.unsqueeze(1) + fit_alpha @ patterns.t()  # (n, 2^bits)
-        index = (w.unsqueeze(-1) - levels.unsqueeze(1)).abs().argmin(-1)
-        err = (w - levels.gather(1, index)).square().sum(1)
-        better = err < best
-        if not bool(better.any()):
-            break
-        best = torch.where(better, err, best)
-        alpha = torch.where(better.unsqueeze(1), fit_alpha, alpha)
-        offset = torch.where(better, fit_offset, offset)
-        sign = torch.where(better.view(-1, 1, 1), patterns[index], sign)
-    return alpha, offset
-
-
 class _Group:
-    """One group's fitted parameters (rounded to the metadata dtype) and its column quantizer."""
+    """One group's fitted parameters (rounded to the metadata dtype) and its column quantizer.
+    The fits are the data-free quantizers' own (lutflash.bcq_torch): the rtn grid, or greedy
+    plus alternating least squares."""
 
     def __init__(self, w: torch.Tensor, bits: int, mode: str, rounds: int, meta_dtype,
                  patterns: torch.Tensor):
-        self.mode = mode
-        top = float((1 << bits) - 1)
+        self.mode, self.bits = mode, bits
         if mode == "uniform":
-            # lutflash's rtn (csrc/bcq_quantize.c): min/max in float, s rounded to float32
-            w64 = w.to(torch.float64)
-            lo, hi = w64.amin(1), w64.amax(1)
-            s = ((hi - lo) / top).to(torch.float32).to(meta_dtype).to(torch.float64)
-            zero = s == 0
-            safe = torch.where(zero, torch.ones_like(s), s)
-            zp = torch.round(-lo / safe).clamp(0, top)
-            z = torch.where(zero, lo, s * (top / 2 - zp))
+            s, self.zp, z = rtn_grid(w, bits, meta_dtype)  # s rounded to meta_dtype for the codes
             z = z.to(torch.float32).to(meta_dtype).to(torch.float64)
-            self.scale, self.zp, self.zero, self.safe, self.top = s, zp, zero, safe, top
+            self.scale = s
             self.params = torch.stack([s, z], 1)
             powers = torch.pow(2.0, torch.arange(bits, device=w.device, dtype=torch.float32) - 1.0)
             alpha = s.to(torch.float32).unsqueeze(1) * powers
         else:
-            alpha, z = _fit_general(w.to(torch.float64), bits, rounds, patterns)
+            _, alpha, z = fit_bcq(w, bits, rounds)
             alpha = alpha.to(torch.float32).to(meta_dtype)
             z = z.to(torch.float32).to(meta_dtype)
             self.params = torch.cat([alpha, z.unsqueeze(1)], 1).to(torch.float64)
@@ -201,8 +123,7 @@ class _Group:
     def quantize(self, column: torch.Tensor):
         """(codes, quantized values) of one column (n,) of current weights."""
         if self.mode == "uniform":
-            codes = (torch.round(column.to(torch.float64) / self.safe) + self.zp).clamp(0, self.top)
-            codes = torch.where(self.zero, torch.zeros_like(codes), codes).to(torch.int64)
+            codes = rtn_codes(column, self.scale, self.zp, self.bits).to(torch.int64)
         else:
             codes = (column.unsqueeze(1) - self.levels).abs().argmin(1)
         return codes, self.levels.gather(1, codes.unsqueeze(1)).squeeze(1)
