@@ -26,7 +26,8 @@ import torch
 
 from .bcq import WORD_K, BCQWeight, meta_per_group, padded_rows, words_per_row
 
-__all__ = ["CHUNK_ELEMENTS", "fit_bcq", "pack_codes", "quantize_torch", "rtn_codes", "rtn_grid"]
+__all__ = ["CHUNK_ELEMENTS", "fit_bcq", "pack_codes", "quantize_torch", "rtn_codes", "rtn_divisor",
+           "rtn_grid"]
 
 # Weights per block of rows in quantize_torch and pack_codes. Alternating holds about eight
 # float64 or int64 tensors of that many elements at its peak: ~1 GB at 2^24.
@@ -41,8 +42,9 @@ def rtn_grid(w: torch.Tensor, bits: int, scale_dtype: torch.dtype = torch.float3
 
     s = (max − min)/(2^q − 1) rounded to float32 (C stores it so) and then to `scale_dtype`
     (GPTQ rounds it to the metadata dtype before choosing codes; quantize keeps float32);
-    zp = round(−min/s) clamped to [0, 2^q − 1]; z = s·((2^q − 1)/2 − zp), or min where s = 0
-    (a constant group). z is returned unrounded (C rounds it to float32 when it stores it).
+    zp = round(−min/s) clamped to [0, 2^q − 1]; z = s·((2^q − 1)/2 − zp). Where s = 0 (a
+    constant group) z = min and zp = 0, so that every code is 0 (:func:`rtn_codes`). z is
+    returned unrounded (C rounds it to float32 when it stores it).
     """
     top = float((1 << bits) - 1)
     w64 = w.to(torch.float64)
@@ -51,18 +53,21 @@ def rtn_grid(w: torch.Tensor, bits: int, scale_dtype: torch.dtype = torch.float3
     zero = s == 0
     zp = torch.round(-lo / torch.where(zero, torch.ones_like(s), s)).clamp(0, top)
     z = torch.where(zero, lo, s * (top / 2 - zp))
-    return s, zp, z
+    return s, torch.where(zero, torch.zeros_like(zp), zp), z
 
 
-def rtn_codes(w: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer codes (float64) of w against the grid (s, zp): round(w/s) + zp clamped to
-    [0, 2^q − 1], 0 where s = 0. w is (B, g), or (B,) (one column, GPTQ); s, zp are (B,)."""
-    top = float((1 << bits) - 1)
+def rtn_divisor(s: torch.Tensor) -> torch.Tensor:
+    """What :func:`rtn_codes` divides by: s, or inf where s = 0 (w/inf rounds to code 0)."""
+    return torch.where(s == 0, torch.full_like(s, float("inf")), s)
+
+
+def rtn_codes(w: torch.Tensor, divisor: torch.Tensor, zp: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes (float64) of w on the grid of :func:`rtn_grid`: round(w/s) + zp clamped
+    to [0, 2^q − 1] (round half to even, as C's rint), 0 in a constant group. w is (B, g), or
+    (B,) (one column: GPTQ); divisor = rtn_divisor(s) and zp are (B,)."""
     if w.ndim == 2:
-        s, zp = s.unsqueeze(1), zp.unsqueeze(1)
-    zero = s == 0
-    codes = (torch.round(w.to(torch.float64) / torch.where(zero, torch.ones_like(s), s)) + zp)
-    return torch.where(zero, torch.zeros_like(codes), codes.clamp(0, top))
+        divisor, zp = divisor.unsqueeze(1), zp.unsqueeze(1)
+    return (torch.round(w.to(torch.float64) / divisor) + zp).clamp(0, float((1 << bits) - 1))
 
 
 def fit_bcq(w: torch.Tensor, bits: int, rounds: int):
@@ -109,68 +114,38 @@ def _block_sums(prefix: torch.Tensor, bounds: torch.Tensor):
     return count, total
 
 
-def _signed_moments(v: torch.Tensor, bits: int) -> torch.Tensor:
-    """C's signed_moments (a Walsh–Hadamard transform over the pattern index), on (B, 2^q)."""
-    B = v.shape[0]
-    for i in range(bits):
-        bit = 1 << i
-        pairs = v.reshape(B, -1, 2, bit)
-        minus, plus = pairs[:, :, 0], pairs[:, :, 1]
-        v = torch.stack([plus + minus, plus - minus], 2).reshape(B, -1)
-    return v
+def _sign_table(bits: int, device) -> torch.Tensor:
+    """(2^q, q + 1) float64: entry [p, i] = +1 if bit i of pattern p is set, else −1, for the
+    planes i < q; then a column of ones (the offset's)."""
+    p = torch.arange(1 << bits, device=device).unsqueeze(1)
+    signs = ((p >> torch.arange(bits, device=device)) & 1) * 2 - 1
+    return torch.cat([signs, torch.ones_like(p)], 1).to(torch.float64)
 
 
-def _fit_scales(count, total, g: int, bits: int, alpha, offset):
+def _fit_scales(hist, g: int, table, outer, state):
     """C's fit_scales for each row: least-squares α and z for the codes whose histogram is
-    (count, total), by the same Cholesky in the same order; rows whose system C finds
-    singular (a pivot ≤ 1e-10·g) keep the given alpha and offset, as C does."""
-    dim = bits + 1
-    count = _signed_moments(count, bits)
-    total = _signed_moments(total, bits)
-    plane = [1 << i for i in range(bits)] + [0]  # unknowns α_0..α_{q−1}, then z
-    xor = torch.tensor([[pi ^ pj for pj in plane] for pi in plane], device=count.device)
-    a = count[:, xor.flatten()].reshape(-1, dim, dim)
-    rhs = total[:, plane]
-    singular = torch.zeros(a.shape[0], dtype=torch.bool, device=a.device)
-    for j in range(dim):
-        d = a[:, j, j]
-        for t in range(j):
-            d = d - a[:, j, t] * a[:, j, t]
-        singular |= ~(d > 1e-10 * g)
-        d = d.sqrt()
-        a[:, j, j] = d
-        if j + 1 < dim:
-            v = a[:, j + 1:, j]
-            for t in range(j):
-                v = v - a[:, j + 1:, t] * a[:, j, t:t + 1]
-            a[:, j + 1:, j] = v / d.unsqueeze(1)
-    x = [None] * dim
-    for i in range(dim):
-        v = rhs[:, i]
-        for t in range(i):
-            v = v - a[:, i, t] * x[t]
-        x[i] = v / a[:, i, i]
-    for i in range(dim - 1, -1, -1):
-        v = x[i]
-        for t in range(i + 1, dim):
-            v = v - a[:, t, i] * x[t]
-        x[i] = v / a[:, i, i]
-    fit = torch.stack(x, 1)
-    fit = torch.where(singular.unsqueeze(1), torch.cat([alpha, offset.unsqueeze(1)], 1), fit)
-    return fit[:, :bits], fit[:, bits]
+    hist (R, 2, 2^q) (count, then sum of the weights, per pattern). The normal equations'
+    entries are the signed moments of the histogram (C's Walsh–Hadamard transform; here
+    products with the ±1 tables); a row whose system C calls singular (a Cholesky pivot
+    ≤ 1e-10·g) keeps its α and z from `state` (R, q + 2), as C does. Returns (R, q + 1)."""
+    dim = table.shape[1]
+    a = (hist[:, 0] @ outer).reshape(-1, dim, dim)
+    rhs = hist[:, 1] @ table
+    chol, info = torch.linalg.cholesky_ex(a)
+    pivots = chol.diagonal(dim1=1, dim2=2)
+    solvable = (info == 0) & (pivots * pivots > 1e-10 * g).all(1)
+    fit = torch.cholesky_solve(rhs.unsqueeze(2), chol).squeeze(2)
+    return torch.where(solvable.unsqueeze(1), fit, state[:, :dim])
 
 
-def _sorted_levels(alpha, offset, bits: int):
-    """C's sorted_levels: the 2^q values z ± α_0 ± α_1 ... (added in that order) ascending,
-    with their patterns, ties in C's merge order (the stable sort of the concatenation of
-    L − α_i and L + α_i is their merge, taking L − α_i first on ties)."""
-    values = offset.unsqueeze(1)
-    patterns = torch.zeros_like(values, dtype=torch.int64)
-    for i in range(bits):
-        a = alpha[:, i:i + 1]
-        values, order = torch.cat([values - a, values + a], 1).sort(dim=1, stable=True)
-        patterns = torch.cat([patterns, patterns | (1 << i)], 1).gather(1, order)
-    return values, patterns
+def _sorted_levels(fit, table):
+    """C's sorted_levels: the 2^q values z ± α_0 ± α_1 ... (added in that order, so each
+    value is C's to the last bit) ascending, with their patterns; a stable sort, so equal
+    values keep ascending patterns, C's merge order."""
+    values = fit[:, -1:].expand(-1, table.shape[0])
+    for i in range(table.shape[1] - 1):
+        values = values + fit[:, i:i + 1] * table[:, i]
+    return values.sort(dim=1, stable=True)
 
 
 def _midpoints(values):
@@ -179,14 +154,18 @@ def _midpoints(values):
 
 def _alternate(w, bits: int, rounds: int, codes, alpha, offset, best):
     """C's rounds of alternating least squares from the greedy state (codes, alpha, offset,
-    squared error best). Within a round the weights of a group are taken in ascending order:
-    the nearest-level codes split them into consecutive runs, one per level, whose counts and
-    sums come from prefix sums."""
+    squared error best). The weights of each group are sorted once: the nearest-level codes
+    of a round split them into consecutive runs, one per level, whose counts and sums (the
+    next fit's histogram) come from prefix sums. Rows drop out at their first round that does
+    not lower their error (or when it reaches 0), as in C."""
     B, g = w.shape
     levels = 1 << bits
+    table = _sign_table(bits, w.device)
+    outer = (table.unsqueeze(2) * table.unsqueeze(1)).reshape(levels, -1)
     sorted_w = w.sort(1).values
     prefix = _prefix_sums(sorted_w)
-    count, total = _histogram(w, codes, levels)
+    hist = torch.stack(_histogram(w, codes, levels), 1)               # (B, 2, levels)
+    state = torch.cat([alpha, offset.unsqueeze(1), best.unsqueeze(1)], 1)  # α, z, error
     kept_values = torch.empty(B, levels, dtype=torch.float64, device=w.device)
     kept_patterns = torch.empty(B, levels, dtype=torch.int64, device=w.device)
     moved = torch.zeros(B, dtype=torch.bool, device=w.device)
@@ -194,37 +173,38 @@ def _alternate(w, bits: int, rounds: int, codes, alpha, offset, best):
     for _ in range(rounds):
         if active.numel() == 0:
             break
-        fit_alpha, fit_offset = _fit_scales(count[active], total[active], g, bits,
-                                            alpha[active], offset[active])
-        values, patterns = _sorted_levels(fit_alpha, fit_offset, bits)
+        everyone = active.numel() == B
+
+        def pick(t, everyone=everyone, active=active):
+            return t if everyone else t[active]
+
+        current = pick(state)
+        fit = _fit_scales(pick(hist), g, table, outer, current)
+        values, patterns = _sorted_levels(fit, table)
         mids = _midpoints(values)
-        ws = sorted_w if active.numel() == B else sorted_w[active]
-        index = torch.searchsorted(mids, ws)                          # number of mids < w
-        diff = ws - values.gather(1, index)
+        ws = pick(sorted_w)
+        diff = ws - values.gather(1, torch.searchsorted(mids, ws))      # level: number of mids < w
         err = (diff * diff).sum(1)
-        better = err < best[active]
+        better = torch.nonzero(err < current[:, -1]).squeeze(1)  # one host sync per round
         rows = active[better]
-        best[rows] = err[better]
-        alpha[rows] = fit_alpha[better]
-        offset[rows] = fit_offset[better]
-        kept_values[rows] = values[better]
-        kept_patterns[rows] = patterns[better]
+        state[rows] = torch.cat([fit[better], err[better].unsqueeze(1)], 1)
+        values, patterns, mids, ws = values[better], patterns[better], mids[better], ws[better]
+        kept_values[rows] = values
+        kept_patterns[rows] = patterns
         moved[rows] = True
         # the next fit's histogram: level t holds the sorted weights in (mid_{t−1}, mid_t]
-        inner = torch.searchsorted(ws[better], mids[better], right=True)
+        inner = torch.searchsorted(ws, mids, right=True)
         edge = torch.zeros_like(inner[:, :1])
-        bounds = torch.cat([edge, inner, edge + g], 1)
-        level_count, level_total = _block_sums(prefix[rows], bounds)
-        by_pattern = patterns[better]
-        count[rows] = torch.zeros_like(level_count).scatter_(1, by_pattern, level_count)
-        total[rows] = torch.zeros_like(level_total).scatter_(1, by_pattern, level_total)
-        active = rows[best[rows] > 0]
+        level_hist = torch.stack(_block_sums(prefix[rows], torch.cat([edge, inner, edge + g], 1)), 1)
+        hist[rows] = torch.zeros_like(level_hist).scatter_(
+            2, patterns.unsqueeze(1).expand(-1, 2, -1), level_hist)
+        active = rows[torch.nonzero(state[rows, -1] > 0).squeeze(1)]
     rows = torch.nonzero(moved).squeeze(1)
     if rows.numel():
         values = kept_values[rows]
         index = torch.searchsorted(_midpoints(values), w[rows])
         codes[rows] = kept_patterns[rows].gather(1, index).to(torch.uint8)
-    return codes, alpha, offset
+    return codes, state[:, :bits], state[:, bits]
 
 
 def pack_codes(codes: torch.Tensor, params: torch.Tensor, bits: int, group_size: int, mode: str,
@@ -280,7 +260,7 @@ def quantize_torch(weight: torch.Tensor, bits: int, group_size: int, mode: str, 
             w = weight[r0:r1].to(torch.float32).to(torch.float64).reshape(-1, group_size)
             if method == "rtn":
                 s, zp, z = rtn_grid(w, bits)
-                block_codes = rtn_codes(w, s, zp, bits).to(torch.uint8)
+                block_codes = rtn_codes(w, rtn_divisor(s), zp, bits).to(torch.uint8)
                 alpha = s.unsqueeze(1) * powers  # C: α_i = s·2^(i−1), stored s = 2·α_0
             else:
                 block_codes, alpha, z = fit_bcq(w, bits, rounds if method == "alternating" else 0)

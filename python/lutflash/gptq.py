@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .bcq import WORD_K, BCQWeight, meta_per_group
-from .bcq_torch import fit_bcq, pack_codes, rtn_codes, rtn_grid
+from .bcq_torch import fit_bcq, pack_codes, rtn_codes, rtn_divisor, rtn_grid
 
 __all__ = ["HessianAccumulator", "gptq_quantize", "pack_codes", "quantize_model_calibrated"]
 
@@ -109,7 +109,7 @@ class _Group:
         if mode == "uniform":
             s, self.zp, z = rtn_grid(w, bits, meta_dtype)  # s rounded to meta_dtype for the codes
             z = z.to(torch.float32).to(meta_dtype).to(torch.float64)
-            self.scale = s
+            self.divisor = rtn_divisor(s)
             self.params = torch.stack([s, z], 1)
             powers = torch.pow(2.0, torch.arange(bits, device=w.device, dtype=torch.float32) - 1.0)
             alpha = s.to(torch.float32).unsqueeze(1) * powers
@@ -120,13 +120,14 @@ class _Group:
             self.params = torch.cat([alpha, z.unsqueeze(1)], 1).to(torch.float64)
         self.levels = _levels(alpha.to(torch.float32), z.to(torch.float32), patterns)
 
-    def quantize(self, column: torch.Tensor):
-        """(codes, quantized values) of one column (n,) of current weights."""
+    def quantize(self, column: torch.Tensor, codes: torch.Tensor, values: torch.Tensor) -> None:
+        """Writes the codes (int64) and the quantized values (float32) of one column (n,) of
+        current weights into `codes` and `values` (contiguous (n,) each)."""
         if self.mode == "uniform":
-            codes = rtn_codes(column, self.scale, self.zp, self.bits).to(torch.int64)
+            codes.copy_(rtn_codes(column, self.divisor, self.zp, self.bits))
         else:
-            codes = (column.unsqueeze(1) - self.levels).abs().argmin(1)
-        return codes, self.levels.gather(1, codes.unsqueeze(1)).squeeze(1)
+            torch.argmin((column.unsqueeze(1) - self.levels).abs_(), dim=1, out=codes)
+        torch.gather(self.levels, 1, codes.unsqueeze(1), out=values.unsqueeze(1))
 
 
 def _block_size(k: int, group_size: int, block_size: int) -> int:
@@ -162,8 +163,9 @@ def gptq_decide(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_si
     upper = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True).to(torch.float32)
 
     patterns = _sign_patterns(bits, device)
-    codes = torch.zeros(n, k, dtype=torch.int64, device=device)
-    decided = torch.zeros(n, k, dtype=torch.float32, device=device)
+    # column c of the result is row c here: each column's codes and values are written in place
+    codes = torch.empty(k, n, dtype=torch.int64, device=device)
+    decided = torch.empty(k, n, dtype=torch.float32, device=device)
     params = torch.zeros(n, k // group_size, meta_per_group(bits, mode), dtype=torch.float64,
                          device=device)
     step = _block_size(k, group_size, block_size)
@@ -171,7 +173,7 @@ def gptq_decide(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_si
     for i1 in range(0, k, step):
         i2 = min(i1 + step, k)
         W1 = W[:, i1:i2].clone()
-        errors = torch.zeros_like(W1)
+        errors = torch.empty(i2 - i1, n, dtype=torch.float32, device=device)
         inverse = upper[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
@@ -182,13 +184,15 @@ def gptq_decide(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_si
                 group = _Group(current, bits, mode, rounds, meta_dtype, patterns)
                 params[:, col // group_size] = group.params
             w = W1[:, i]
-            code, q = group.quantize(w)
-            codes[:, col], decided[:, col] = code, q
-            err = (w - q) / inverse[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * inverse[i, i:].unsqueeze(0)
-            errors[:, i] = err
-        W[:, i2:] -= errors @ upper[i1:i2, i2:]
-    return codes, params, decided
+            group.quantize(w, codes[col], decided[col])
+            err = errors[i]
+            torch.sub(w, decided[col], out=err)
+            err.div_(inverse[i, i])
+            if i + 1 < i2 - i1:  # the block's later columns; this one is decided
+                W1[:, i + 1:].addr_(err, inverse[i, i + 1:], alpha=-1)
+        if i2 < k:
+            W[:, i2:].addmm_(errors.t(), upper[i1:i2, i2:], alpha=-1)
+    return codes.t(), params, decided.t()
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int,
