@@ -8,12 +8,13 @@ weight as C computes, vectorized over all (row, group) pairs at once:
 - :func:`rtn_grid` / :func:`rtn_codes`: asymmetric round-to-nearest with C's min/max, scale
   rounding and round-half-to-even; the result is bit-identical to C's.
 - :func:`fit_bcq`: greedy BCQ, then ``rounds`` rounds of alternating least squares (C's normal
-  equations from the per-pattern histogram, the same Cholesky with the same singularity test,
-  the levels merged and ordered as C orders them, codes by C's midpoint rule, a round kept
-  only if it lowers the squared error, a group stopping at its first round that does not).
-  Sums over a group are taken in torch's order rather than C's left-to-right order, so
-  alphas and offsets can differ from C's in the last bits, and a code only where a weight sits
-  on a level midpoint to within that rounding.
+  equations from the per-pattern histogram, solved by Cholesky with C's singularity test and
+  fallback, the levels summed as C sums them and ordered as C orders ties, codes by C's
+  midpoint rule, a round kept only if it lowers the squared error, a group stopping at its
+  first round that does not). Sums are taken in torch's order rather than C's left-to-right
+  order and the small systems are solved by torch.linalg, so alphas and offsets can differ
+  from C's in the last bits of float64 (almost never in the stored float32), and a code only
+  where a weight sits on a level midpoint to within that rounding.
 - :func:`pack_codes`: integer codes and per-group parameters into a packed BCQWeight.
 
 :func:`quantize_torch` puts them together over blocks of rows, so that the working set stays
