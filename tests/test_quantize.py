@@ -407,12 +407,15 @@ def test_torch_quantizers_match_c(seed):
 @pytest.mark.parametrize("method,mode", [("rtn", "uniform"), ("rtn", "general"),
                                          ("greedy", "general"), ("alternating", "general")])
 def test_torch_quantizers_in_blocks_of_rows(method, mode):
-    """Blocks of rows (a few rows, one row, not dividing n) give the one-block result."""
+    """Blocks of rows (a few rows, one row, not dividing n) and a strided weight give the
+    one-block result."""
     weight = gaussian(37, 256, seed=4)
     whole = quantize_torch(weight, 3, 64, mode, method, 15, torch.float32)
     for chunk in (1, 256 * 5, 256 * 36):
         part = quantize_torch(weight, 3, 64, mode, method, 15, torch.float32, chunk_elements=chunk)
         assert torch.equal(part.planes, whole.planes) and torch.equal(part.meta, whole.meta)
+    strided = quantize_torch(weight.t().contiguous().t(), 3, 64, mode, method, 15, torch.float32)
+    assert torch.equal(strided.planes, whole.planes) and torch.equal(strided.meta, whole.meta)
 
 
 def test_torch_quantizers_refuse_what_c_refuses(impl):
