@@ -1,8 +1,10 @@
-"""The BCQ quantizers (csrc/bcq_quantize.c) through lutflash.quantize and _C.bcq_quantize,
-checked against float64 references of rtn and greedy and the optimality conditions that
-alternating must reach."""
+"""The BCQ quantizers through lutflash.quantize and _C.bcq_quantize: the C quantizers
+(csrc/bcq_quantize.c, CPU weights) and their torch twins (lutflash.bcq_torch, CUDA weights; run
+here on the CPU through the `impl` fixture), checked against float64 references of rtn and
+greedy and the optimality conditions that alternating must reach, and against each other."""
 
 import itertools
+import random
 
 import pytest
 import torch
@@ -10,9 +12,19 @@ import torch
 import lutflash
 from lutflash import _C
 from lutflash.bcq import METHODS, MODES, meta_per_group, padded_rows, words_per_row
+from lutflash.bcq_torch import quantize_torch
 
 GENERAL, UNIFORM = MODES.index("general"), MODES.index("uniform")
 RTN, GREEDY, ALTERNATING = (METHODS.index(m) for m in ("rtn", "greedy", "alternating"))
+
+
+@pytest.fixture(params=["c", "torch"])
+def impl(request, monkeypatch):
+    """Which quantizers lutflash.quantize runs for the test's CPU weights: C, or the torch
+    path that CUDA weights take (lutflash.bcq_torch)."""
+    if request.param == "torch":
+        monkeypatch.setattr(lutflash.bcq, "_runs_in_torch", lambda device: True)
+    return request.param
 
 
 def gaussian(n, k, seed=0):
@@ -81,7 +93,7 @@ def poisoned_outputs(n, k, bits, group_size, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
-def test_rtn_is_uniform_asymmetric_quantization(mode, bits):
+def test_rtn_is_uniform_asymmetric_quantization(mode, bits, impl):
     n, k, g = 24, 256, 64
     weight = gaussian(n, k, seed=bits)
     weight[3, 64:128] = 0.25  # a constant group: s = 0, dequantizes to exactly its value
@@ -108,7 +120,7 @@ def test_rtn_general_alphas_are_powers_of_two():
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
-def test_greedy_matches_reference(bits):
+def test_greedy_matches_reference(bits, impl):
     weight = gaussian(16, 256, seed=10 + bits)
     q = lutflash.quantize(weight, bits, 64, "greedy")
     ref = greedy_reference(weight, bits, 64)
@@ -116,7 +128,7 @@ def test_greedy_matches_reference(bits):
 
 
 @pytest.mark.parametrize("bits,group_size", [(1, 32), (2, 64), (3, 128), (4, 128), (3, 256)])
-def test_alternating_never_worse_than_greedy(bits, group_size):
+def test_alternating_never_worse_than_greedy(bits, group_size, impl):
     weight = gaussian(64, 512, seed=bits)
     weight[5] *= 50  # groups of very different scales
     greedy = group_errors(lutflash.quantize(weight, bits, group_size, "greedy"), weight)
@@ -128,7 +140,7 @@ def test_alternating_never_worse_than_greedy(bits, group_size):
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
-def test_alternating_converges_to_a_fixed_point(bits):
+def test_alternating_converges_to_a_fixed_point(bits, impl):
     """Run to convergence, the codes are the nearest levels for the stored α, z, and α, z are
     the least-squares fit for the stored codes."""
     n, k, g = 12, 128, 64
@@ -152,7 +164,7 @@ def test_alternating_converges_to_a_fixed_point(bits):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_error_falls_as_bits_rise(method):
+def test_error_falls_as_bits_rise(method, impl):
     weight = gaussian(32, 256, seed=3)
     errors = [mse(lutflash.quantize(weight, bits, 64, method), weight) for bits in range(1, 5)]
     assert all(b < 0.7 * a for a, b in itertools.pairwise(errors)), errors
@@ -168,7 +180,7 @@ def test_alternating_beats_rtn_on_gaussian_weights():
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("n,k,group_size", [(13, 100, 100), (7, 256, 256), (1, 32, 32),
                                             (9, 160, None), (3, 33, None), (2, 1, None)])
-def test_odd_shapes_and_one_group_per_row(method, n, k, group_size):
+def test_odd_shapes_and_one_group_per_row(method, n, k, group_size, impl):
     weight = gaussian(n, k, seed=n)
     q = lutflash.quantize(weight, 3, group_size, method)
     assert q.group_size == k and q.num_groups == 1
@@ -200,7 +212,7 @@ def test_padding_is_zero_and_every_output_is_written(mode, method):
 
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("method", METHODS)
-def test_every_bit_width_round_trips(bits, method):
+def test_every_bit_width_round_trips(bits, method, impl):
     n, k, g = 11, 128, 64
     weight = gaussian(n, k, seed=bits)
     q = lutflash.quantize(weight, bits, g, method, rounds=5)
@@ -218,7 +230,7 @@ def test_every_bit_width_round_trips(bits, method):
 
 @pytest.mark.parametrize("value,name", [(float("nan"), "NaN"), (float("inf"), "Inf"),
                                         (float("-inf"), "-Inf")])
-def test_non_finite_weight_is_rejected_with_its_position(value, name):
+def test_non_finite_weight_is_rejected_with_its_position(value, name, impl):
     weight = gaussian(8, 64)
     weight[5, 1] = value
     weight[3, 7] = value  # the first one in row-major order is reported
@@ -311,3 +323,152 @@ def test_direct_call_rejects_read_only_outputs():
 def test_direct_call_wrong_argument_count():
     with pytest.raises(TypeError, match="takes 10 arguments"):
         _C.bcq_quantize(*direct_args()[:9])
+
+
+# The torch quantizers against the C ones. lutflash.quantize runs them for CUDA weights; the
+# same comparison runs here on the CPU (bcq_torch.quantize_torch) and on the GPU (cuda tests).
+
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+META_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def random_case(seed):
+    """A seeded draw over the quantizers' space: (weight, quantize's arguments)."""
+    rng = random.Random(seed)
+    method = rng.choice(METHODS)
+    mode = rng.choice(MODES) if method == "rtn" else "general"
+    bits = rng.randint(1, 8)
+    n = rng.choice([1, 3, 8, 13, rng.randint(1, 80)])
+    if rng.random() < 0.3:  # one group per row, any k
+        k = rng.randint(1, 300)
+        group_size = k
+    else:
+        group_size = 32 * rng.randint(1, 6)
+        k = group_size * rng.randint(1, 4)
+    scale = rng.choice([0.02, 1.0, 300.0])
+    weight = (torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * scale)
+    if rng.random() < 0.3:  # a constant group
+        weight[rng.randrange(n), :group_size] = scale / 3
+    weight = weight.to(rng.choice(WEIGHT_DTYPES))
+    kwargs = dict(bits=bits, group_size=group_size, method=method, mode=mode,
+                  meta_dtype=rng.choice(META_DTYPES), rounds=rng.choice([0, 1, 3, 15, 15]))
+    return weight, kwargs
+
+
+def codes_as_ints(qweight):
+    """The integer codes (n, k) unpacked from the planes."""
+    signs = codes_of(qweight)  # (bits, n, k) ±1
+    weights = 2 ** torch.arange(qweight.bits, dtype=torch.float64).view(-1, 1, 1)
+    return (((signs + 1) / 2) * weights).sum(0).long()
+
+
+def assert_like_c(got, want, weight):
+    """`got` (torch) against `want` (C) for one weight: rtn bit for bit; greedy and
+    alternating with the same codes (but where a weight sits on a level midpoint to within
+    rounding: ≥ 99.9% of them), their metadata within one unit in the last place of the
+    metadata dtype (of the group's largest entry; groups whose codes all agree), and no group
+    with an error more than 1e-6 relatively above C's."""
+    assert got.device == want.device and got.shape == want.shape
+    assert (got.bits, got.group_size, got.mode) == (want.bits, want.group_size, want.mode)
+    assert got.meta.dtype == want.meta.dtype
+    n, k = want.shape
+    g = want.group_size
+    if torch.equal(got.planes, want.planes) and torch.equal(got.meta, want.meta):
+        return
+    assert (got.planes[:, :, n:] == 0).all() and (got.meta[:, :, n:] == 0).all()
+    same = codes_as_ints(got) == codes_as_ints(want)
+    assert same.double().mean().item() >= 0.999, "codes differ from C's"
+    same_group = same.reshape(n, k // g, g).all(-1).t()                 # (groups, n)
+    a, b = got.meta[:, :, :n].double(), want.meta[:, :, :n].double()
+    ulp = torch.finfo(want.meta.dtype).eps * b.abs().amax(1, keepdim=True)
+    close = ((a - b).abs() <= ulp + torch.finfo(want.meta.dtype).tiny).all(1)
+    assert (close | ~same_group).all(), "metadata differ from C's"
+    w = weight.to(torch.float32)  # what both quantize
+    bound = group_errors(want, w) * (1 + 1e-6) + 1e-12 * w.double().reshape(n, k // g, g).square().sum(-1)
+    assert (group_errors(got, w) <= bound).all(), "a group's error is above C's"
+
+
+@pytest.mark.parametrize("seed", range(48))
+def test_torch_quantizers_match_c(seed):
+    weight, kwargs = random_case(seed)
+    want = lutflash.quantize(weight, **kwargs)
+    got = quantize_torch(weight, kwargs["bits"], kwargs["group_size"], kwargs["mode"],
+                         kwargs["method"], kwargs["rounds"], kwargs["meta_dtype"])
+    if kwargs["method"] == "rtn":
+        assert torch.equal(got.planes, want.planes) and torch.equal(got.meta, want.meta)
+    assert_like_c(got, want, weight)
+    # the metadata dtype only rounds the float32 result
+    f32 = quantize_torch(weight, kwargs["bits"], kwargs["group_size"], kwargs["mode"],
+                         kwargs["method"], kwargs["rounds"], torch.float32)
+    assert torch.equal(f32.planes, got.planes)
+    assert torch.equal(f32.meta.to(kwargs["meta_dtype"]), got.meta)
+
+
+@pytest.mark.parametrize("method,mode", [("rtn", "uniform"), ("rtn", "general"),
+                                         ("greedy", "general"), ("alternating", "general")])
+def test_torch_quantizers_in_blocks_of_rows(method, mode):
+    """Blocks of rows (a few rows, one row, not dividing n) and a strided weight give the
+    one-block result."""
+    weight = gaussian(37, 256, seed=4)
+    whole = quantize_torch(weight, 3, 64, mode, method, 15, torch.float32)
+    for chunk in (1, 256 * 5, 256 * 36):
+        part = quantize_torch(weight, 3, 64, mode, method, 15, torch.float32, chunk_elements=chunk)
+        assert torch.equal(part.planes, whole.planes) and torch.equal(part.meta, whole.meta)
+    strided = quantize_torch(weight.t().contiguous().t(), 3, 64, mode, method, 15, torch.float32)
+    assert torch.equal(strided.planes, whole.planes) and torch.equal(strided.meta, whole.meta)
+
+
+def test_torch_quantizers_refuse_what_c_refuses(impl):
+    big = torch.full((4, 64), 1e39, dtype=torch.float64)
+    with pytest.raises(ValueError, match="weight: has values beyond the float32 range"):
+        lutflash.quantize(big, 3, 32, "rtn")
+    huge = gaussian(4, 64)
+    huge[2, 32:] = 3e38
+    huge[2, 40] = -3e38  # 1-bit rtn's scale, the whole range, overflows float32
+    with pytest.raises(ValueError, match=r"weight: row 2, group 1 spans a range too large"):
+        lutflash.quantize(huge, 1, 32, "rtn")
+
+
+def test_quantize_runs_the_c_quantizers_on_the_cpu(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a CPU weight went to the torch quantizers")
+
+    monkeypatch.setattr("lutflash.bcq_torch.quantize_torch", refuse)
+    q = lutflash.quantize(gaussian(8, 64), 3, 32, "alternating")
+    assert q.device.type == "cpu"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("seed", range(48))
+def test_quantize_on_the_gpu_matches_c(seed, cuda_device, monkeypatch):
+    weight, kwargs = random_case(seed)
+    want = lutflash.quantize(weight, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a CUDA weight went through the C quantizers")
+
+    monkeypatch.setattr(_C, "bcq_quantize", refuse)
+    device_weight = weight.to(cuda_device)
+    got = lutflash.quantize(device_weight, **kwargs)
+    assert got.device == device_weight.device and got.meta.device == got.device
+    got = got.to("cpu")
+    if kwargs["method"] == "rtn":
+        assert torch.equal(got.planes, want.planes) and torch.equal(got.meta, want.meta)
+    assert_like_c(got, want, weight)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", METHODS)
+def test_quantize_on_the_gpu_large_weight(method, cuda_device):
+    """A Llama-sized row count in several blocks of rows, on the device, against C."""
+    weight = torch.randn(4100, 1024, generator=torch.Generator().manual_seed(9)).half() * 0.02
+    want = lutflash.quantize(weight, 3, 128, method)
+    device_weight = weight.to(cuda_device)
+    for chunk in (1 << 20, 1 << 24):  # 5 blocks of rows, one block
+        got = quantize_torch(device_weight, 3, 128, want.mode, method, 15, torch.float16,
+                             chunk_elements=chunk)
+        assert got.device == device_weight.device
+        got = got.to("cpu")
+        if method == "rtn":
+            assert torch.equal(got.planes, want.planes) and torch.equal(got.meta, want.meta)
+        assert_like_c(got, want, weight)

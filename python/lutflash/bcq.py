@@ -27,7 +27,7 @@ MAX_BITS = _C.BCQ_MAX_BITS
 WORD_K = _C.BCQ_WORD_K
 ROW_PAD = _C.BCQ_ROW_PAD
 MODES = ("general", "uniform")
-METHODS = ("rtn", "greedy", "alternating")  # the C quantizers, in _C's numbering
+METHODS = ("rtn", "greedy", "alternating")  # data-free: C (in _C's numbering), torch on CUDA
 CALIBRATED_METHODS = ("gptq",)  # lutflash.gptq, in torch; needs the layer's input Hessian
 ALL_METHODS = METHODS + CALIBRATED_METHODS
 META_DTYPES = FLOAT_DTYPES  # metadata takes the same floating dtypes as activations
@@ -211,12 +211,16 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int | None = 128,
              method: str = "alternating", *, rounds: int = 15, mode: str | None = None,
              meta_dtype: torch.dtype | None = None, hessian: torch.Tensor | None = None,
              damp: float = 0.01, block_size: int = 128) -> BCQWeight:
-    """Quantizes a dense (out_features, in_features) weight to BCQ.
+    """Quantizes a dense (out_features, in_features) weight to BCQ, on the weight's device.
 
     method: "rtn" (asymmetric round-to-nearest, exact uniform BCQ), "greedy",
     "alternating" (least-squares alphas and optimal codes, repeated `rounds` times), or
     "gptq" (calibrated: column by column with error feedback through the inverse of
-    `hessian`, lutflash.gptq; runs in torch on the weight's device, CUDA included).
+    `hessian`, lutflash.gptq; in torch). rtn, greedy and alternating run in C (OpenMP) for a
+    CPU weight and in torch on the GPU for a CUDA weight (lutflash.bcq_torch, which mirrors
+    the C quantizers: rtn bit for bit, greedy and alternating up to the order of the sums
+    over a group); on any other device the weight goes through the C quantizers on the CPU
+    and the result comes back. gptq runs in torch on the weight's device, CUDA included.
     group_size: a multiple of 32 dividing in_features, or None (or in_features) for one
     group per row. mode: "uniform" (rtn's default) or "general" (the others'; rtn and gptq can
     give either; gptq's default is general). meta_dtype: dtype of the stored metadata; default
@@ -264,6 +268,10 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int | None = 128,
     if mode == "uniform" and method != "rtn":
         raise ValueError(f"mode: method {method!r} gives non-uniform alphas; use mode='general'")
 
+    if _runs_in_torch(weight.device):
+        from .bcq_torch import quantize_torch
+
+        return quantize_torch(weight.detach(), bits, group_size, mode, method, rounds, meta_dtype)
     source = weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
     if weight.dtype == torch.float64 and not torch.isfinite(source).all() and torch.isfinite(weight).all():
         raise ValueError("weight: has values beyond the float32 range, which the quantizers use")
@@ -274,6 +282,12 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int | None = 128,
                     METHODS.index(method), rounds)
     result = BCQWeight(planes, meta.to(meta_dtype), (n, k), bits, group_size, mode)
     return result.to(weight.device) if weight.device.type != "cpu" else result
+
+
+def _runs_in_torch(device: torch.device) -> bool:
+    """Whether rtn, greedy and alternating run in torch on `device` (lutflash.bcq_torch: CUDA)
+    rather than in C on the CPU."""
+    return device.type == "cuda"
 
 
 def _quantize_gptq(weight, bits, group_size, mode, rounds, meta_dtype, hessian, damp, block_size):

@@ -37,13 +37,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .bcq import (
-    WORD_K,
-    BCQWeight,
-    meta_per_group,
-    padded_rows,
-    words_per_row,
-)
+from .bcq import WORD_K, BCQWeight, meta_per_group
+from .bcq_torch import fit_bcq, pack_codes, rtn_codes, rtn_divisor, rtn_grid
 
 __all__ = ["HessianAccumulator", "gptq_quantize", "pack_codes", "quantize_model_calibrated"]
 
@@ -87,34 +82,6 @@ class HessianAccumulator:
         self.hessian += rows.t() @ rows
 
 
-def pack_codes(codes: torch.Tensor, params: torch.Tensor, bits: int, group_size: int, mode: str,
-               meta_dtype: torch.dtype = torch.float32) -> BCQWeight:
-    """A BCQWeight from integer codes and per-group parameters.
-
-    codes: (n, k) integers in [0, 2^bits): bit i of codes[r, c] is the sign of plane i (1 means
-    +1). params: (n, k // group_size, bits + 1) = α_0..α_{q−1}, z (mode "general") or
-    (n, k // group_size, 2) = s, z (mode "uniform"), stored in `meta_dtype`. The result lives
-    on the codes' device.
-    """
-    n, k = codes.shape
-    device = codes.device
-    rows, words = padded_rows(n), words_per_row(k)
-    codes = codes.to(torch.int64)
-    padded = torch.zeros(n, words * WORD_K, dtype=torch.int64, device=device)
-    padded[:, :k] = codes
-    shifts = torch.arange(WORD_K, device=device, dtype=torch.int64)
-    planes = torch.zeros(words, bits, rows, dtype=torch.int32, device=device)
-    per_word = padded.reshape(n, words, WORD_K)
-    for i in range(bits):
-        word = (((per_word >> i) & 1) << shifts).sum(-1)             # (n, words), < 2^32
-        word = word - ((word >> 31) & 1) * (1 << 32)                 # as int32, two's complement
-        planes[:, i, :n] = word.t().to(torch.int32)
-    groups = k // group_size
-    meta = torch.zeros(groups, meta_per_group(bits, mode), rows, dtype=meta_dtype, device=device)
-    meta[:, :, :n] = params.to(meta_dtype).permute(1, 2, 0)
-    return BCQWeight(planes, meta, (n, k), bits, group_size, mode)
-
-
 def _sign_patterns(bits: int, device) -> torch.Tensor:
     """(2^bits, bits) float: entry [p, i] = +1 if bit i of p is set, else −1."""
     p = torch.arange(1 << bits, device=device).unsqueeze(-1)
@@ -131,81 +98,36 @@ def _levels(alpha: torch.Tensor, offset: torch.Tensor, patterns: torch.Tensor) -
     return out
 
 
-def _fit_general(w: torch.Tensor, bits: int, rounds: int, patterns: torch.Tensor):
-    """Greedy BCQ, then alternating least squares, per row of w (n, g) in float64; returns
-    (alpha (n, bits), offset (n,)), the best of the rounds for each row."""
-    mean = w.mean(1)
-    residual = w - mean.unsqueeze(1)
-    signs, alphas = [], []
-    for _ in range(bits):
-        a = residual.abs().mean(1)
-        s = torch.where(residual >= 0, 1.0, -1.0).to(w.dtype)
-        residual = residual - s * a.unsqueeze(1)
-        signs.append(s)
-        alphas.append(a)
-    alpha, offset = torch.stack(alphas, 1), mean
-    best = residual.square().sum(1)
-    sign = torch.stack(signs, -1)                                     # (n, g, bits)
-    ones = torch.ones_like(w).unsqueeze(-1)
-    eye = torch.eye(bits + 1, dtype=w.dtype, device=w.device)
-    g = w.shape[1]
-    for _ in range(rounds):
-        design = torch.cat([sign, ones], -1)                          # (n, g, bits + 1)
-        normal = design.transpose(1, 2) @ design
-        rhs = (design.transpose(1, 2) @ w.unsqueeze(-1)).squeeze(-1)
-        # singular systems (a plane constant over the group): a tiny ridge keeps it solvable;
-        # such a row rarely improves and then keeps its previous fit
-        solution = torch.linalg.solve(normal + 1e-9 * g * eye, rhs)
-        fit_alpha, fit_offset = solution[:, :bits], solution[:, bits]
-        levels = fit_offset.unsqueeze(1) + fit_alpha @ patterns.t()  # (n, 2^bits)
-        index = (w.unsqueeze(-1) - levels.unsqueeze(1)).abs().argmin(-1)
-        err = (w - levels.gather(1, index)).square().sum(1)
-        better = err < best
-        if not bool(better.any()):
-            break
-        best = torch.where(better, err, best)
-        alpha = torch.where(better.unsqueeze(1), fit_alpha, alpha)
-        offset = torch.where(better, fit_offset, offset)
-        sign = torch.where(better.view(-1, 1, 1), patterns[index], sign)
-    return alpha, offset
-
-
 class _Group:
-    """One group's fitted parameters (rounded to the metadata dtype) and its column quantizer."""
+    """One group's fitted parameters (rounded to the metadata dtype) and its column quantizer.
+    The fits are the data-free quantizers' own (lutflash.bcq_torch): the rtn grid, or greedy
+    plus alternating least squares."""
 
     def __init__(self, w: torch.Tensor, bits: int, mode: str, rounds: int, meta_dtype,
                  patterns: torch.Tensor):
-        self.mode = mode
-        top = float((1 << bits) - 1)
+        self.mode, self.bits = mode, bits
         if mode == "uniform":
-            # lutflash's rtn (csrc/bcq_quantize.c): min/max in float, s rounded to float32
-            w64 = w.to(torch.float64)
-            lo, hi = w64.amin(1), w64.amax(1)
-            s = ((hi - lo) / top).to(torch.float32).to(meta_dtype).to(torch.float64)
-            zero = s == 0
-            safe = torch.where(zero, torch.ones_like(s), s)
-            zp = torch.round(-lo / safe).clamp(0, top)
-            z = torch.where(zero, lo, s * (top / 2 - zp))
+            s, self.zp, z = rtn_grid(w, bits, meta_dtype)  # s rounded to meta_dtype for the codes
             z = z.to(torch.float32).to(meta_dtype).to(torch.float64)
-            self.scale, self.zp, self.zero, self.safe, self.top = s, zp, zero, safe, top
+            self.divisor = rtn_divisor(s)
             self.params = torch.stack([s, z], 1)
             powers = torch.pow(2.0, torch.arange(bits, device=w.device, dtype=torch.float32) - 1.0)
             alpha = s.to(torch.float32).unsqueeze(1) * powers
         else:
-            alpha, z = _fit_general(w.to(torch.float64), bits, rounds, patterns)
+            _, alpha, z = fit_bcq(w, bits, rounds)
             alpha = alpha.to(torch.float32).to(meta_dtype)
             z = z.to(torch.float32).to(meta_dtype)
             self.params = torch.cat([alpha, z.unsqueeze(1)], 1).to(torch.float64)
         self.levels = _levels(alpha.to(torch.float32), z.to(torch.float32), patterns)
 
-    def quantize(self, column: torch.Tensor):
-        """(codes, quantized values) of one column (n,) of current weights."""
+    def quantize(self, column: torch.Tensor, codes: torch.Tensor, values: torch.Tensor) -> None:
+        """Writes the codes (int64) and the quantized values (float32) of one column (n,) of
+        current weights into `codes` and `values` (contiguous (n,) each)."""
         if self.mode == "uniform":
-            codes = (torch.round(column.to(torch.float64) / self.safe) + self.zp).clamp(0, self.top)
-            codes = torch.where(self.zero, torch.zeros_like(codes), codes).to(torch.int64)
+            codes.copy_(rtn_codes(column, self.divisor, self.zp, self.bits))
         else:
-            codes = (column.unsqueeze(1) - self.levels).abs().argmin(1)
-        return codes, self.levels.gather(1, codes.unsqueeze(1)).squeeze(1)
+            torch.argmin((column.unsqueeze(1) - self.levels).abs_(), dim=1, out=codes)
+        torch.gather(self.levels, 1, codes.unsqueeze(1), out=values.unsqueeze(1))
 
 
 def _block_size(k: int, group_size: int, block_size: int) -> int:
@@ -241,8 +163,9 @@ def gptq_decide(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_si
     upper = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True).to(torch.float32)
 
     patterns = _sign_patterns(bits, device)
-    codes = torch.zeros(n, k, dtype=torch.int64, device=device)
-    decided = torch.zeros(n, k, dtype=torch.float32, device=device)
+    # column c of the result is row c here: each column's codes and values are written in place
+    codes = torch.empty(k, n, dtype=torch.int64, device=device)
+    decided = torch.empty(k, n, dtype=torch.float32, device=device)
     params = torch.zeros(n, k // group_size, meta_per_group(bits, mode), dtype=torch.float64,
                          device=device)
     step = _block_size(k, group_size, block_size)
@@ -250,7 +173,7 @@ def gptq_decide(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_si
     for i1 in range(0, k, step):
         i2 = min(i1 + step, k)
         W1 = W[:, i1:i2].clone()
-        errors = torch.zeros_like(W1)
+        errors = torch.empty(i2 - i1, n, dtype=torch.float32, device=device)
         inverse = upper[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
@@ -261,13 +184,15 @@ def gptq_decide(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_si
                 group = _Group(current, bits, mode, rounds, meta_dtype, patterns)
                 params[:, col // group_size] = group.params
             w = W1[:, i]
-            code, q = group.quantize(w)
-            codes[:, col], decided[:, col] = code, q
-            err = (w - q) / inverse[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * inverse[i, i:].unsqueeze(0)
-            errors[:, i] = err
-        W[:, i2:] -= errors @ upper[i1:i2, i2:]
-    return codes, params, decided
+            group.quantize(w, codes[col], decided[col])
+            err = errors[i]
+            torch.sub(w, decided[col], out=err)
+            err.div_(inverse[i, i])
+            if i + 1 < i2 - i1:  # the block's later columns; this one is decided
+                W1[:, i + 1:].addr_(err, inverse[i, i + 1:], alpha=-1)
+        if i2 < k:
+            W[:, i2:].addmm_(errors.t(), upper[i1:i2, i2:], alpha=-1)
+    return codes.t(), params, decided.t()
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int,
