@@ -104,6 +104,36 @@ __device__ __forceinline__ int64_t tile_row_sets(int64_t row_sets, int x, int G)
     return periods * 8 + (tail < 8 ? tail : 8);
 }
 
+/* x[row, col0 .. col0 + 7] as floats (0 past k): one or two 16-byte loads where the row is
+ * 16-byte aligned (`vec`, uniform over the grid), else eight scalar loads. The tables need x
+ * before anything else, so these go out ahead of the weights (ncu, 4096², m = 1: the scalar
+ * loads, issued behind the first weight items and waited for one by one, took a fifth of the
+ * kernel's stall samples). */
+__device__ __forceinline__ void load_x8(const LutArgs &a, int64_t row, int64_t col0, bool vec,
+                                        float x[8]) {
+    if (vec && col0 + 8 <= a.k) {
+        const char *p = (const char *)a.x + (row * a.ldx + col0) * (a.x_type == LF_SCALAR_F32 ? 4 : 2);
+        if (a.x_type == LF_SCALAR_F32) {
+            const float4 u = *(const float4 *)p, v = *(const float4 *)(p + 16);
+            x[0] = u.x, x[1] = u.y, x[2] = u.z, x[3] = u.w;
+            x[4] = v.x, x[5] = v.y, x[6] = v.z, x[7] = v.w;
+        } else {
+            const uint4 u = *(const uint4 *)p;
+            const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const uint16_t h = (uint16_t)(w[j >> 1] >> (16 * (j & 1)));
+                x[j] = a.x_type == LF_SCALAR_F16 ? __half2float(__ushort_as_half(h))
+                                                 : __uint_as_float((uint32_t)h << 16);
+            }
+        }
+        return;
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+        x[j] = col0 + j < a.k ? load_scalar(a.x, row * a.ldx + col0 + j, a.x_type) : 0.0f;
+}
+
 template <int BITS, bool META32, bool GENERAL, int M>
 __global__ void __launch_bounds__(THREADS, M >= 4 ? 1 : 2) decode_kernel(LutArgs a) {
     constexpr int NM = GENERAL ? BITS + 1 : 2;  // metadata entries per (row, group)
@@ -161,25 +191,31 @@ __global__ void __launch_bounds__(THREADS, M >= 4 ? 1 : 2) decode_kernel(LutArgs
         }
     };
 
-    // The first D items' loads go out before the tables are built.
+    // Tables: slot pair p holds tables T = 0..63 (slot 2p + T / 32, table T % 32 of it); thread
+    // builds entries 64·(tid >> 6) .. +63 of table T = tid & 63, Gray order. Slot σ is half σ
+    // of the slab (M = 1) or activation row σ (M > 1). Their x goes out first, then the first
+    // D items' weights, then the tables are built.
+    const int esize = a.x_type == LF_SCALAR_F32 ? 4 : 2;
+    const bool xvec = ((uintptr_t)a.x % 16 == 0) && (a.ldx * esize % 16 == 0);
+    float xv[S / 2][8];
+#pragma unroll
+    for (int p = 0; p < S / 2; ++p) {
+        const int T = tid & 63, sigma = 2 * p + (T >> 5);
+        const int r = M == 1 ? 0 : sigma;
+        const int64_t col0 = (int64_t)w0 * 32 + 8 * (M == 1 ? T : T & 31);
+        if (r < mz) load_x8(a, row0 + r, col0, xvec, xv[p]);
+        else
+#pragma unroll
+            for (int j = 0; j < 8; ++j) xv[p][j] = 0.0f;
+    }
     St st[D];
 #pragma unroll
     for (int j = 0; j < D; ++j) load(st[j], item_rs(j), j % HALVES);
 
-    // Tables: slot pair p holds tables T = 0..63 (slot 2p + T / 32, table T % 32 of it); thread
-    // builds entries 64·(tid >> 6) .. +63 of table T = tid & 63, Gray order. Slot σ is half σ
-    // of the slab (M = 1) or activation row σ (M > 1).
 #pragma unroll
     for (int p = 0; p < S / 2; ++p) {
-        const int T = tid & 63, hi = tid >> 6, sigma = 2 * p + (T >> 5);
-        const int r = M == 1 ? 0 : sigma;
-        const int64_t col0 = (int64_t)w0 * 32 + 8 * (M == 1 ? T : T & 31);
-        float x[8];
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-            x[j] = r < mz && col0 + j < a.k
-                       ? load_scalar(a.x, (row0 + r) * a.ldx + col0 + j, a.x_type)
-                       : 0.0f;
+        const int T = tid & 63, hi = tid >> 6;
+        const float *x = xv[p];
         float v = (hi & 1 ? x[6] : -x[6]) + (hi & 2 ? x[7] : -x[7]);
 #pragma unroll
         for (int j = 0; j < 6; ++j) v -= x[j];
