@@ -153,6 +153,12 @@ class LutLinear(nn.Module):
 SkipRule = Iterable[str] | Callable[[str, nn.Module], bool]
 
 
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Puts `module` where the dotted `name` of model.named_modules() is."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
 def _skipped(name: str, module: nn.Module, skip: SkipRule) -> bool:
     if callable(skip):
         return bool(skip(name, module))
@@ -240,9 +246,7 @@ def quantize_model(model: nn.Module, bits: int = 3, group_size: int | None = 128
     replaced = []
     for name, linear in tqdm(targets, desc="lutflash: quantizing", unit="layer",
                              disable=not progress):
-        new = quantized(name, linear)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        _set_submodule(model, name, quantized(name, linear))
         replaced.append(name)
     return replaced
 
@@ -403,9 +407,7 @@ def replace_rms_norms(model: nn.Module) -> list[str]:
         weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
         if not isinstance(weight, nn.Parameter) or weight.dim() != 1 or eps is None:
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, RMSNorm(weight, eps))
+        _set_submodule(model, name, RMSNorm(weight, eps))
         names.append(name)
     return names
 
@@ -451,8 +453,6 @@ def replace_gated_mlps(model: nn.Module) -> list[str]:
                 and (gate.index, up.index) == (0, 1) and len(gate_up.splits) == 2
                 and gate_up.splits[0] == gate_up.splits[1]):
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, GatedMLP(module, gate_up))
+        _set_submodule(model, name, GatedMLP(module, gate_up))
         names.append(name)
     return names
