@@ -142,15 +142,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     batch, head_dim = x.shape[0], x.shape[-1]
     per_sequence = cos.shape == (batch, head_dim)  # one row per sequence of x
     if _kernel(x, cos, sin) and (per_sequence or cos.shape in ((head_dim,), (1, head_dim))):
-        rows = batch if per_sequence else 1
-        x3 = x.reshape(batch, -1, head_dim)  # a view where x's middle dimensions merge
-        if x3.stride(-1) != 1:
-            x3 = x3.contiguous()
-        out = torch.empty((batch, x3.shape[1], head_dim), dtype=x.dtype, device=x.device)
-        _C.rotary(x3, cos.reshape(rows, head_dim).contiguous(),
-                  sin.reshape(rows, head_dim).contiguous(), out, stream_of(x.device))
-        return out.view(x.shape)
+        return rotary_kernel(x, cos, sin)
     if per_sequence and x.ndim > 2:  # against x's batch, not its last dimensions
         cos = cos.reshape(batch, *([1] * (x.ndim - 2)), head_dim)
         sin = sin.reshape(batch, *([1] * (x.ndim - 2)), head_dim)
     return x * cos + rotate_half(x) * sin
+
+
+def rotary_kernel(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rotary's CUDA kernel, for arguments apply_rotary has checked and sent there
+    (cos/sin of shape (head_dim,), (1, head_dim) or (batch, head_dim); _kernel true)."""
+    batch, head_dim = x.shape[0], x.shape[-1]
+    rows = batch if cos.shape == (batch, head_dim) else 1
+    x3 = x.reshape(batch, -1, head_dim)  # a view where x's middle dimensions merge
+    if x3.stride(-1) != 1:
+        x3 = x3.contiguous()
+    out = torch.empty((batch, x3.shape[1], head_dim), dtype=x.dtype, device=x.device)
+    _C.rotary(x3, cos.reshape(rows, head_dim).contiguous(),
+              sin.reshape(rows, head_dim).contiguous(), out, stream_of(x.device))
+    return out.view(x.shape)

@@ -408,7 +408,7 @@ def _decode_rotary(original):
     kernel for q and one for k) where that runs its CUDA kernel: one position per sequence
     (decoding), cos/sin of q's dtype. Any other call goes to `original`. The kernel rounds where
     torch does, so both give the same bits."""
-    from ..decode_ops import _kernel, apply_rotary
+    from ..decode_ops import _kernel, rotary_kernel
 
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
         if (unsqueeze_dim == 1 and q.ndim == 4 and k.ndim == 4 and cos.ndim == 3
@@ -416,8 +416,9 @@ def _decode_rotary(original):
                 and cos.shape == sin.shape and cos.shape[0] in (1, q.shape[0])
                 and cos.shape[-1] == q.shape[-1] == k.shape[-1] and q.shape[0] == k.shape[0]
                 and q.dtype == k.dtype == cos.dtype == sin.dtype and _kernel(q, k, cos, sin)):
+            # checked here once for both: the kernel directly (what apply_rotary runs)
             cos, sin = cos[:, 0], sin[:, 0]
-            return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            return rotary_kernel(q, cos, sin), rotary_kernel(k, cos, sin)
         return original(q, k, cos, sin, unsqueeze_dim)
 
     apply_rotary_pos_emb.__wrapped__ = original
