@@ -49,11 +49,53 @@ typedef struct {
     uint64_t dropout_seed;
     uint64_t dropout_offset;
 
+    /* KV caches (flash_attention_with_kvcache; dense inputs only, NULL / 0 otherwise).
+     * cache_seqlens (B,): sequence b attends to its first min(cache_seqlens[b] + seqlen_new,
+     * seqlen_k) keys (the GPU clamps the count into [0, seqlen_k]; the host checks CPU
+     * values); the queries are the last Sq of them (bottom-right alignment on that count). */
+    const int32_t *cache_seqlens;
+    int64_t seqlen_new;
+    /* (B,): the k/v batch row that sequence b reads (cache_batch_idx), or NULL for row b;
+     * kv_batch is the number of k/v rows (the GPU clamps indices into [0, kv_batch - 1]). */
+    const int32_t *kv_batch_idx;
+    int64_t kv_batch;
+    /* Paged k/v: k (num_pages, page_size, Hkv, D); key j of sequence b is row j % page_size
+     * of page block_table[b * block_table_stride + j / page_size], so k_batch_stride steps
+     * pages and seqlen_k = pages per sequence * page_size. NULL: not paged. The GPU clamps
+     * page numbers into [0, num_pages - 1]; the host checks CPU values. */
+    const int32_t *block_table;
+    int64_t block_table_stride;
+    int64_t page_size;
+    int64_t num_pages;
+
     void *workspace; /* per-thread scratch tiles */
     int64_t workspace_bytes;
     int num_threads; /* CPU: OpenMP threads */
     int variant;     /* 0: automatic; else a forced inner loop (CPU) or tile shape (CUDA) */
 } attention_fwd_params;
+
+/* The first half of a KV-cache call: k_new/v_new (B, Sn, Hkv, D) written into the cache
+ * (addressed like the k/v of attention_fwd_params, with its cache fields) at rows
+ * cache_seqlens[b] + i, rotated first when cos is given; and q (B, Sq, Hq, D) rotated into
+ * q_out (dense, like q) when q_out is given. Rows that would land outside the cache are not
+ * written (the host checks CPU values). Rotary (flash-attn's convention): cos and sin
+ * (seqlen_ro, rotary_dim / 2), dense, of the data's dtype; the first rotary_dim features of a
+ * row rotate, pairs (2t, 2t + 1) when interleaved, else (t, t + rotary_dim / 2); key i of
+ * sequence b is at position cache_seqlens[b] + i, query i at cache_seqlens[b] + i when
+ * q_positions_follow (causal or windowed attention), else at cache_seqlens[b]. Positions
+ * past seqlen_ro are clamped on the GPU (the host checks CPU values). The rest of a row is
+ * copied. Math in float32, one rounding to the dtype per element. */
+typedef struct {
+    const attention_fwd_params *cache; /* k, v, strides, cache_seqlens, kv_batch_idx, paging */
+    const void *k_new, *v_new;          /* NULL: nothing to append */
+    int64_t kn_batch_stride, kn_row_stride, kn_head_stride;
+    int64_t vn_batch_stride, vn_row_stride, vn_head_stride;
+    const void *q;                      /* read when q_out is given */
+    void *q_out;                        /* dense (B, Sq, Hq, D), or NULL */
+    const void *cos, *sin;              /* NULL: no rotary */
+    int64_t seqlen_ro, rotary_dim;
+    int interleaved, q_positions_follow;
+} kvcache_append_params;
 
 typedef struct {
     attention_fwd_params fwd; /* out and lse are read, not written */

@@ -40,6 +40,9 @@ int attention_forward_cuda(const attention_fwd_params *p, void *stream);
 int64_t attention_cuda_backward_workspace_bytes(int64_t heads_q, int64_t head_dim,
                                                 int64_t total_q);
 int attention_backward_cuda(const attention_bwd_params *p, void *stream);
+/* A KV-cache call's append and rotary (kvcache_append_params); run before
+ * attention_forward_cuda on the same cache params. */
+int attention_kvcache_append_cuda(const kvcache_append_params *p, void *stream);
 
 /* Row-wise ops of a decoder step (cuda/decode_ops.cu), on fp16/bf16/fp32 rows (x_type, an
  * lf_scalar); each rounds to x's dtype where the torch composition it replaces does (the
