@@ -41,7 +41,7 @@ __host__ __device__ __forceinline__ int64_t decode_record_floats(int64_t d) {
     return (d + 3) / 4 * 4 + 4;
 }
 
-template <int kD, typename T>
+template <int kD, typename T, bool kPaged>
 __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
     attn_decode_kernel(const attention_fwd_params p, int num_splits) {
     using Cfg = DecodeConfig<kD>;
@@ -89,16 +89,15 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
     const int nb_end = n_lo + min(n_all, (split + 1) * per);
     const int blocks = nb_end - nb_begin;
 
-    const T *k = static_cast<const T *>(p.k) + b * p.k_batch_stride +
-                 seq.k_start * p.k_row_stride + kv_head * p.k_head_stride;
-    const T *v = static_cast<const T *>(p.v) + b * p.v_batch_stride +
-                 seq.k_start * p.v_row_stride + kv_head * p.v_head_stride;
+    const KvRows<T, kPaged> k(p, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, b,
+                              kv_head, seq.k_start);
+    const KvRows<T, kPaged> v(p, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, b,
+                              kv_head, seq.k_start);
     auto load_stage = [&](int it) {
         const int j0 = (nb_begin + it) * kDecodeBN, keys = min(kDecodeBN, seq.sk - j0);
         const uint32_t kt = kv_tiles + (it % kStages) * 2 * Cfg::kTileKV;
-        load_tile<kDecodeBN, kD, kThreads>(kt, k + j0 * p.k_row_stride, p.k_row_stride, keys, d);
-        load_tile<kDecodeBN, kD, kThreads>(kt + Cfg::kTileKV, v + j0 * p.v_row_stride,
-                                           p.v_row_stride, keys, d);
+        load_kv_tile<kDecodeBN, kD, kThreads>(kt, k, p, j0, keys, d);
+        load_kv_tile<kDecodeBN, kD, kThreads>(kt + Cfg::kTileKV, v, p, j0, keys, d);
     };
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
@@ -378,17 +377,24 @@ inline int decode_splits(int64_t batch, int64_t heads_q, int64_t heads_kv, int64
 
 /* The decode kernel with `splits` key splits, then (splits > 1) the combine; on sm_90 the
  * combine is launched with programmatic dependent launch. */
-template <int kD, typename T> cudaError_t run_attn_decode(const attention_fwd_params &p,
-                                                          int splits, cudaStream_t stream) {
+template <int kD, typename T, bool kPaged>
+cudaError_t launch_attn_decode(const attention_fwd_params &p, int splits, cudaStream_t stream) {
     using Cfg = DecodeConfig<kD>;
-    constexpr auto kernel = attn_decode_kernel<kD, T>;
-    cudaError_t err = lf::setup_kernel<kernel>(Cfg::kThreads, Cfg::kSmemBytes, nullptr);
+    constexpr auto kernel = attn_decode_kernel<kD, T, kPaged>;
+    const cudaError_t err = lf::setup_kernel<kernel>(Cfg::kThreads, Cfg::kSmemBytes, nullptr);
     if (err != cudaSuccess) return err;
     const int64_t rows = p.heads_q / p.heads_kv * p.seqlen_q;
     const dim3 grid((unsigned)((rows + kDecodeRows - 1) / kDecodeRows * splits),
                     (unsigned)p.batch, (unsigned)p.heads_kv);
     kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, splits);
-    err = cudaGetLastError();
+    return cudaGetLastError();
+}
+
+/* The decode kernel (its paged instance for a call with a block table), then the combine. */
+template <int kD, typename T> cudaError_t run_attn_decode(const attention_fwd_params &p,
+                                                          int splits, cudaStream_t stream) {
+    cudaError_t err = p.block_table != nullptr ? launch_attn_decode<kD, T, true>(p, splits, stream)
+                                               : launch_attn_decode<kD, T, false>(p, splits, stream);
     if (err != cudaSuccess || splits == 1) return err;
     /* one CTA per (head, query row) of a batch */
     const dim3 cgrid((unsigned)(p.heads_q * p.seqlen_q), (unsigned)p.batch, 1);

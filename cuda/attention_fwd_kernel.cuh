@@ -61,10 +61,11 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     const int kv_head = h / (int)(p.heads_q / p.heads_kv);
     const T *q = static_cast<const T *>(p.q) + b * p.q_batch_stride +
                  (seq.q_start + i0) * p.q_row_stride + h * p.q_head_stride;
-    const T *k = static_cast<const T *>(p.k) + b * p.k_batch_stride +
-                 seq.k_start * p.k_row_stride + kv_head * p.k_head_stride;
-    const T *v = static_cast<const T *>(p.v) + b * p.v_batch_stride +
-                 seq.k_start * p.v_row_stride + kv_head * p.v_head_stride;
+    /* paged KV caches take the kExtras instances (attention_fwd_launch.cuh) */
+    const KvRows<T, kExtras> k(p, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, b,
+                               kv_head, seq.k_start);
+    const KvRows<T, kExtras> v(p, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, b,
+                               kv_head, seq.k_start);
 
     const int j_lo = seq.first(i0), j_hi = seq.last(i0 + rows - 1);
     const int n_lo = j_lo / kBN, n_hi = j_hi >= j_lo ? j_hi / kBN : n_lo - 1;
@@ -75,8 +76,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     load_tile<kBM, kD, kThreads>(q_tile, q, p.q_row_stride, rows, d);
     if (n_hi >= n_lo) {
         const int j0 = n_hi * kBN;
-        load_tile<kBN, kD, kThreads>(k_tile, k + j0 * p.k_row_stride, p.k_row_stride,
-                                     min(kBN, seq.sk - j0), d);
+        load_kv_tile<kBN, kD, kThreads>(k_tile, k, p, j0, min(kBN, seq.sk - j0), d);
     }
     cp_async_commit();
 
@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
         const int keys = min(kBN, seq.sk - j0);
         cp_async_wait<0>();
         __syncthreads(); /* K_n landed; every warp is done with V_{n+1} */
-        load_tile<kBN, kD, kThreads>(v_tile, v + j0 * p.v_row_stride, p.v_row_stride, keys, d);
+        load_kv_tile<kBN, kD, kThreads>(v_tile, v, p, j0, keys, d);
         cp_async_commit();
 
         float s[kSlabs][kNT][4];
@@ -155,7 +155,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
         __syncthreads(); /* V_n landed; every warp is done with K_n */
         if (n > n_lo) {
             const int jn = j0 - kBN;
-            load_tile<kBN, kD, kThreads>(k_tile, k + jn * p.k_row_stride, p.k_row_stride, kBN, d);
+            load_kv_tile<kBN, kD, kThreads>(k_tile, k, p, jn, kBN, d);
         }
         cp_async_commit();
 
