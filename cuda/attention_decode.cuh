@@ -17,6 +17,7 @@
 #pragma once
 
 #include "attention_mask.cuh"
+#include "attention_sinks.h"
 #include "attention_tile.cuh"
 #include "device.cuh"
 
@@ -219,10 +220,12 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
             wgt[w] = mw == -INFINITY ? 0.0f : exp2f(mw - m);
             total += wgt[w] * red_sum[w * kDecodeRows + r];
         }
-        const bool empty = !(total > 0.0f);
-        const float inv = empty ? 0.0f : 1.0f / total;
-        const float lse2 = empty ? -INFINITY : m + log2f(total);
         const int ridx = r0 + r, h = kv_head * group + ridx / seq.sq, i = ridx % seq.sq;
+        /* one split: the row is done (with the head's sink); else a record without the sink,
+         * which the combine adds */
+        float lse2;
+        const float inv =
+            attention_row_factor(num_splits == 1 ? p.sinks : nullptr, h, m, total, &lse2);
         const int64_t lse_index =
             b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start + i;
         /* columns c..c+3 of row r: the warps' accumulators merged by their weights, normalized */
@@ -245,7 +248,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
                 *reinterpret_cast<uint32_t *>(out + c) = Pair<T>::pack(o.x, o.y);
                 *reinterpret_cast<uint32_t *>(out + c + 2) = Pair<T>::pack(o.z, o.w);
             }
-            if (threadIdx.x % 8 == 0) p.lse[lse_index] = empty ? -INFINITY : lse2 * kLn2;
+            if (threadIdx.x % 8 == 0) p.lse[lse_index] = lse2 * kLn2;
         } else {
             float *dst = ws + (lse_index * num_splits + split) * rec;
             for (int c = (threadIdx.x % 8) * 4; c < d; c += 32)
@@ -317,8 +320,8 @@ __global__ void __launch_bounds__(128) attn_decode_combine_kernel(const attentio
         *reinterpret_cast<float4 *>(&part[warp][c]) = make_float4(o[0], o[1], o[2], o[3]);
     }
     __syncthreads();
-    const bool empty = !(total > 0.0f);
-    const float inv = empty ? 0.0f : 1.0f / total;
+    float lse2;
+    const float inv = attention_row_factor(p.sinks, h, m, total, &lse2);
     T *out = static_cast<T *>(p.out) + b * p.out_batch_stride +
              ((int64_t)seq.q_start + i) * p.out_row_stride + h * p.out_head_stride;
     for (int c = threadIdx.x * 2; c < d; c += 2 * 128) {
@@ -327,7 +330,7 @@ __global__ void __launch_bounds__(128) attn_decode_combine_kernel(const attentio
         for (int w = 0; w < kWarps; ++w) o0 += part[w][c], o1 += part[w][c + 1];
         *reinterpret_cast<uint32_t *>(out + c) = Pair<T>::pack(o0 * inv, o1 * inv);
     }
-    if (threadIdx.x == 0) p.lse[lse_index] = empty ? -INFINITY : (m + log2f(total)) * kLn2;
+    if (threadIdx.x == 0) p.lse[lse_index] = lse2 * kLn2;
 }
 
 /* The CTAs of the decode grid without its splits: (row groups) x batch x kv heads, 0 where

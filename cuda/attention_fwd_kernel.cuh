@@ -14,6 +14,7 @@
 #pragma once
 
 #include "attention_mask.cuh"
+#include "attention_sinks.h"
 #include "attention_tile.cuh"
 #include "device.cuh"
 #include "philox.h"
@@ -241,19 +242,19 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     for (int sl = 0; sl < kSlabs; ++sl) {
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
-            const float sum = quad_sum(row_sum[sl][hr]);
-            const bool empty = !(sum > 0.0f);
-            const float inv = empty ? 0.0f : dropout_scale / sum;
+            const float m = row_max[sl][hr];
+            float lse2;
+            const float inv = dropout_scale *
+                              attention_row_factor(p.sinks, h, m == -INFINITY ? m : m * scale_log2,
+                                                   quad_sum(row_sum[sl][hr]), &lse2);
             const int r = warp_row0 + sl * 16 + g + hr * 8;
 #pragma unroll
             for (int dt = 0; dt < kDT; ++dt)
                 *reinterpret_cast<uint32_t *>(sQ + r * kPitch + dt * 8 + 2 * t) =
                     Pair<T>::pack(acc[sl][dt][2 * hr] * inv, acc[sl][dt][2 * hr + 1] * inv);
-            if (t == 0 && r < rows) {
-                const float m = row_max[sl][hr];
+            if (t == 0 && r < rows)
                 p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start + i0 + r] =
-                    empty ? -INFINITY : (m * scale_log2 + log2f(sum)) * kLn2;
-            }
+                    lse2 * kLn2;
         }
     }
     __syncthreads();
