@@ -286,21 +286,21 @@ static PyObject *py_attention_workspace_bytes(PyObject *self, PyObject *const *a
     return PyLong_FromLongLong(cpu_workspace_bytes(d, backward, threads, heads_q, batch, total_q));
 }
 
-enum { FWD_OUT = IN_COUNT, FWD_LSE, FWD_WORKSPACE, FWD_COUNT };
+enum { FWD_OUT = IN_COUNT, FWD_LSE, FWD_WORKSPACE, FWD_SINKS, FWD_COUNT };
 
 static PyObject *py_attention_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 20) {
+    if (nargs != 21) {
         PyErr_Format(PyExc_TypeError,
                      "attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, "
-                     "rng_state, out, lse, workspace, max_seqlen_q, max_seqlen_k, softmax_scale, "
-                     "softcap, window_left, window_right, dropout_p, num_threads, variant, "
-                     "stream) takes 20 arguments, got %zd", nargs);
+                     "rng_state, out, lse, workspace, sinks, max_seqlen_q, max_seqlen_k, "
+                     "softmax_scale, softcap, window_left, window_right, dropout_p, num_threads, "
+                     "variant, stream) takes 21 arguments, got %zd", nargs);
         return NULL;
     }
     static const char *const names[FWD_COUNT] = {
         "q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes", "rng_state",
-        "out", "lse", "workspace"};
+        "out", "lse", "workspace", "sinks"};
     lf_tensor t[FWD_COUNT];
     for (int i = 0; i < FWD_COUNT; ++i) lf_tensor_borrow_optional(NULL, names[i], &t[i]);
     PyObject *result = NULL;
@@ -310,13 +310,16 @@ static PyObject *py_attention_forward(PyObject *self, PyObject *const *args, Py_
     int lse_ndim = 0;
     if (parse_scalars(args + FWD_COUNT, &p, &o) < 0) goto done;
     for (int i = 0; i < FWD_COUNT; ++i) {
-        const int optional = i == IN_CU_Q || i == IN_CU_K || i == IN_ALIBI || i == IN_RNG;
+        const int optional =
+            i == IN_CU_Q || i == IN_CU_K || i == IN_ALIBI || i == IN_RNG || i == FWD_SINKS;
         if ((optional ? lf_tensor_borrow_optional(args[i], names[i], &t[i])
                       : lf_tensor_borrow(args[i], names[i], &t[i])) < 0)
             goto done;
     }
     lf_tensor *q = &t[IN_Q], *out = &t[FWD_OUT], *lse = &t[FWD_LSE];
-    if (check_inputs(t, &o, &p, lse_shape, &lse_ndim) < 0) goto done;
+    if (check_inputs(t, &o, &p, lse_shape, &lse_ndim) < 0 ||
+        attention_check_sinks(&t[FWD_SINKS], q, p.heads_q, &p) < 0)
+        goto done;
     if (attention_check_output(out, q, q->dtype, q->ndim, q->shape) < 0 ||
         attention_check_lse(lse, q, lse_ndim, lse_shape, 1) < 0)
         goto done;
@@ -330,7 +333,8 @@ static PyObject *py_attention_forward(PyObject *self, PyObject *const *args, Py_
             p.cu_seqlens_q ? p.total_q : p.batch * p.seqlen_q);
 #endif
     const int outputs[3] = {FWD_OUT, FWD_LSE, FWD_WORKSPACE};
-    if (attention_check_workspace(&t[FWD_WORKSPACE], q, need) < 0 || attention_check_disjoint(t, FWD_COUNT, outputs, 3) < 0)
+    if (attention_check_workspace(&t[FWD_WORKSPACE], q, need) < 0 ||
+        attention_check_disjoint(t, FWD_COUNT, outputs, 3) < 0)
         goto done;
     const int on_cuda = q->device_type == LF_DEVICE_CUDA;
     if (on_cuda) {

@@ -119,6 +119,27 @@ int attention_check_alibi(const lf_tensor *alibi, const lf_tensor *q, int64_t ba
     return 0;
 }
 
+int attention_check_sinks(const lf_tensor *sinks, const lf_tensor *q, int64_t heads_q,
+                          attention_fwd_params *p) {
+    if (!lf_tensor_present(sinks)) return 0;
+    const int64_t shape[1] = {heads_q};
+    if (lf_check_same_device(sinks, q) < 0 || lf_check_dtype(sinks, LF_DTYPE_F32) < 0 ||
+        lf_check_shape(sinks, 1, shape) < 0 || lf_check_contiguous(sinks) < 0)
+        return -1;
+    if (sinks->device_type == LF_DEVICE_CPU) { /* on a GPU, reading would synchronize */
+        for (int64_t h = 0; h < heads_q; ++h) {
+            if (!isfinite(((const float *)sinks->data)[h])) {
+                PyErr_Format(PyExc_ValueError,
+                             "%s: expected finite values, got NaN or infinity at index %lld",
+                             sinks->name, (long long)h);
+                return -1;
+            }
+        }
+    }
+    p->sinks = (const float *)sinks->data;
+    return 0;
+}
+
 int attention_check_workspace(const lf_tensor *ws, const lf_tensor *q, int64_t need) {
     if (lf_check_same_device(ws, q) < 0 || lf_check_dtype(ws, LF_DTYPE_U8) < 0 ||
         lf_check_ndim(ws, 1) < 0 || lf_check_contiguous(ws) < 0 || lf_check_aligned(ws, 64) < 0 ||

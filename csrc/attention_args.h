@@ -29,6 +29,10 @@ int attention_check_lse(const lf_tensor *t, const lf_tensor *q, int ndim, const 
  * fills p->alibi_slopes and p->alibi_batch_stride. An absent tensor is fine. */
 int attention_check_alibi(const lf_tensor *alibi, const lf_tensor *q, int64_t batch,
                           int64_t heads_q, attention_fwd_params *p);
+/* sinks (Hq,) float32, finite where its values can be read (the CPU); fills p->sinks. An
+ * absent tensor is fine. */
+int attention_check_sinks(const lf_tensor *sinks, const lf_tensor *q, int64_t heads_q,
+                          attention_fwd_params *p);
 /* A uint8 scratch buffer of at least `need` bytes, 64-byte aligned. */
 int attention_check_workspace(const lf_tensor *ws, const lf_tensor *q, int64_t need);
 /* The outputs t[outputs[i]] share no memory with any other tensor of t[0 .. count). */

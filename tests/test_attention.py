@@ -56,8 +56,8 @@ def test_forward_fp32_matches_reference(d, variant):
     threads = torch.get_num_threads()
     ws = torch.empty(_C.attention_workspace_bytes(False, d, False, threads, 4, 2, 140),
                      dtype=torch.uint8)
-    _C.attention_forward(q, k, v, None, None, None, None, out, lse, ws, 0, 0, 1 / math.sqrt(d),
-                         0.0, -1, -1, 0.0, threads, variant, 0)
+    _C.attention_forward(q, k, v, None, None, None, None, out, lse, ws, None, 0, 0,
+                         1 / math.sqrt(d), 0.0, -1, -1, 0.0, threads, variant, 0)
     ref, ref_lse = attention_reference(q.double(), k.double(), v.double())
     assert rel_err(out, ref) < 1e-5
     assert torch.allclose(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
@@ -442,7 +442,7 @@ def test_c_layer_validates_again():
 
     def call(**change):
         args = dict(q=q, k=k, v=v, cu_q=None, cu_k=None, alibi=None, rng=None, out=out, lse=lse,
-                    ws=ws, max_q=0, max_k=0, scale=0.25, softcap=0.0, left=-1, right=-1,
+                    ws=ws, sinks=None, max_q=0, max_k=0, scale=0.25, softcap=0.0, left=-1, right=-1,
                     dropout=0.0, threads=threads, variant=0, stream=0)
         args.update(change)
         return _C.attention_forward(*args.values())

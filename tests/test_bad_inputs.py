@@ -114,7 +114,8 @@ def raw_attention(**override):
     q, k, v = qkv()
     ws = torch.empty(_C.attention_workspace_bytes(False, 16, False, 1, 4, 1, 8), dtype=torch.uint8)
     args = dict(q=q, k=k, v=v, cu_q=None, cu_k=None, alibi=None, rng=None,
-                out=torch.empty_like(q), lse=torch.empty(1, 4, 8), ws=ws, max_q=0, max_k=0,
+                out=torch.empty_like(q), lse=torch.empty(1, 4, 8), ws=ws, sinks=None, max_q=0,
+                max_k=0,
                 scale=0.25, softcap=0.0, left=-1, right=-1, dropout=0.0, threads=1, variant=0,
                 stream=0)
     args.update(override)

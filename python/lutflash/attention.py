@@ -77,7 +77,8 @@ def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
 
 
 def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-             softcap, window_left, window_right, alibi_slopes, dropout_p, rng_state, variant=0):
+             softcap, window_left, window_right, alibi_slopes, dropout_p, rng_state, variant=0,
+             sinks=None):
     """Runs the kernel (no autograd); returns (out, lse)."""
     q, k, v = (_inner_contiguous(t.detach()) for t in (q, k, v))
     varlen = cu_seqlens_q is not None
@@ -94,7 +95,7 @@ def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, so
     stream = stream_of(q.device)
     _C.attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state, out, lse,
                          _workspace(q, stream, cu_seqlens_q, False, threads, k, max_seqlen_q,
-                                    max_seqlen_k),
+                                    max_seqlen_k), sinks,
                          max_seqlen_q, max_seqlen_k,
                          softmax_scale, softcap, window_left, window_right, dropout_p, threads,
                          variant, stream)
@@ -140,16 +141,16 @@ def _backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seq
 def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
                         softcap: float, window_left: int, window_right: int,
                         alibi_slopes: torch.Tensor | None, dropout_p: float,
-                        rng_state: torch.Tensor | None, deterministic: bool = False
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        rng_state: torch.Tensor | None, deterministic: bool = False,
+                        sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     # deterministic only matters to the backward (it travels through the autograd context)
     return _forward(q, k, v, None, None, 0, 0, softmax_scale, softcap, window_left, window_right,
-                    alibi_slopes, dropout_p, rng_state)
+                    alibi_slopes, dropout_p, rng_state, sinks=sinks)
 
 
 @_flash_attention_op.register_fake
 def _(q, k, v, softmax_scale, softcap, window_left, window_right, alibi_slopes, dropout_p,
-      rng_state, deterministic=False):
+      rng_state, deterministic=False, sinks=None):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, False), dtype=torch.float32)
 
 
@@ -159,16 +160,18 @@ def _flash_attention_varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                                softcap: float, window_left: int, window_right: int,
                                alibi_slopes: torch.Tensor | None, dropout_p: float,
-                               rng_state: torch.Tensor | None, deterministic: bool = False
+                               rng_state: torch.Tensor | None, deterministic: bool = False,
+                               sinks: torch.Tensor | None = None
                                ) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                     softmax_scale, softcap, window_left, window_right, alibi_slopes, dropout_p,
-                    rng_state)
+                    rng_state, sinks=sinks)
 
 
 @_flash_attention_varlen_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, softcap,
-      window_left, window_right, alibi_slopes, dropout_p, rng_state, deterministic=False):
+      window_left, window_right, alibi_slopes, dropout_p, rng_state, deterministic=False,
+      sinks=None):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, True), dtype=torch.float32)
 
 
@@ -194,28 +197,50 @@ def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _save(ctx, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state, options):
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state)
+def _save(ctx, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state, sinks,
+          options):
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state,
+                          sinks)
     # (max_seqlen_q, max_seqlen_k, scale, softcap, left, right, dropout_p, deterministic)
     ctx.options = options
 
 
+def _sinks_grad(sinks, grad_out, out, lse, grad_lse, varlen: bool) -> torch.Tensor:
+    """d loss / d sinks. The sink of head h takes p_sink = exp(sink_h - lse) of each of the
+    head's rows, and every key's probability shrinks by the same share, so
+    d loss / d sink_h = -sum over rows of p_sink * (rowsum(dO * O) - dlse). Rows that belong to
+    no sequence (varlen padding: lse -inf) add nothing."""
+    delta = (grad_out.float() * out.float()).sum(-1)  # (B, Sq, Hq) or (total_q, Hq)
+    delta = delta.transpose(0, 1) if varlen else delta.transpose(1, 2)  # like lse
+    if grad_lse is not None:
+        delta = delta - grad_lse
+    head = sinks.reshape(-1, 1) if varlen else sinks.reshape(1, -1, 1)
+    share = torch.where(torch.isfinite(lse), torch.exp(head - lse) * delta, 0.0)
+    return -share.sum(dim=1 if varlen else (0, 2))
+
+
 def _autograd_backward(ctx, grad_out, grad_lse):
-    """The autograd formula of both ops (dense and varlen): dq, dk, dv and None for the rest."""
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state = ctx.saved_tensors
+    """The autograd formula of both ops (dense and varlen): dq, dk, dv, dsinks (the last
+    input) and None for the rest."""
+    (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state,
+     sinks) = ctx.saved_tensors
     max_q, max_k, scale, softcap, left, right, dropout_p, deterministic = ctx.options
     dq, dk, dv = _flash_attention_backward_op(grad_out, q, k, v, out, lse, grad_lse,
                                               cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale,
                                               softcap, left, right, alibi_slopes, dropout_p,
                                               rng_state, deterministic)
     # one gradient per input the op was called with (the dispatcher may drop defaulted ones)
-    return (dq, dk, dv) + (None,) * (len(ctx.needs_input_grad) - 3)
+    grads = [dq, dk, dv] + [None] * (len(ctx.needs_input_grad) - 3)
+    if sinks is not None and ctx.needs_input_grad[-1]:
+        grads[-1] = _sinks_grad(sinks, grad_out, out, lse, grad_lse,
+                                cu_seqlens_q is not None).to(sinks.dtype)
+    return tuple(grads)
 
 
 def _setup_dense(ctx, inputs, output):
-    (q, k, v, scale, softcap, left, right, alibi_slopes, dropout_p, rng_state,
-     deterministic) = inputs
-    _save(ctx, q, k, v, *output, None, None, alibi_slopes, rng_state,
+    (q, k, v, scale, softcap, left, right, alibi_slopes, dropout_p, rng_state, deterministic,
+     *sinks) = inputs
+    _save(ctx, q, k, v, *output, None, None, alibi_slopes, rng_state, sinks[0] if sinks else None,
           (0, 0, scale, softcap, left, right, dropout_p, deterministic))
 
 
@@ -223,8 +248,8 @@ def _setup_dense(ctx, inputs, output):
 
 def _setup_varlen(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, max_q, max_k, scale, softcap, left, right, alibi_slopes, dropout_p,
-     rng_state, deterministic) = inputs
-    _save(ctx, q, k, v, *output, cu_q, cu_k, alibi_slopes, rng_state,
+     rng_state, deterministic, *sinks) = inputs
+    _save(ctx, q, k, v, *output, cu_q, cu_k, alibi_slopes, rng_state, sinks[0] if sinks else None,
           (max_q, max_k, scale, softcap, left, right, dropout_p, deterministic))
 
 
@@ -331,6 +356,27 @@ def _check_options(q, batch: int, causal, softmax_scale, window, softcap, alibi_
             rng_state, deterministic)
 
 
+def check_sinks(sinks, q: torch.Tensor) -> torch.Tensor | None:
+    """sinks as the kernels take it: None, or a float32 (Hq,) tensor on q's device with
+    finite values (read only on the CPU; the C layer checks there too)."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks: expected a torch.Tensor or None, got {type(sinks).__name__}")
+    if sinks.dtype != torch.float32:
+        raise TypeError(f"sinks: expected dtype float32, got {sinks.dtype}")
+    if tuple(sinks.shape) != (q.shape[-2],):
+        raise ValueError(f"sinks: expected shape ({q.shape[-2]},) (one logit per query head), "
+                         f"got {tuple(sinks.shape)}")
+    if sinks.device != q.device:
+        raise ValueError(f"sinks: expected a tensor on {q.device} (the device of q), got "
+                         f"{sinks.device}")
+    if (sinks.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch.isfinite(sinks).all()):
+        raise ValueError("sinks: expected finite values, got NaN or infinity")
+    return sinks.contiguous()
+
+
 def _rng_state(seed, generator) -> torch.Tensor:
     if seed is not None:
         pair = seed if isinstance(seed, (tuple, list)) else (seed, 0)
@@ -391,8 +437,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                     softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
                     dropout_p: float = 0.0, generator: torch.Generator | None = None,
                     seed: int | tuple[int, int] | None = None, deterministic: bool = False,
-                    return_lse: bool = False):
-    """Exact softmax attention, differentiable in q, k and v.
+                    return_lse: bool = False, sinks: torch.Tensor | None = None):
+    """Exact softmax attention, differentiable in q, k, v (and sinks).
 
     q: (B, Sq, Hq, D); k, v: (B, Sk, Hkv, D) with Hq % Hkv == 0 (query head h reads kv head
     h // (Hq / Hkv)); float32, float16 or bfloat16, D in [1, 256]. The last dimension should be
@@ -402,7 +448,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     (bottom-right aligned). window (left, right): j in [i + Sk - Sq - left, i + Sk - Sq + right],
     -1 unbounded; combined with causal, right becomes 0. softcap c > 0: s = c·tanh(s/c).
     alibi_slopes (Hq,) or (B, Hq) float32: s -= slope·|i + Sk - Sq - j|. dropout_p: see the
-    module docstring for seed/generator. deterministic: on CUDA, False (the default) runs the
+    module docstring for seed/generator. sinks (Hq,) float32: attention sinks (gpt-oss's
+    s_aux), one logit per query head that joins every row's softmax denominator without a
+    value: out_i = sum_j exp(s_ij - lse_i) v_j with lse_i = log(sum_j exp(s_ij) + exp(sink_h))
+    (a row that sees no key gives 0 and lse = sink_h); differentiable. deterministic: on CUDA, False (the default) runs the
     fast backward, which sums dq with float32 atomics in an extra (B·Sq·Hq·D float32) workspace,
     so dq may differ in the last bits from run to run; True runs a slower backward whose every
     gradient element has one writer and a fixed summation order (bitwise repeatable). The CPU
@@ -421,11 +470,12 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         raise ValueError(f"k: expected batch {q.shape[0]} (the batch of q), got {k.shape[0]}")
     options = _check_options(q, q.shape[0], causal, softmax_scale, window, softcap, alibi_slopes,
                              dropout_p, generator, seed, deterministic, return_lse)
+    sinks = check_sinks(sinks, q)
     q, k, v = (_inner_contiguous(t) for t in (q, k, v))
-    if direct_call(q, k, v, options[4]):  # what the op runs, without the dispatcher
-        out, lse = _forward(q, k, v, None, None, 0, 0, *options[:-1])
+    if direct_call(q, k, v, options[4], sinks):  # what the op runs, without the dispatcher
+        out, lse = _forward(q, k, v, None, None, 0, 0, *options[:-1], sinks=sinks)
     else:
-        out, lse = _flash_attention_op(q, k, v, *options)
+        out, lse = _flash_attention_op(q, k, v, *options, sinks)
     return (out, lse) if return_lse else out
 
 
@@ -437,13 +487,14 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            alibi_slopes: torch.Tensor | None = None, dropout_p: float = 0.0,
                            generator: torch.Generator | None = None,
                            seed: int | tuple[int, int] | None = None,
-                           deterministic: bool = False, return_lse: bool = False):
+                           deterministic: bool = False, return_lse: bool = False,
+                           sinks: torch.Tensor | None = None):
     """flash_attention over a batch of packed sequences of different lengths, without padding.
 
     q: (total_q, Hq, D); k, v: (total_k, Hkv, D); sequence b is rows
     cu_seqlens_q[b]:cu_seqlens_q[b+1] of q and cu_seqlens_k[b]:cu_seqlens_k[b+1] of k and v
     (int32, shape (B + 1,), non-decreasing); max_seqlen_q/k bound the sequence lengths. The
-    masks, ALiBi distances and dropout indices are per sequence. Returns out (total_q, Hq, D),
+    masks, ALiBi distances and dropout indices are per sequence; sinks as in flash_attention. Returns out (total_q, Hq, D),
     or (out, lse) with lse (Hq, total_q) float32 when return_lse.
     """
     _check_qkv(q, k, v, 3, "(total_seqlen, heads, head_dim)")
@@ -457,12 +508,13 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     batch = cu_seqlens_q.shape[0] - 1
     options = _check_options(q, batch, causal, softmax_scale, window, softcap, alibi_slopes,
                              dropout_p, generator, seed, deterministic, return_lse)
+    sinks = check_sinks(sinks, q)
     q, k, v = (_inner_contiguous(t) for t in (q, k, v))
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
-    if direct_call(q, k, v, options[4]):  # what the op runs, without the dispatcher
+    if direct_call(q, k, v, options[4], sinks):  # what the op runs, without the dispatcher
         out, lse = _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                            *options[:-1])
+                            *options[:-1], sinks=sinks)
     else:
         out, lse = _flash_attention_varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                              max_seqlen_k, *options)
+                                              max_seqlen_k, *options, sinks)
     return (out, lse) if return_lse else out

@@ -128,11 +128,12 @@ def dropout_keep(seed, offset, batch, heads, seqlen_q, seqlen_k, p):
 
 
 def attention_reference(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
-                        alibi=None, keep=None, dropout_p=0.0):
+                        alibi=None, keep=None, dropout_p=0.0, sinks=None):
     """Naive attention in q's dtype and on q's device, on (B, S, H, D) tensors; returns (out,
     lse). Float64 inputs make it the reference of DESIGN.md; inputs in a low precision make it
     the naive computation whose error sets the tolerance. keep: the dropout mask (B, Hq, Sq, Sk)
-    of `dropout_keep`."""
+    of `dropout_keep`. sinks (Hq,): one more logit per head in every row's softmax, with no
+    value (differentiable here, for reference gradients)."""
     batch, seqlen_q, heads_q, d = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -156,9 +157,14 @@ def attention_reference(q, k, v, *, causal=False, scale=None, window=(-1, -1), s
     if right >= 0:
         visible &= j <= diagonal + right
     s = s.masked_fill(~visible, -math.inf)
-    lse = torch.logsumexp(s, dim=-1)
-    seen = visible.any(-1).view(1, 1, -1, 1)
-    probs = torch.softmax(torch.where(seen, s, 0.0), dim=-1) * seen
+    if sinks is not None:
+        sink = sinks.to(s.dtype).view(1, heads_q, 1, 1).expand(batch, heads_q, seqlen_q, 1)
+        lse = torch.logsumexp(torch.cat((s, sink), dim=-1), dim=-1)
+        probs = torch.exp(s - lse.unsqueeze(-1))
+    else:
+        lse = torch.logsumexp(s, dim=-1)
+        seen = visible.any(-1).view(1, 1, -1, 1)
+        probs = torch.softmax(torch.where(seen, s, 0.0), dim=-1) * seen
     if keep is not None:
         probs = probs * keep.to(probs.device) / (1.0 - dropout_p)
     out = torch.einsum("bhij,bjhd->bihd", probs, v)
