@@ -5,7 +5,7 @@
     python benchmarks/bench_attention.py --device cuda --sections decode   # one section only
     python benchmarks/bench_attention.py --device cuda --quick --json a.json   # before/after run
 
-Sections (--sections, default all three):
+Sections (--sections, default all four):
   fwd     forward only (under no_grad);
   fwdbwd  forward + backward (torch.autograd.grad of the output with a given gradient);
           --deterministic also times lutflash's deterministic=True backward;
@@ -13,6 +13,11 @@ Sections (--sections, default all three):
           Sk = 1k ... 64k: eager calls and (CUDA) replays of one call captured in a CUDA graph,
           against SDPA flash and the bandwidth of a copy measured in the same run (bytes moved
           = K + V + q + out).
+  kvcache decode through lutflash.flash_attention_with_kvcache with the new token appended
+          (k, v of one row written at cache_seqlens = Sk - 1), Hq = 32, Hkv = 8, D = 128, causal,
+          B in {1, 16, 64}, Sk = 1k ... 64k, contiguous and paged caches (pages of 16 and 256,
+          shuffled), eager and graph replay; peers: torch SDPA (flash) over the same contiguous
+          cache (without the append) and the plain lutflash.flash_attention call over it.
 
 CUDA grid (fwd, fwdbwd): batch x seqlen = --tokens (16k) tokens, hidden 2048 (H = 2048 / D),
 D in {64, 128}, S = 512 ... 16384, causal (bottom-right) and not, fp16 and bf16; peers SDPA's
@@ -39,6 +44,9 @@ JSON (--json), stable; readers: report.py, compare.py. Keys of both devices:
     "heads_kv", "seqlen_k", "bytes", "lutflash_us", "<peer>_us", CUDA: "lutflash_graph_us",
     "fa2_graph_us"}] (peer: "fa2" on CUDA, "sdpa_cpu" on the CPU; a time is null where the
     call failed).
+    Where the kvcache section ran: "kvcache": [{"dtype", "batch", "seqlen_k", "bytes", and per
+    call name (contiguous, plain, sdpa, paged16, paged256) "<name>_us" and, on CUDA,
+    "<name>_graph_us" (null where the call failed, with "<name>_error")}].
   CUDA: "gpu"; rows [{"dtype", "head_dim", "seqlen", "batch", "heads", "causal",
     "lutflash" | "fa2" | "cudnn" | "lutflash_det": [fwd TFLOP/s, fwd+bwd TFLOP/s] (null where
     not measured or failed), "<impl>_error": str}].
@@ -64,19 +72,23 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import lutflash
 
-SECTIONS = ("fwd", "fwdbwd", "decode")
+SECTIONS = ("fwd", "fwdbwd", "decode", "kvcache")
 # (device, quick) -> defaults of the size flags
 DEFAULTS = {
     ("cpu", False): dict(dtypes=["float32"], seqlens=[512, 1024, 2048, 4096], head_dims=[64, 128],
-                         decode_seqlens=[1024, 4096], decode_batches=[1], memory_seqlen=16384),
+                         decode_seqlens=[1024, 4096], decode_batches=[1], memory_seqlen=16384,
+                         kvcache_seqlens=[1024, 4096], kvcache_batches=[1]),
     ("cpu", True): dict(dtypes=["float32"], seqlens=[256, 1024], head_dims=[64],
-                        decode_seqlens=[1024], decode_batches=[1], memory_seqlen=4096),
+                        decode_seqlens=[1024], decode_batches=[1], memory_seqlen=4096,
+                        kvcache_seqlens=[1024], kvcache_batches=[1]),
     ("cuda", False): dict(dtypes=["float16", "bfloat16"], seqlens=[512, 1024, 2048, 4096, 8192, 16384],
                           head_dims=[64, 128], decode_seqlens=[1024, 4096, 16384, 65536],
-                          decode_batches=[1, 16]),
+                          decode_batches=[1, 16], kvcache_seqlens=[1024, 4096, 16384, 65536],
+                          kvcache_batches=[1, 16, 64]),
     ("cuda", True): dict(dtypes=["float16", "bfloat16"], seqlens=[1024, 4096, 16384],
                          head_dims=[64, 128], decode_seqlens=[1024, 4096, 16384],
-                         decode_batches=[1, 16]),
+                         decode_batches=[1, 16], kvcache_seqlens=[1024, 16384],
+                         kvcache_batches=[1, 16, 64]),
 }
 HIDDEN = 2048  # CUDA grid: H = HIDDEN / D
 DECODE_HEADS, DECODE_HEAD_DIM = 32, 128
@@ -315,6 +327,70 @@ def decode(args, device: str, timer, bandwidth: float) -> list[dict]:
     return rows
 
 
+def kvcache(args, device: str, timer, bandwidth: float) -> list[dict]:
+    """Decode with append over a KV cache: flash_attention_with_kvcache, contiguous and paged."""
+    heads, heads_kv, d = DECODE_HEADS, 8, DECODE_HEAD_DIM
+    cuda = device == "cuda"
+    print(f"kvcache (Sq = 1 + append, Hq = {heads}, Hkv = {heads_kv}, D = {d}, causal): us, % of "
+          f"the copy bandwidth {bandwidth / 1e12:.3f} TB/s in brackets")
+    rows = []
+    for dtype in args.dtypes:
+        dt = getattr(torch, dtype)
+        for batch in args.kvcache_batches:
+            for sk in args.kvcache_seqlens:
+                if cuda and 4 * batch * sk * heads_kv * d * dt.itemsize > 40 * 2**30:
+                    continue
+                q = torch.randn(batch, 1, heads, d, device=device, dtype=dt)
+                k_new, v_new = (torch.randn(batch, 1, heads_kv, d, device=device, dtype=dt)
+                                for _ in range(2))
+                k, v = (torch.randn(batch, sk, heads_kv, d, device=device, dtype=dt)
+                        for _ in range(2))
+                seqlens = torch.full((batch,), sk - 1, dtype=torch.int32, device=device)
+                qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+                moved = (2 * k.numel() + 2 * q.numel()) * k.element_size()
+                row = {"dtype": dtype, "batch": batch, "seqlen_k": sk, "bytes": moved}
+                fns = {
+                    "contiguous": lambda: lutflash.flash_attention_with_kvcache(
+                        q, k, v, k_new, v_new, cache_seqlens=seqlens, causal=True),
+                    "plain": lambda: lutflash.flash_attention(q, k, v, causal=True),
+                    "sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True),
+                }
+                for page in (16, 256):
+                    pages = batch * sk // page
+                    kp, vp = (t.reshape(pages, page, heads_kv, d) for t in (k, v))
+                    table = torch.randperm(pages, device=device).to(torch.int32)
+                    kp, vp = kp[torch.argsort(table)], vp[torch.argsort(table)]
+                    table = table.reshape(batch, sk // page)
+                    fns[f"paged{page}"] = (
+                        lambda kp=kp, vp=vp, table=table: lutflash.flash_attention_with_kvcache(
+                            q, kp, vp, k_new, v_new, cache_seqlens=seqlens, block_table=table,
+                            causal=True))
+                for name, fn in fns.items():
+                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if cuda and name == "sdpa" \
+                            else nullcontext():
+                        try:
+                            row[name + "_us"] = timer(fn, args.decode_reps)
+                        except RuntimeError as e:
+                            row[name + "_us"], row[name + "_error"] = None, str(e)[:200]
+                        if cuda:
+                            try:
+                                graph = cuda_graph(fn)
+                                row[name + "_graph_us"] = timer(graph.replay, args.decode_reps)
+                                del graph
+                            except RuntimeError:
+                                row[name + "_graph_us"] = None
+                rows.append(row)
+                cells = []
+                for name in fns:
+                    for suffix in ("_us", "_graph_us") if cuda else ("_us",):
+                        us = row.get(name + suffix)
+                        cells.append(f"{name}{suffix[:-3]} " + (
+                            f"{us:.1f} ({100 * moved / (us * 1e-6) / bandwidth:.0f}%)" if us else "-"))
+                print(f"{dtype:>8} B={batch:<3} Sk={sk:<6} " + " | ".join(cells), flush=True)
+                del k, v, fns
+    return rows
+
+
 # --------------------------------------------------------------------------------------------
 # plots
 
@@ -396,6 +472,8 @@ def main():
     parser.add_argument("--tokens", type=int, default=16384, help="CUDA grid: batch x seqlen")
     parser.add_argument("--decode-seqlens", type=int, nargs="+")
     parser.add_argument("--decode-batches", type=int, nargs="+")
+    parser.add_argument("--kvcache-seqlens", type=int, nargs="+")
+    parser.add_argument("--kvcache-batches", type=int, nargs="+")
     parser.add_argument("--reps", type=int, default=5, help="fwd/fwdbwd repetitions")
     parser.add_argument("--decode-reps", type=int, default=20)
     parser.add_argument("--memory-seqlen", type=int,
@@ -437,6 +515,12 @@ def main():
         bandwidth = copy_bandwidth(timer, args.device, 2**30 if cuda else 2**28)
         results["copy_bandwidth"] = bandwidth
         results["decode"] = decode(args, args.device, timer, bandwidth)
+    if "kvcache" in args.sections:
+        if "decode" not in args.sections:
+            timer = CudaTimer(spin_cycles=2_000_000) if cuda else (lambda fn, reps: time_cpu(fn, reps))
+            bandwidth = copy_bandwidth(timer, args.device, 2**30 if cuda else 2**28)
+            results["copy_bandwidth"] = bandwidth
+        results["kvcache"] = kvcache(args, args.device, timer, bandwidth)
     if not cuda and args.memory_seqlen and "fwd" in args.sections:
         memory = peak_memory_subprocess(args.memory_seqlen, args.heads, 128)
         results["memory"] = memory
