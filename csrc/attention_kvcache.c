@@ -122,6 +122,12 @@ static int check_cache_indices(const lf_tensor *t, attention_fwd_params *p, inde
             return -1;
         }
     }
+    if (p->seqlen_new > p->seqlen_k) {
+        PyErr_Format(PyExc_ValueError,
+                     "k: expected at most %lld new keys per sequence (what the cache holds), "
+                     "got %lld", (long long)p->seqlen_k, (long long)p->seqlen_new);
+        return -1;
+    }
     if (q->device_type != LF_DEVICE_CPU) return 0; /* values live on the GPU */
     for (int64_t b = 0; b < batch; ++b) {
         const int64_t start = p->cache_seqlens[b], length = start + p->seqlen_new;

@@ -714,6 +714,8 @@ BAD = [
     (lambda: bad_call(cache_seqlens=torch.tensor([-1, 0], dtype=torch.int32)), ValueError,
      "cache_seqlens"),
     (lambda: bad_call(cache_seqlens=-1), ValueError, "cache_seqlens"),
+    (lambda: bad_call(k=torch.randn(2, 13, 2, 16), v=torch.randn(2, 13, 2, 16), cache_seqlens=0),
+     ValueError, "k: expected at most 12 new keys per sequence"),
     (lambda: bad_call(**paged_cache(),
                       block_table=table([0, 1], [2, 3]),
                       cache_seqlens=torch.tensor([3, 12], dtype=torch.int32)), ValueError,
