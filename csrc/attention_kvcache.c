@@ -36,22 +36,28 @@ typedef struct {
 } index_copies;
 
 /* An int32 index tensor on q's device with `ndim` dimensions (shape entries -1: any), its
- * last dimension contiguous; on the CPU, its values copied into *copy (dense rows). */
+ * last dimension contiguous. */
 static int check_index_tensor(const lf_tensor *t, const lf_tensor *q, int ndim,
-                              const int64_t *shape, int32_t **copy) {
+                              const int64_t *shape) {
     if (lf_check_dtype(t, LF_DTYPE_I32) < 0 || lf_check_same_device(t, q) < 0 ||
         lf_check_shape(t, ndim, shape) < 0 || attention_check_inner_contiguous(t) < 0 ||
         lf_check_element_aligned(t) < 0)
         return -1;
+    return 0;
+}
+
+/* The values of a checked CPU index tensor (1-D, or 2-D rows) copied into *copy as dense
+ * rows; nothing to do on a GPU. */
+static int copy_index_values(const lf_tensor *t, int32_t **copy) {
     if (t->device_type != LF_DEVICE_CPU) return 0;
-    const int64_t rows = ndim == 2 ? t->shape[0] : 1, cols = t->shape[ndim - 1];
+    const int64_t rows = t->ndim == 2 ? t->shape[0] : 1, cols = t->shape[t->ndim - 1];
     *copy = PyMem_Malloc(sizeof(int32_t) * (size_t)(rows * cols > 0 ? rows * cols : 1));
     if (*copy == NULL) {
         PyErr_NoMemory();
         return -1;
     }
     for (int64_t r = 0; r < rows && cols > 0; ++r)
-        memcpy(*copy + r * cols, (const int32_t *)t->data + (ndim == 2 ? r * t->strides[0] : 0),
+        memcpy(*copy + r * cols, (const int32_t *)t->data + (t->ndim == 2 ? r * t->strides[0] : 0),
                sizeof(int32_t) * (size_t)cols);
     return 0;
 }
@@ -63,7 +69,9 @@ static int check_cache_indices(const lf_tensor *t, attention_fwd_params *p, inde
     const lf_tensor *seqlens = &t[KV_CACHE_SEQLENS], *batch_idx = &t[KV_CACHE_BATCH_IDX];
     const lf_tensor *table = &t[KV_BLOCK_TABLE];
     const int64_t batch = p->batch, per_batch[1] = {batch};
-    if (check_index_tensor(seqlens, q, 1, per_batch, &c->cache_seqlens) < 0) return -1;
+    if (check_index_tensor(seqlens, q, 1, per_batch) < 0 ||
+        copy_index_values(seqlens, &c->cache_seqlens) < 0)
+        return -1;
     p->cache_seqlens = c->cache_seqlens ? c->cache_seqlens : (const int32_t *)seqlens->data;
     if (lf_tensor_present(table)) {
         if (lf_tensor_present(batch_idx)) {
@@ -73,7 +81,7 @@ static int check_cache_indices(const lf_tensor *t, attention_fwd_params *p, inde
             return -1;
         }
         const int64_t table_shape[2] = {batch, -1};
-        if (check_index_tensor(table, q, 2, table_shape, &c->block_table) < 0) return -1;
+        if (check_index_tensor(table, q, 2, table_shape) < 0) return -1;
         p->num_pages = k_cache->shape[0];
         p->page_size = k_cache->shape[1];
         if (p->page_size < 1) {
@@ -88,6 +96,7 @@ static int check_cache_indices(const lf_tensor *t, attention_fwd_params *p, inde
                          (long long)table->shape[1], (long long)p->page_size);
             return -1;
         }
+        if (copy_index_values(table, &c->block_table) < 0) return -1;
         p->block_table = c->block_table ? c->block_table : (const int32_t *)table->data;
         p->block_table_stride = c->block_table ? table->shape[1] : table->strides[0];
         p->seqlen_k = table->shape[1] * p->page_size;
@@ -96,7 +105,8 @@ static int check_cache_indices(const lf_tensor *t, attention_fwd_params *p, inde
         p->seqlen_k = k_cache->shape[1];
         p->kv_batch = k_cache->shape[0];
         if (lf_tensor_present(batch_idx)) {
-            if (check_index_tensor(batch_idx, q, 1, per_batch, &c->cache_batch_idx) < 0)
+            if (check_index_tensor(batch_idx, q, 1, per_batch) < 0 ||
+                copy_index_values(batch_idx, &c->cache_batch_idx) < 0)
                 return -1;
             p->kv_batch_idx =
                 c->cache_batch_idx ? c->cache_batch_idx : (const int32_t *)batch_idx->data;
@@ -111,6 +121,12 @@ static int check_cache_indices(const lf_tensor *t, attention_fwd_params *p, inde
                             "k_cache: sequence lengths above 2^31 - 1 are not supported");
             return -1;
         }
+    }
+    if (p->seqlen_new > p->seqlen_k) {
+        PyErr_Format(PyExc_ValueError,
+                     "k: expected at most %lld new keys per sequence (what the cache holds), "
+                     "got %lld", (long long)p->seqlen_k, (long long)p->seqlen_new);
+        return -1;
     }
     if (q->device_type != LF_DEVICE_CPU) return 0; /* values live on the GPU */
     for (int64_t b = 0; b < batch; ++b) {

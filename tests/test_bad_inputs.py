@@ -8,8 +8,9 @@ parallel from one module-scoped fixture; each case is its own test, named by its
 Cases cover lutflash.lutgemm (and the raw _C.lutgemm the op calls, since the C layer validates
 everything again), lutflash.quantize, lutflash.nn.LutLinear (constructor, from_linear,
 from_bcq, forward, load_state_dict), BCQWeight.from_state_tensors, safetensors files (truncated,
-corrupted, lying about the layout) and lutflash.flash_attention / flash_attention_varlen
-(and the raw _C.attention_forward). Huge sizes are expand()/as_strided views: nothing big is
+corrupted, lying about the layout), lutflash.flash_attention / flash_attention_varlen
+(and the raw _C.attention_forward) and lutflash.flash_attention_with_kvcache (and the raw
+_C.attention_kvcache_forward). Huge sizes are expand()/as_strided views: nothing big is
 allocated. Device-mix cases that need a GPU are marked cuda (skipped without one); the "meta"
 device stands in for a second device elsewhere.
 """
@@ -120,6 +121,34 @@ def raw_attention(**override):
                 stream=0)
     args.update(override)
     return _C.attention_forward(*args.values())
+
+
+def kvcache(paged=False, **change):
+    """lutflash.flash_attention_with_kvcache on valid small arguments (a dense cache of 12 rows,
+    or 4 pages of 6 rows with a block table), some replaced."""
+    q, k, v = qkv(b=2, sq=1, sk=1)
+    args = dict(q=q, k_cache=torch.randn(2, 12, 2, 16), v_cache=torch.randn(2, 12, 2, 16),
+                k=k, v=v)
+    options = dict(cache_seqlens=torch.tensor([3, 5], dtype=torch.int32))
+    if paged:
+        args.update(k_cache=torch.randn(4, 6, 2, 16), v_cache=torch.randn(4, 6, 2, 16))
+        options.update(block_table=torch.tensor([[0, 1], [2, 3]], dtype=torch.int32))
+    for name, value in change.items():
+        (args if name in args else options)[name] = value
+    return lutflash.flash_attention_with_kvcache(*args.values(), **options)
+
+
+def raw_kvcache(**override):
+    """Calls _C.attention_kvcache_forward with valid dense arguments, some replaced."""
+    q, k, v = qkv(b=2, sq=1, sk=1)
+    ws = torch.empty(_C.attention_workspace_bytes(False, 16, False, 1, 4, 2, 2), dtype=torch.uint8)
+    args = dict(q=q, k_cache=torch.randn(2, 12, 2, 16), v_cache=torch.randn(2, 12, 2, 16), k=k,
+                v=v, cache_seqlens=torch.tensor([3, 5], dtype=torch.int32), cache_batch_idx=None,
+                block_table=None, alibi=None, cos=None, sin=None, q_rotated=None,
+                out=torch.empty_like(q), lse=torch.empty(2, 4, 1), ws=ws, scale=0.25,
+                softcap=0.0, left=-1, right=-1, interleaved=0, threads=1, variant=0, stream=0)
+    args.update(override)
+    return _C.attention_kvcache_forward(*args.values())
 
 
 def save(sd, name="layer.safetensors"):
@@ -423,6 +452,61 @@ CASES = [
          raw_attention(q=q, k=k, v=v, cu_q=offsets, cu_k=cu(0, 3, 8), out=torch.empty_like(q),
                        lse=torch.empty(4, 8), max_q=5, max_k=5)
          """),
+    # ---------------------------------------------------------------- flash_attention_with_kvcache
+    # each of these would read or write outside the caches if it were not refused
+    case("kvcache/block-table-page-past-the-cache", "ValueError", "block_table",
+         "kvcache(paged=True, block_table=torch.tensor([[0, 1], [2, 4]], dtype=torch.int32), "
+         "cache_seqlens=torch.tensor([3, 9], dtype=torch.int32))"),
+    case("kvcache/block-table-negative-page", "ValueError", "block_table",
+         "kvcache(paged=True, block_table=torch.tensor([[-7, 1], [2, 3]], dtype=torch.int32))"),
+    case("kvcache/cache-seqlens-beyond-the-cache", "ValueError", "cache_seqlens",
+         "kvcache(cache_seqlens=torch.tensor([3, 12], dtype=torch.int32))"),
+    case("kvcache/cache-seqlens-int32-max", "ValueError", "cache_seqlens",
+         "kvcache(cache_seqlens=INT32_MAX)"),
+    case("kvcache/cache-seqlens-negative", "ValueError", "cache_seqlens",
+         "kvcache(cache_seqlens=torch.tensor([-100, 5], dtype=torch.int32))"),
+    case("kvcache/paged-cache-seqlens-beyond-the-pages", "ValueError", "cache_seqlens",
+         "kvcache(paged=True, cache_seqlens=torch.tensor([3, 12], dtype=torch.int32))"),
+    case("kvcache/cache-batch-idx-past-the-cache", "ValueError", "cache_batch_idx",
+         "kvcache(cache_batch_idx=torch.tensor([0, 2], dtype=torch.int32))"),
+    case("kvcache/rotary-positions-past-the-tables", "ValueError", "rotary_cos",
+         "kvcache(rotary_cos=torch.rand(4, 8), rotary_sin=torch.rand(4, 8))"),
+    case("kvcache/rotary-dim-above-head-dim", "ValueError", "rotary_cos",
+         "kvcache(rotary_cos=torch.rand(16, 9), rotary_sin=torch.rand(16, 9))"),
+    case("kvcache/block-table-2^31-keys", "ValueError", "block_table",
+         # a stride-0 table of 2^30 pages of 4 rows: refused before its values are copied
+         "kvcache(paged=True, block_table=huge((2, 2**30), torch.int32, row=False))"),
+    case("kvcache/cache-overlapping-rows", "ValueError", "k_cache",
+         "kvcache(k_cache=torch.randn(2, 1, 2, 16).expand(2, 12, 2, 16))"),
+    case("c-kvcache/cache-seqlens-beyond-the-cache", "ValueError", "cache_seqlens",
+         "raw_kvcache(cache_seqlens=torch.tensor([12, 0], dtype=torch.int32))"),
+    case("c-kvcache/block-table-page-past-the-cache", "ValueError", "block_table",
+         """
+         raw_kvcache(k_cache=torch.randn(4, 6, 2, 16), v_cache=torch.randn(4, 6, 2, 16),
+                     block_table=torch.tensor([[0, 1], [4, 3]], dtype=torch.int32))
+         """),
+    case("c-kvcache/cache-batch-idx-negative", "ValueError", "cache_batch_idx",
+         "raw_kvcache(cache_batch_idx=torch.tensor([0, -1], dtype=torch.int32))"),
+    case("c-kvcache/rotary-positions-past-the-tables", "ValueError", "rotary_cos",
+         "q = qkv(b=2, sq=1)[0]; raw_kvcache(q=q, cos=torch.rand(5, 8), sin=torch.rand(5, 8), "
+         "q_rotated=torch.empty_like(q))"),
+    case("c-kvcache/cache-read-only-numpy", "ValueError", "v_cache",
+         """
+         import numpy as np
+         cache = np.zeros((2, 12, 2, 16), dtype=np.float32)
+         cache.flags.writeable = False
+         raw_kvcache(v_cache=cache)
+         """),
+    case("kvcache/k-cache-on-cuda-q-on-cpu", "ValueError", "k_cache",
+         "kvcache(k_cache=torch.randn(2, 12, 2, 16, device='cuda'))",
+         cuda="a CUDA tensor cannot be made without a GPU"),
+    case("kvcache/cache-seqlens-on-cpu-q-on-cuda", "ValueError", "cache_seqlens",
+         """
+         q, k, v = (t.cuda().half() for t in qkv(b=2, sq=1, sk=1))
+         cache = torch.zeros(2, 12, 2, 16, device='cuda', dtype=torch.half)
+         lutflash.flash_attention_with_kvcache(q, cache, cache.clone(), k, v,
+                                               cache_seqlens=torch.tensor([3, 5], dtype=torch.int32))
+         """, cuda="a CUDA tensor cannot be made without a GPU"),
     # ---------------------------------------------------------------- flash_attention_varlen
     case("varlen/cu-seqlens-int64", "TypeError", "cu_seqlens_q",
          "varlen(cu_seqlens_q=cu(0, 3, 8).long())"),

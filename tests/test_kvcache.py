@@ -25,7 +25,6 @@ import torch
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-import lutflash
 from lutflash import _C, flash_attention, flash_attention_with_kvcache
 from lutflash import kvcache as kvcache_module
 from lutflash.testing import attention_reference
@@ -195,7 +194,7 @@ def build(spec: Spec, device="cpu") -> Case:
                 first_unused = math.ceil(length / spec.page_size)
                 block_table[row, first_unused:] = r.choice([-1, num_pages, 2**31 - 1])
     k_cache = _tensor(shape, spec, g, device, spec.strided, buffers)
-    v_cache = _tensor(shape, spec, g, device, spec.strided and spec.d % 2 == 0, buffers)
+    v_cache = _tensor(shape, spec, g, device, spec.strided, buffers)
     alibi = None
     if spec.alibi == "heads":
         alibi = torch.rand(hq, generator=g) * 0.5
@@ -244,8 +243,9 @@ def key_address(case: Case, b: int, j: torch.Tensor):
 
 
 def reference(case: Case):
-    """(expected k_cache, expected v_cache, [per sequence: (q as attended, keys, values,
-    alibi)]) on the CPU, in the data's dtype."""
+    """(expected k_cache, expected v_cache, the (row, position) pairs of the cache that the
+    append writes, [per sequence: (q as attended, keys, values, alibi)]), on the CPU, in the
+    data's dtype."""
     s = case.spec
     k_cache, v_cache = case.k_cache.cpu().clone(), case.v_cache.cpu().clone()
     interleaved = bool(s.rotary and s.rotary[1])
@@ -253,6 +253,7 @@ def reference(case: Case):
     cos = None if case.cos is None else case.cos.cpu()
     sin = None if case.sin is None else case.sin.cpu()
     sequences = []
+    appended = torch.zeros(k_cache.shape[:2], dtype=torch.bool)
     for b in range(s.batch):
         start = s.cache_lens[b]
         if case.k is not None:
@@ -261,6 +262,7 @@ def reference(case: Case):
             if cos is not None:
                 k_rows = rotary_reference(k_rows, cos, sin, positions, interleaved)
             rows = key_address(case, b, positions)
+            appended[rows] = True
             k_cache[rows] = k_rows
             v_cache[rows] = case.v[b].cpu()
     for b in range(s.batch):
@@ -274,7 +276,7 @@ def reference(case: Case):
         if case.alibi is not None:
             alibi = case.alibi.cpu() if case.alibi.ndim == 1 else case.alibi.cpu()[b:b + 1]
         sequences.append((q, k_cache[keys], v_cache[keys], alibi))
-    return k_cache, v_cache, sequences
+    return k_cache, v_cache, appended, sequences
 
 
 def attend(sequences, spec: Spec, dtype):
@@ -295,37 +297,35 @@ def attend(sequences, spec: Spec, dtype):
     return torch.stack(outs), torch.stack(lses)
 
 
-def assert_untouched(case: Case):
+def assert_padding_untouched(case: Case):
+    """The columns of the wide buffers outside the strided views (their padding) unchanged."""
     for buffer, before in case.buffers:
-        # rows, heads and padding outside the views: compared below through the views for the
-        # views themselves, here for the whole buffer where the views did not change it
-        changed = (buffer.cpu() != before.cpu())
-        if changed.any():
-            # only cache views may change, and only inside themselves: check_caches compares
-            # them; here the change must lie in the view's columns
-            assert not changed[..., case.spec.d:].any(), "memory beside a view changed"
+        assert torch.equal(buffer[..., case.spec.d:].cpu(), before[..., case.spec.d:].cpu()), \
+            "memory beside a view changed"
 
 
 def check(case: Case, monkeypatch=None):
     """Runs the call and compares everything with the reference."""
     s = case.spec
     inputs = [t.clone() for t in (case.q, case.k, case.v, case.cache_seqlens) if t is not None]
-    expected_k, expected_v, sequences = reference(case)
+    expected_k, expected_v, appended, sequences = reference(case)
     args = [case.q, case.k_cache, case.v_cache] + ([case.k, case.v] if case.k is not None else [])
     result = flash_attention_with_kvcache(*args, **case.kwargs())
     out, lse = result if s.return_lse else (result, None)
     assert out.shape == case.q.shape and out.dtype == s.dtype
 
-    # the caches, bit for bit on the CPU; on a GPU the rotated rows within one rounding
-    on_cpu = case.q.device.type == "cpu"
+    # the caches, bit for bit; on a GPU the rotated keys within one rounding (the kernels may
+    # contract a product and a sum into one fma), every other row bit for bit
     k_cache, v_cache = case.k_cache.cpu(), case.v_cache.cpu()
     assert torch.equal(v_cache, expected_v), "v_cache"
-    if on_cpu or case.cos is None:
+    if case.q.device.type == "cpu" or case.cos is None:
         assert torch.equal(k_cache, expected_k), "k_cache"
     else:
         eps = torch.finfo(s.dtype).eps
-        assert torch.allclose(k_cache.float(), expected_k.float(), rtol=eps, atol=eps), "k_cache"
-    assert_untouched(case)
+        assert torch.equal(k_cache[~appended], expected_k[~appended]), "k_cache outside the append"
+        assert torch.allclose(k_cache[appended].float(), expected_k[appended].float(), rtol=eps,
+                              atol=eps), "k_cache"
+    assert_padding_untouched(case)
     for before, after in zip(inputs, [t for t in (case.q, case.k, case.v, case.cache_seqlens)
                                       if t is not None], strict=True):
         assert torch.equal(before, after), "an input changed"
@@ -532,7 +532,7 @@ def test_decode_steps_equal_one_attention(device, page_size):
     k_rot = torch.stack([rotary_reference(k_all[b].cpu(), cos.cpu(), sin.cpu(), positions, False)
                          for b in range(batch)])
     whole = flash_attention(q_rot.float(), k_rot.float(), v_all.cpu().float(), causal=True)
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    tol = 1e-5 if dtype == torch.float32 else 5e-3
     assert torch.allclose(torch.cat(outs, 1).cpu().float(), whole, atol=tol, rtol=tol)
 
 
@@ -548,19 +548,22 @@ def test_each_variant(variant, dtype, page_size):
     # D = 64: fp32 rows are read in place where a block lies in one page, gathered otherwise
     spec = replace(random_spec(7), dtype=dtype, batch=3, heads_q=4, heads_kv=2, d=64,
                    seqlen_q=5, seqlen_new=5, cache_lens=(200, 0, 131), page_size=page_size,
-                   batch_idx=None if page_size else "perm", rotary=(16, True, 0), causal=True,
-                   window=(-1, -1), strided=False, cache_seqlens_int=False, return_lse=True)
+                   capacity_slack=1, batch_idx=None if page_size else "perm",
+                   rotary=(16, True, 0), causal=True, window=(-1, -1), softcap=2.0,
+                   alibi="heads", scale=None, strided=False, cache_seqlens_int=False)
     case = build(spec)
-    _, _, sequences = reference(case)
-    out, lse = kvcache_module._forward(
+    _, _, _, sequences = reference(case)
+    out, _ = kvcache_module._forward(
         case.q, case.k_cache, case.v_cache, case.k, case.v, case.cache_seqlens,
-        case.cache_batch_idx, case.block_table, 1 / 8, spec.softcap, -1, 0, case.alibi,
-        case.cos, case.sin, True, variant=variant)
+        case.cache_batch_idx, case.block_table, 1 / 8, 2.0, -1, 0, case.alibi, case.cos,
+        case.sin, True, variant=variant)
     ref, _ = attend(sequences, spec, torch.float64)
-    naive, _ = attend(sequences, spec, dtype)
-    tol = 1e-5 if dtype == torch.float32 else 2 * (naive.double() - ref).abs().max().item() + 1e-3
-    assert (out.double() - ref).abs().max().item() <= tol * (ref.abs().max().item() if
-                                                             dtype == torch.float32 else 1)
+    err = (out.double() - ref).abs().max().item()
+    if dtype == torch.float32:
+        assert err <= 1e-5 * ref.abs().max().item()
+    else:
+        naive, _ = attend(sequences, spec, dtype)
+        assert err <= 2 * (naive.double() - ref).abs().max().item() + 1e-3
 
 
 # ------------------------------------------------------------------------------------------
@@ -687,7 +690,8 @@ def bad_call(**change):
 
 
 def paged_cache(num_pages=4, page_size=6):
-    return torch.randn(num_pages, page_size, 2, 16), torch.randn(num_pages, page_size, 2, 16)
+    return dict(k_cache=torch.randn(num_pages, page_size, 2, 16),
+                v_cache=torch.randn(num_pages, page_size, 2, 16))
 
 
 def table(*rows):
@@ -696,11 +700,11 @@ def table(*rows):
 
 BAD = [
     # page table indices out of range, where a sequence has keys
-    (lambda: bad_call(**dict(zip(("k_cache", "v_cache"), paged_cache())),
+    (lambda: bad_call(**paged_cache(),
                       block_table=table([0, 4], [1, 2]),
                       cache_seqlens=torch.tensor([7, 5], dtype=torch.int32)),
      ValueError, r"block_table: expected page numbers in \[0, 4\).*got 4 at \(0, 1\)"),
-    (lambda: bad_call(**dict(zip(("k_cache", "v_cache"), paged_cache())),
+    (lambda: bad_call(**paged_cache(),
                       block_table=table([0, 1], [-1, 2])), ValueError, "block_table"),
     # cache_seqlens beyond the cache (capacity 12 dense, 2 pages of 6 paged) or negative
     (lambda: bad_call(cache_seqlens=torch.tensor([3, 12], dtype=torch.int32)), ValueError,
@@ -710,7 +714,9 @@ BAD = [
     (lambda: bad_call(cache_seqlens=torch.tensor([-1, 0], dtype=torch.int32)), ValueError,
      "cache_seqlens"),
     (lambda: bad_call(cache_seqlens=-1), ValueError, "cache_seqlens"),
-    (lambda: bad_call(**dict(zip(("k_cache", "v_cache"), paged_cache())),
+    (lambda: bad_call(k=torch.randn(2, 13, 2, 16), v=torch.randn(2, 13, 2, 16), cache_seqlens=0),
+     ValueError, "k: expected at most 12 new keys per sequence"),
+    (lambda: bad_call(**paged_cache(),
                       block_table=table([0, 1], [2, 3]),
                       cache_seqlens=torch.tensor([3, 12], dtype=torch.int32)), ValueError,
      "cache_seqlens"),
@@ -745,10 +751,10 @@ BAD = [
      "cache_seqlens: expected shape"),
     (lambda: bad_call(cache_seqlens=torch.tensor([[3, 5]], dtype=torch.int32)), ValueError,
      "cache_seqlens: expected shape"),
-    (lambda: bad_call(**dict(zip(("k_cache", "v_cache"), paged_cache())),
+    (lambda: bad_call(**paged_cache(),
                       block_table=torch.tensor([0, 1], dtype=torch.int32)), ValueError,
      "block_table: expected a 2-D"),
-    (lambda: bad_call(**dict(zip(("k_cache", "v_cache"), paged_cache())),
+    (lambda: bad_call(**paged_cache(),
                       block_table=table([0, 1])), ValueError, "block_table: expected shape"),
     (lambda: bad_call(cache_batch_idx=torch.tensor([0], dtype=torch.int32)), ValueError,
      "cache_batch_idx: expected shape"),
@@ -756,7 +762,7 @@ BAD = [
                       v_cache=torch.randn(2, 12, 2, 257), k=None, v=None), ValueError,
      "q: expected a head dim"),
     # block_table with cache_batch_idx
-    (lambda: bad_call(**dict(zip(("k_cache", "v_cache"), paged_cache())),
+    (lambda: bad_call(**paged_cache(),
                       block_table=table([0, 1], [2, 3]),
                       cache_batch_idx=torch.tensor([0, 1], dtype=torch.int32)), ValueError,
      "cache_batch_idx: expected None with block_table"),
@@ -789,7 +795,7 @@ BAD = [
     (lambda: bad_call(cache_seqlens=3.0), TypeError, "cache_seqlens"),
     (lambda: bad_call(cache_batch_idx=torch.tensor([1, 0])), TypeError,
      "cache_batch_idx: expected dtype int32"),
-    (lambda: bad_call(**dict(zip(("k_cache", "v_cache"), paged_cache())),
+    (lambda: bad_call(**paged_cache(),
                       block_table=torch.tensor([[0, 1], [2, 3]])), TypeError,
      "block_table: expected dtype int32"),
     # tensors on different devices (the meta device stands in for a second one)
@@ -799,7 +805,7 @@ BAD = [
      "k_cache: expected a tensor on cpu"),
     (lambda: bad_call(k=torch.randn(2, 1, 2, 16, device="meta")), ValueError,
      "k: expected a tensor on cpu"),
-    (lambda: bad_call(**dict(zip(("k_cache", "v_cache"), paged_cache())),
+    (lambda: bad_call(**paged_cache(),
                       block_table=table([0, 1], [2, 3]).to("meta")), ValueError,
      "block_table: expected a tensor on cpu"),
     (lambda: bad_call(rotary_cos=torch.rand(16, 4, device="meta"),

@@ -15,9 +15,9 @@ from . import _C, gptq, integrations, nn  # integrations registers "lutflash" wi
 from .attention import flash_attention, flash_attention_varlen
 from .bcq import FORMAT_VERSION, BCQWeight, quantize
 from .decode_ops import apply_rotary, rms_norm, silu_mul
-from .kvcache import flash_attention_with_kvcache
 from .checkpoints import from_quantized_pretrained
 from .convert import from_awq, from_gptq, load_quantized_state_dict
+from .kvcache import flash_attention_with_kvcache
 from .lora import LoraLutLinear, add_lora
 from .lutgemm import lutgemm  # the function: lutflash.lutgemm; the module is sys.modules["lutflash.lutgemm"]
 from .nn import LutLinear, quantize_model

@@ -136,12 +136,18 @@ def _check_tensors(q, k_cache, v_cache, k, v, cache_batch_idx, block_table, rota
         _check_shape("block_table", block_table, (batch, None), "(batch, max_pages)")
         if k_cache.shape[1] < 1:
             raise ValueError("k_cache: expected pages of at least one row, got page_size 0")
+        if block_table.shape[1] * k_cache.shape[1] > _INT32_MAX:
+            raise ValueError(f"block_table: {block_table.shape[1]} pages of {k_cache.shape[1]} "
+                             f"rows per sequence exceed 2^31 - 1 keys")
     elif cache_batch_idx is not None:
         _check_tensor("cache_batch_idx", cache_batch_idx, q, 1, (torch.int32,), "(batch,)")
         _check_shape("cache_batch_idx", cache_batch_idx, (batch,), "(batch,)")
     elif k_cache.shape[0] != batch:
         raise ValueError(f"k_cache: expected batch {batch} (the batch of q) without "
                          f"cache_batch_idx, got {k_cache.shape[0]}")
+    if not paged and k_cache.shape[1] > _INT32_MAX:
+        raise ValueError(f"k_cache: sequence lengths above 2^31 - 1 are not supported, got "
+                         f"{k_cache.shape[1]}")
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("rotary_sin: expected rotary_cos and rotary_sin both given or both None")
     if rotary_cos is not None:
