@@ -21,13 +21,14 @@
 
 enum {
     KV_Q, KV_K_CACHE, KV_V_CACHE, KV_K, KV_V, KV_CACHE_SEQLENS, KV_CACHE_BATCH_IDX,
-    KV_BLOCK_TABLE, KV_ALIBI, KV_COS, KV_SIN, KV_Q_ROTATED, KV_OUT, KV_LSE, KV_WORKSPACE,
-    KV_COUNT
+    KV_BLOCK_TABLE, KV_ALIBI, KV_SINKS, KV_COS, KV_SIN, KV_Q_ROTATED, KV_OUT, KV_LSE,
+    KV_WORKSPACE, KV_COUNT
 };
 
 static const char *const tensor_names[KV_COUNT] = {
     "q", "k_cache", "v_cache", "k", "v", "cache_seqlens", "cache_batch_idx", "block_table",
-    "alibi_slopes", "rotary_cos", "rotary_sin", "q_rotated", "out", "lse", "workspace"};
+    "alibi_slopes", "sinks", "rotary_cos", "rotary_sin", "q_rotated", "out", "lse",
+    "workspace"};
 
 /* Private copies of the CPU index tensors, read by the kernels while the GIL is released
  * (another thread may write the tensors meanwhile); freed by the caller. */
@@ -236,7 +237,7 @@ static int launch_kvcache_append(const void *arg, void *stream) {
 
 static const char KVCACHE_SIGNATURE[] =
     "attention_kvcache_forward(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, "
-    "block_table, alibi_slopes, rotary_cos, rotary_sin, q_rotated, out, lse, workspace, "
+    "block_table, alibi_slopes, sinks, rotary_cos, rotary_sin, q_rotated, out, lse, workspace, "
     "softmax_scale, softcap, window_left, window_right, rotary_interleaved, num_threads, "
     "variant, stream)";
 
@@ -327,7 +328,7 @@ static PyObject *py_attention_kvcache_forward(PyObject *self, PyObject *const *a
     }
     if (check_cache_indices(t, &p, &copies) < 0 ||
         attention_check_alibi(&t[KV_ALIBI], q, p.batch, p.heads_q, &p) < 0 ||
-        check_rotary(t, &p, &a) < 0)
+        attention_check_sinks(&t[KV_SINKS], q, p.heads_q, &p) < 0 || check_rotary(t, &p, &a) < 0)
         goto done;
 
     const int64_t lse_shape[3] = {p.batch, p.heads_q, p.seqlen_q};
@@ -413,7 +414,7 @@ PyMethodDef attention_kvcache_methods[] = {
     {"attention_kvcache_forward", (PyCFunction)(void (*)(void))py_attention_kvcache_forward,
      METH_FASTCALL,
      "attention_kvcache_forward(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, "
-     "block_table, alibi_slopes, rotary_cos, rotary_sin, q_rotated, out, lse, workspace, "
+     "block_table, alibi_slopes, sinks, rotary_cos, rotary_sin, q_rotated, out, lse, workspace, "
      "softmax_scale, softcap, window_left, window_right, rotary_interleaved, num_threads, "
      "variant, stream): appends k and v (rotated) to the caches in place, rotates q into "
      "q_rotated, and writes out and lse of attention over each sequence's valid cache."},

@@ -144,7 +144,8 @@ def raw_kvcache(**override):
     ws = torch.empty(_C.attention_workspace_bytes(False, 16, False, 1, 4, 2, 2), dtype=torch.uint8)
     args = dict(q=q, k_cache=torch.randn(2, 12, 2, 16), v_cache=torch.randn(2, 12, 2, 16), k=k,
                 v=v, cache_seqlens=torch.tensor([3, 5], dtype=torch.int32), cache_batch_idx=None,
-                block_table=None, alibi=None, cos=None, sin=None, q_rotated=None,
+                block_table=None, alibi=None, sinks=None, cos=None, sin=None,
+                q_rotated=None,
                 out=torch.empty_like(q), lse=torch.empty(2, 4, 1), ws=ws, scale=0.25,
                 softcap=0.0, left=-1, right=-1, interleaved=0, threads=1, variant=0, stream=0)
     args.update(override)

@@ -844,7 +844,7 @@ def raw_call(**change):
     threads = 1
     args = dict(q=q, k_cache=kc, v_cache=vc, k=k, v=v,
                 cache_seqlens=torch.tensor([3, 5], dtype=torch.int32), cache_batch_idx=None,
-                block_table=None, alibi=None, cos=torch.rand(16, 4), sin=torch.rand(16, 4),
+                block_table=None, alibi=None, sinks=None, cos=torch.rand(16, 4), sin=torch.rand(16, 4),
                 q_rotated=torch.empty_like(q), out=torch.empty_like(q),
                 lse=torch.empty(2, 4, 1),
                 workspace=torch.empty(_C.attention_workspace_bytes(False, 16, False, threads, 4, 2,

@@ -175,3 +175,56 @@ def test_sinks_on_another_device(cuda_device):
     q, k, v = (torch.randn(1, 3, 2, 8, device=cuda_device, dtype=torch.float16) for _ in range(3))
     with pytest.raises(ValueError, match="sinks: expected a tensor on"):
         flash_attention(q, k, v, sinks=torch.zeros(2))
+
+
+@pytest.mark.parametrize("page_size", [None, 3])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_sinks_kvcache(device, page_size):
+    """flash_attention_with_kvcache with sinks: each sequence against the reference over its
+    valid keys (after the append), dense and paged caches."""
+    from lutflash import flash_attention_with_kvcache
+
+    gen = torch.Generator().manual_seed(11)
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    batch, sq, hq, hkv, d, capacity = 3, 2, 4, 2, 16, 12
+    lengths = torch.tensor([0, 4, 10], dtype=torch.int32)  # cached keys before the call
+    kc = torch.randn(batch, capacity, hkv, d, generator=gen).to(device, dtype)
+    vc = torch.randn(batch, capacity, hkv, d, generator=gen).to(device, dtype)
+    q = torch.randn(batch, sq, hq, d, generator=gen).to(device, dtype)
+    k = torch.randn(batch, sq, hkv, d, generator=gen).to(device, dtype)
+    v = torch.randn(batch, sq, hkv, d, generator=gen).to(device, dtype)
+    sinks = (torch.randn(hq, generator=gen) * 2).to(device)
+    kwargs = dict(cache_seqlens=lengths.to(device), causal=True, sinks=sinks, return_lse=True)
+    if page_size is None:
+        out, lse = flash_attention_with_kvcache(q, kc, vc, k, v, **kwargs)
+        keys, values = kc, vc
+    else:
+        pages = capacity // page_size
+        order = torch.randperm(batch * pages, generator=gen)
+        table = order.view(batch, pages).to(torch.int32)
+        kp = torch.empty(batch * pages, page_size, hkv, d, dtype=dtype, device=device)
+        vp = torch.empty_like(kp)
+        kp[order] = kc.reshape(batch * pages, page_size, hkv, d)
+        vp[order] = vc.reshape(batch * pages, page_size, hkv, d)
+        out, lse = flash_attention_with_kvcache(q, kp, vp, k, v, block_table=table.to(device),
+                                                **kwargs)
+        keys = kp[order].reshape(batch, capacity, hkv, d)
+        values = vp[order].reshape(batch, capacity, hkv, d)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    for b in range(batch):
+        valid = int(lengths[b]) + sq
+        assert torch.equal(keys[b, int(lengths[b]):valid].cpu(), k[b].cpu())
+        ref, ref_lse = attention_reference(q[b:b + 1].double().cpu(),
+                                           keys[b:b + 1, :valid].double().cpu(),
+                                           values[b:b + 1, :valid].double().cpu(), causal=True,
+                                           sinks=sinks.double().cpu())
+        assert rel(out[b:b + 1].cpu(), ref) < tol
+        torch.testing.assert_close(lse[b:b + 1].cpu().double(), ref_lse, atol=tol * 10, rtol=tol)
+
+
+def test_sinks_kvcache_bad_input():
+    from lutflash import flash_attention_with_kvcache
+
+    q, kc = torch.randn(1, 1, 2, 8), torch.randn(1, 4, 1, 8)
+    with pytest.raises(ValueError, match=r"sinks: expected shape \(2,\)"):
+        flash_attention_with_kvcache(q, kc, kc.clone(), cache_seqlens=2, sinks=torch.zeros(3))

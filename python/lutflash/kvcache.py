@@ -21,7 +21,8 @@ import torch
 
 from . import _C
 from ._runtime import FLOAT_DTYPES, direct_call, may_keep, scratch_workspace, stream_of
-from .attention import MAX_HEAD_DIM, _check_options, _cuda_operand, _inner_contiguous
+from .attention import (MAX_HEAD_DIM, _check_options, _cuda_operand, _inner_contiguous,
+                        check_sinks)
 
 _INT32_MAX = 2**31 - 1
 
@@ -30,7 +31,7 @@ __all__ = ["flash_attention_with_kvcache"]
 
 def _forward(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table,
              softmax_scale, softcap, window_left, window_right, alibi_slopes, rotary_cos,
-             rotary_sin, rotary_interleaved, variant=0):
+             rotary_sin, rotary_interleaved, sinks=None, variant=0):
     """Runs the append and the kernel (no dispatcher); returns (out, lse)."""
     if q.device.type == "cuda":  # 16-byte aligned rows; the caches are written in place as they are
         q, k, v = (None if t is None else _cuda_operand(t, t.shape[-1]) for t in (q, k, v))
@@ -48,7 +49,8 @@ def _forward(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_ta
                                         capacity)
     workspace = scratch_workspace(q.device, stream, size, may_keep(q.device))
     _C.attention_kvcache_forward(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx,
-                                 block_table, alibi_slopes, rotary_cos, rotary_sin, q_rotated,
+                                 block_table, alibi_slopes, sinks, rotary_cos, rotary_sin,
+                                 q_rotated,
                                  out, lse, workspace, softmax_scale, softcap, window_left,
                                  window_right, int(rotary_interleaved), threads, variant, stream)
     return out, lse
@@ -61,17 +63,17 @@ def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 cache_batch_idx: torch.Tensor | None, block_table: torch.Tensor | None,
                 softmax_scale: float, softcap: float, window_left: int, window_right: int,
                 alibi_slopes: torch.Tensor | None, rotary_cos: torch.Tensor | None,
-                rotary_sin: torch.Tensor | None, rotary_interleaved: bool
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                rotary_sin: torch.Tensor | None, rotary_interleaved: bool,
+                sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table,
                     softmax_scale, softcap, window_left, window_right, alibi_slopes, rotary_cos,
-                    rotary_sin, rotary_interleaved)
+                    rotary_sin, rotary_interleaved, sinks)
 
 
 @_kvcache_op.register_fake
 def _(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, softmax_scale,
       softcap, window_left, window_right, alibi_slopes, rotary_cos, rotary_sin,
-      rotary_interleaved):
+      rotary_interleaved, sinks=None):
     batch, seqlen_q, heads_q, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
 
@@ -193,7 +195,8 @@ def flash_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
                                  softmax_scale: float | None = None,
                                  rotary_cos: torch.Tensor | None = None,
                                  rotary_sin: torch.Tensor | None = None,
-                                 rotary_interleaved: bool = False, return_lse: bool = False):
+                                 rotary_interleaved: bool = False, return_lse: bool = False,
+                                 sinks: torch.Tensor | None = None):
     """Exact attention of q over a KV cache, after appending k and v to it in place.
 
     q: (B, Sq, Hq, D), float32, float16 or bfloat16, D in [1, 256]. The caches k_cache and
@@ -219,8 +222,9 @@ def flash_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     length). window (left, right): j in [i + L_b - Sq - left, i + L_b - Sq + right], -1
     unbounded; combined with causal, right becomes 0. softcap c > 0: s = c·tanh(s/c).
     alibi_slopes (Hq,) or (B, Hq) float32: s -= slope·|i + L_b - Sq - j|. softmax_scale
-    defaults to 1/sqrt(D). A query row that sees no key (L_b = 0, or Sq > L_b under causal)
-    gives 0 and lse = -inf. No dropout.
+    defaults to 1/sqrt(D). sinks (Hq,) float32: attention sinks as in flash_attention. A query
+    row that sees no key (L_b = 0, or Sq > L_b under causal) gives 0 and lse = -inf (the
+    sink, with sinks). No dropout.
 
     rotary_cos, rotary_sin (only with k and v): (seqlen_ro, rotary_dim / 2) of q's dtype,
     rotary_dim <= D. The first rotary_dim features of each new key are rotated at its position
@@ -256,6 +260,7 @@ def flash_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     scale, softcap, left, right, alibi_slopes = _check_options(
         q, batch, causal, softmax_scale, window, softcap, alibi_slopes, 0.0, None, None, False,
         return_lse)[:5]
+    sinks = check_sinks(sinks, q)
     if not isinstance(rotary_interleaved, bool):
         raise TypeError(f"rotary_interleaved: expected a bool, got "
                         f"{type(rotary_interleaved).__name__}")
@@ -269,9 +274,9 @@ def flash_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
         None if t is None else t.contiguous()
         for t in (cache_batch_idx, block_table, rotary_cos, rotary_sin))
     args = (q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, scale,
-            softcap, left, right, alibi_slopes, rotary_cos, rotary_sin, rotary_interleaved)
+            softcap, left, right, alibi_slopes, rotary_cos, rotary_sin, rotary_interleaved, sinks)
     if direct_call(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table,
-                   alibi_slopes, rotary_cos, rotary_sin):  # the op's kernel, no dispatcher
+                   alibi_slopes, rotary_cos, rotary_sin, sinks):  # the kernel, no dispatcher
         out, lse = _forward(*args)
     else:
         out, lse = _kvcache_op(*args)
