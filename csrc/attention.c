@@ -10,6 +10,7 @@
 #include <math.h>
 #include <stdio.h>
 
+#include "attention_args.h"
 #include "attention_cpu.h"
 #include "methods.h"
 #include "philox.h"
@@ -19,17 +20,6 @@
 #include "lutflash_cuda.h"
 #endif
 
-
-static int parse_float(PyObject *obj, const char *name, double *value) {
-    if (!PyFloat_Check(obj) && !PyLong_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "%s: expected a float, got %.100s", name,
-                     Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    *value = PyFloat_AsDouble(obj);
-    return *value == -1.0 && PyErr_Occurred() ? -1 : 0;
-}
-
 /* The scalar arguments shared by the forward and backward entry points. */
 typedef struct {
     int64_t max_seqlen_q, max_seqlen_k, num_threads, variant;
@@ -38,44 +28,22 @@ typedef struct {
 } call_options;
 
 static int parse_scalars(PyObject *const *args, attention_fwd_params *p, call_options *o) {
-    double scale, softcap, dropout;
-    int64_t left, right;
+    double dropout;
     if (lf_parse_int(args[0], "max_seqlen_q", 0, INT32_MAX, &o->max_seqlen_q) < 0 ||
         lf_parse_int(args[1], "max_seqlen_k", 0, INT32_MAX, &o->max_seqlen_k) < 0 ||
-        parse_float(args[2], "softmax_scale", &scale) < 0 ||
-        parse_float(args[3], "softcap", &softcap) < 0 ||
-        lf_parse_int(args[4], "window_left", -1, INT64_MAX, &left) < 0 ||
-        lf_parse_int(args[5], "window_right", -1, INT64_MAX, &right) < 0 ||
-        parse_float(args[6], "dropout_p", &dropout) < 0 ||
+        attention_parse_score_options(args[2], args[3], args[4], args[5], p) < 0 ||
+        attention_parse_float(args[6], "dropout_p", &dropout) < 0 ||
         lf_parse_int(args[7], "num_threads", 1, 4096, &o->num_threads) < 0 ||
         lf_parse_int(args[8], "variant", 0, ATTENTION_CPU_VARIANT_MAX, &o->variant) < 0 ||
         lf_parse_stream(args[9], &o->stream) < 0)
         return -1;
-    /* PyErr_Format has no %g (Python >= 3.12 raises SystemError on it): format it first. */
-    char got[32];
-    /* The kernels compute in float32: the values must be valid after rounding to it. */
-    if (!((float)scale > 0.0f && isfinite((float)scale))) {
-        snprintf(got, sizeof(got), "%g", scale);
-        PyErr_Format(PyExc_ValueError, "softmax_scale: expected a positive finite float, got %s",
-                     got);
-        return -1;
-    }
-    if (!(softcap >= 0.0 && isfinite((float)softcap))) {
-        snprintf(got, sizeof(got), "%g", softcap);
-        PyErr_Format(PyExc_ValueError, "softcap: expected a finite float >= 0, got %s", got);
-        return -1;
-    }
     if (!(dropout >= 0.0 && (float)dropout < 1.0f)) {
+        /* PyErr_Format has no %g (Python >= 3.12 raises SystemError on it): format it first. */
+        char got[32];
         snprintf(got, sizeof(got), "%g", dropout);
         PyErr_Format(PyExc_ValueError, "dropout_p: expected a float in [0, 1), got %s", got);
         return -1;
     }
-    p->softmax_scale = (float)scale;
-    p->softcap = (float)softcap;
-    /* Sequences are shorter than 2^31, so a wider window is unbounded; clamping keeps the
-     * band arithmetic of the kernels far from overflow. */
-    p->window_left = left > INT32_MAX ? -1 : left;
-    p->window_right = right > INT32_MAX ? -1 : right;
     p->dropout_p = (float)dropout;
     p->dropout_threshold = lf_dropout_threshold(dropout);
     p->num_threads = (int)o->num_threads;
@@ -83,47 +51,9 @@ static int parse_scalars(PyObject *const *args, attention_fwd_params *p, call_op
     return 0;
 }
 
-/* Strides must not be negative and the last dimension (the head dim) must be contiguous;
- * the other strides are free (slices and transposes of bigger buffers are fine to read). */
-static int check_inner_contiguous(const lf_tensor *t) {
-    if (lf_tensor_numel(t) == 0) return 0; /* no element is read or written */
-    int ok = t->ndim >= 1 && (t->shape[t->ndim - 1] <= 1 || t->strides[t->ndim - 1] == 1);
-    for (int i = 0; ok && i < t->ndim; ++i) ok = t->strides[i] >= 0;
-    if (ok) return 0;
-    PyErr_Format(PyExc_ValueError,
-                 "%s: expected non-negative strides and a contiguous last dimension (the head "
-                 "dim), got stride %lld there (call .contiguous())",
-                 t->name, (long long)(t->ndim >= 1 ? t->strides[t->ndim - 1] : 0));
-    return -1;
-}
 
-/* A tensor read as q, k, v, out or dout: `shape` (-1 = any), same device and dtype as q. */
-static int check_like(const lf_tensor *t, const lf_tensor *q, int ndim, const int64_t *shape) {
-    if (lf_check_same_device(t, q) < 0 || lf_check_same_dtype(t, q) < 0 ||
-        lf_check_shape(t, ndim, shape) < 0 || check_inner_contiguous(t) < 0)
-        return -1;
-    return 0;
-}
 
-/* A tensor the call writes: like check_like, plus rows that do not overlap each other. */
-static int check_output_like(const lf_tensor *t, const lf_tensor *q, lf_dtype dtype, int ndim,
-                             const int64_t *shape) {
-    if (lf_check_same_device(t, q) < 0 || lf_check_dtype(t, dtype) < 0 ||
-        lf_check_shape(t, ndim, shape) < 0 || lf_check_rows_dense(t) < 0 ||
-        check_inner_contiguous(t) < 0 || lf_check_writable(t) < 0)
-        return -1;
-    return 0;
-}
 
-static int check_lse_like(const lf_tensor *t, const lf_tensor *q, int ndim, const int64_t *shape,
-                          int writable) {
-    if (lf_check_same_device(t, q) < 0 || lf_check_dtype(t, LF_DTYPE_F32) < 0 ||
-        lf_check_shape(t, ndim, shape) < 0 ||
-        (lf_tensor_numel(t) > 0 && lf_check_contiguous(t) < 0) ||
-        (writable && lf_check_writable(t) < 0))
-        return -1;
-    return 0;
-}
 
 /* On the CPU the offsets are copied before they are checked, and the kernels read the copy:
  * another thread may write the tensor while the kernels run without the GIL. */
@@ -197,7 +127,7 @@ static int check_inputs(lf_tensor *t, call_options *o, attention_fwd_params *p,
         return -1;
     }
     const int ndim = varlen ? 3 : 4;
-    if (lf_check_ndim(q, ndim) < 0 || check_inner_contiguous(q) < 0) return -1;
+    if (lf_check_ndim(q, ndim) < 0 || attention_check_inner_contiguous(q) < 0) return -1;
     const int64_t d = q->shape[ndim - 1], heads_q = q->shape[ndim - 2];
     if (d < 1 || d > ATTENTION_MAX_HEAD_DIM) {
         PyErr_Format(PyExc_ValueError, "q: expected a head dim in [1, %d], got %lld",
@@ -216,9 +146,9 @@ static int check_inputs(lf_tensor *t, call_options *o, attention_fwd_params *p,
     int64_t k_shape[4] = {-1, -1, heads_kv, d};
     if (!varlen) k_shape[0] = batch;
     else k_shape[1] = heads_kv, k_shape[2] = d;
-    if (check_like(k, q, ndim, k_shape) < 0) return -1;
+    if (attention_check_like(k, q, ndim, k_shape) < 0) return -1;
     const int64_t v_shape[4] = {k->shape[0], k->shape[1], k->shape[2], varlen ? 0 : k->shape[3]};
-    if (check_like(v, q, ndim, v_shape) < 0) return -1;
+    if (attention_check_like(v, q, ndim, v_shape) < 0) return -1;
 
     p->q = q->data, p->k = k->data, p->v = v->data;
     p->dtype = lf_scalar_of(q->dtype);
@@ -270,29 +200,7 @@ static int check_inputs(lf_tensor *t, call_options *o, attention_fwd_params *p,
         return -1;
     }
 
-    lf_tensor *alibi = &t[IN_ALIBI];
-    if (lf_tensor_present(alibi)) {
-        if (lf_check_same_device(alibi, q) < 0 || lf_check_dtype(alibi, LF_DTYPE_F32) < 0 ||
-            lf_check_contiguous(alibi) < 0)
-            return -1;
-        const int64_t per_head[1] = {heads_q}, per_batch[2] = {batch, heads_q};
-        if (alibi->ndim == 2 ? lf_check_shape(alibi, 2, per_batch) < 0
-                             : lf_check_shape(alibi, 1, per_head) < 0)
-            return -1;
-        if (alibi->device_type == LF_DEVICE_CPU) { /* on a GPU, reading would synchronize */
-            const int64_t count = lf_tensor_numel(alibi);
-            for (int64_t i = 0; i < count; ++i) {
-                if (!isfinite(((const float *)alibi->data)[i])) {
-                    PyErr_Format(PyExc_ValueError,
-                                 "%s: expected finite values, got NaN or infinity at index "
-                                 "%lld", alibi->name, (long long)i);
-                    return -1;
-                }
-            }
-        }
-        p->alibi_slopes = (const float *)alibi->data;
-        p->alibi_batch_stride = alibi->ndim == 2 ? heads_q : 0;
-    }
+    if (attention_check_alibi(&t[IN_ALIBI], q, batch, heads_q, p) < 0) return -1;
     lf_tensor *rng = &t[IN_RNG];
     if (p->dropout_p > 0.0f && !lf_tensor_present(rng)) {
         PyErr_SetString(PyExc_ValueError, "rng_state: required when dropout_p > 0");
@@ -316,71 +224,9 @@ static int check_inputs(lf_tensor *t, call_options *o, attention_fwd_params *p,
     return 0;
 }
 
-static int check_workspace(const lf_tensor *ws, const lf_tensor *q, int64_t need) {
-    if (lf_check_same_device(ws, q) < 0 || lf_check_dtype(ws, LF_DTYPE_U8) < 0 ||
-        lf_check_ndim(ws, 1) < 0 || lf_check_contiguous(ws) < 0 || lf_check_aligned(ws, 64) < 0 ||
-        lf_check_writable(ws) < 0)
-        return -1;
-    if (ws->shape[0] < need) {
-        PyErr_Format(PyExc_ValueError, "workspace: expected at least %lld bytes, got %lld",
-                     (long long)need, (long long)ws->shape[0]);
-        return -1;
-    }
-    return 0;
-}
 
-/* Outputs must not share memory with any other tensor of the call. */
-static int check_disjoint(lf_tensor *t, int count, const int *outputs, int output_count) {
-    for (int a = 0; a < output_count; ++a) {
-        for (int b = 0; b < count; ++b) {
-            if (b != outputs[a] && lf_check_no_overlap(&t[outputs[a]], &t[b]) < 0) return -1;
-        }
-    }
-    return 0;
-}
 
-/* What the CUDA kernels need beyond the common checks: fp16/bf16, a head dim that is a
- * multiple of 8 and 16-byte aligned rows (every 16-byte chunk of a row is one cp.async).
- * python/lutflash/attention.py pads and copies inputs that miss these. */
-static int check_cuda_layout(const lf_tensor *t, int count, const char *op) {
-    if (lf_require_cuda(op) < 0) return -1;
-    const lf_tensor *q = &t[0];
-    if (q->dtype != LF_DTYPE_F16 && q->dtype != LF_DTYPE_BF16) {
-        PyErr_Format(PyExc_NotImplementedError,
-                     "%s: the CUDA kernels take float16 or bfloat16, got %s tensors", op,
-                     lf_dtype_name(q->dtype));
-        return -1;
-    }
-    if (q->shape[q->ndim - 1] % 8 != 0) {
-        PyErr_Format(PyExc_ValueError,
-                     "%s: the CUDA kernels need a head dim that is a multiple of 8, got %lld", op,
-                     (long long)q->shape[q->ndim - 1]);
-        return -1;
-    }
-    for (int i = 0; i < count; ++i) {
-        const lf_tensor *x = &t[i];
-        if (!lf_tensor_present(x) || lf_tensor_numel(x) == 0) continue;
-        int ok = (uintptr_t)x->data % 16 == 0;
-        for (int a = 0; ok && a + 1 < x->ndim; ++a) ok = x->strides[a] % 8 == 0;
-        if (!ok) {
-            PyErr_Format(PyExc_ValueError,
-                         "%s: the CUDA kernels need 16-byte aligned rows (strides that are "
-                         "multiples of 8 elements, an aligned base); call .contiguous()",
-                         x->name);
-            return -1;
-        }
-    }
-    return 0;
-}
 
-static int launch_attention_forward(const void *arg, void *stream) {
-#ifdef LUTFLASH_WITH_CUDA
-    return attention_forward_cuda((const attention_fwd_params *)arg, stream);
-#else
-    (void)arg, (void)stream;
-    return -1;
-#endif
-}
 
 static int launch_attention_backward(const void *arg, void *stream) {
 #ifdef LUTFLASH_WITH_CUDA
@@ -471,8 +317,8 @@ static PyObject *py_attention_forward(PyObject *self, PyObject *const *args, Py_
     }
     lf_tensor *q = &t[IN_Q], *out = &t[FWD_OUT], *lse = &t[FWD_LSE];
     if (check_inputs(t, &o, &p, lse_shape, &lse_ndim) < 0) goto done;
-    if (check_output_like(out, q, q->dtype, q->ndim, q->shape) < 0 ||
-        check_lse_like(lse, q, lse_ndim, lse_shape, 1) < 0)
+    if (attention_check_output(out, q, q->dtype, q->ndim, q->shape) < 0 ||
+        attention_check_lse(lse, q, lse_ndim, lse_shape, 1) < 0)
         goto done;
     int64_t need = 0;
     if (q->device_type == LF_DEVICE_CPU)
@@ -484,12 +330,12 @@ static PyObject *py_attention_forward(PyObject *self, PyObject *const *args, Py_
             p.cu_seqlens_q ? p.total_q : p.batch * p.seqlen_q);
 #endif
     const int outputs[3] = {FWD_OUT, FWD_LSE, FWD_WORKSPACE};
-    if (check_workspace(&t[FWD_WORKSPACE], q, need) < 0 || check_disjoint(t, FWD_COUNT, outputs, 3) < 0)
+    if (attention_check_workspace(&t[FWD_WORKSPACE], q, need) < 0 || attention_check_disjoint(t, FWD_COUNT, outputs, 3) < 0)
         goto done;
     const int on_cuda = q->device_type == LF_DEVICE_CUDA;
     if (on_cuda) {
         const lf_tensor layout[4] = {t[IN_Q], t[IN_K], t[IN_V], t[FWD_OUT]};
-        if (check_cuda_layout(layout, 4, "flash_attention") < 0) goto done;
+        if (attention_check_cuda_layout(layout, 4, "flash_attention") < 0) goto done;
     }
     const int row = q->ndim == 3 ? 0 : 1;
     p.out = out->data;
@@ -500,7 +346,7 @@ static PyObject *py_attention_forward(PyObject *self, PyObject *const *args, Py_
     p.workspace = t[FWD_WORKSPACE].data;
     p.workspace_bytes = t[FWD_WORKSPACE].shape[0];
     if (on_cuda) {
-        if (lf_cuda_call("flash_attention", q->device_id, launch_attention_forward, &p,
+        if (lf_cuda_call("flash_attention", q->device_id, attention_launch_forward, &p,
                          o.stream) < 0)
             goto done;
     } else {
@@ -556,15 +402,15 @@ static PyObject *py_attention_backward(PyObject *self, PyObject *const *args, Py
     }
     lf_tensor *q = &t[IN_Q], *k = &t[IN_K], *v = &t[IN_V];
     if (check_inputs(t, &o, p, lse_shape, &lse_ndim) < 0) goto done;
-    if (check_like(&t[BWD_DOUT], q, q->ndim, q->shape) < 0 ||
-        check_like(&t[BWD_OUT], q, q->ndim, q->shape) < 0 ||
-        check_lse_like(&t[BWD_LSE], q, lse_ndim, lse_shape, 0) < 0 ||
+    if (attention_check_like(&t[BWD_DOUT], q, q->ndim, q->shape) < 0 ||
+        attention_check_like(&t[BWD_OUT], q, q->ndim, q->shape) < 0 ||
+        attention_check_lse(&t[BWD_LSE], q, lse_ndim, lse_shape, 0) < 0 ||
         (lf_tensor_present(&t[BWD_DLSE]) &&
-         check_lse_like(&t[BWD_DLSE], q, lse_ndim, lse_shape, 0) < 0) ||
-        check_output_like(&t[BWD_DQ], q, q->dtype, q->ndim, q->shape) < 0 ||
-        check_output_like(&t[BWD_DK], q, q->dtype, k->ndim, k->shape) < 0 ||
-        check_output_like(&t[BWD_DV], q, q->dtype, v->ndim, v->shape) < 0 ||
-        check_lse_like(&t[BWD_DELTA], q, lse_ndim, lse_shape, 1) < 0)
+         attention_check_lse(&t[BWD_DLSE], q, lse_ndim, lse_shape, 0) < 0) ||
+        attention_check_output(&t[BWD_DQ], q, q->dtype, q->ndim, q->shape) < 0 ||
+        attention_check_output(&t[BWD_DK], q, q->dtype, k->ndim, k->shape) < 0 ||
+        attention_check_output(&t[BWD_DV], q, q->dtype, v->ndim, v->shape) < 0 ||
+        attention_check_lse(&t[BWD_DELTA], q, lse_ndim, lse_shape, 1) < 0)
         goto done;
     const int64_t total_q = q->ndim == 3 ? q->shape[0] : q->shape[0] * q->shape[1];
     int64_t need = 0;
@@ -575,14 +421,14 @@ static PyObject *py_attention_backward(PyObject *self, PyObject *const *args, Py
         need = attention_cuda_backward_workspace_bytes(p->heads_q, p->head_dim, total_q);
 #endif
     const int outputs[5] = {BWD_DQ, BWD_DK, BWD_DV, BWD_DELTA, BWD_WORKSPACE};
-    if (check_workspace(&t[BWD_WORKSPACE], q, need) < 0 ||
-        check_disjoint(t, BWD_COUNT, outputs, 5) < 0)
+    if (attention_check_workspace(&t[BWD_WORKSPACE], q, need) < 0 ||
+        attention_check_disjoint(t, BWD_COUNT, outputs, 5) < 0)
         goto done;
     const int on_cuda = q->device_type == LF_DEVICE_CUDA;
     if (on_cuda) {
         const lf_tensor layout[8] = {t[IN_Q], t[IN_K], t[IN_V], t[BWD_DOUT],
                                      t[BWD_OUT], t[BWD_DQ], t[BWD_DK], t[BWD_DV]};
-        if (check_cuda_layout(layout, 8, "flash_attention_backward") < 0) goto done;
+        if (attention_check_cuda_layout(layout, 8, "flash_attention_backward") < 0) goto done;
     }
     const int varlen = q->ndim == 3, row = varlen ? 0 : 1, head = row + 1;
     const lf_tensor *dout = &t[BWD_DOUT], *out = &t[BWD_OUT];

@@ -309,6 +309,9 @@ static sequence_extent sequence_of(const attention_fwd_params *p, int64_t b) {
         s.k_start = p->cu_seqlens_k[b];
         s.seqlen_k = p->cu_seqlens_k[b + 1] - s.k_start;
     }
+    if (p->cache_seqlens != NULL) /* a KV cache: its valid length, clamped into the cache */
+        s.seqlen_k = min_i64(max_i64((int64_t)p->cache_seqlens[b] + p->seqlen_new, 0),
+                             p->seqlen_k);
     return s;
 }
 
@@ -404,6 +407,44 @@ static const float *rows_as_f32(const void *base, int64_t offset, int64_t row_st
     }
     *ld = padded_head_dim(d);
     load_tile(element_at(base, offset, type), row_stride, rows, d, type, buffer, *ld);
+    return buffer;
+}
+
+/* Where the rows of k or v live: a base and its element strides. */
+typedef struct {
+    const void *base;
+    int64_t batch_stride, row_stride, head_stride;
+} key_source;
+
+static key_source keys_of(const attention_fwd_params *p) {
+    return (key_source){p->k, p->k_batch_stride, p->k_row_stride, p->k_head_stride};
+}
+
+static key_source values_of(const attention_fwd_params *p) {
+    return (key_source){p->v, p->v_batch_stride, p->v_row_stride, p->v_head_stride};
+}
+
+/* Keys j0 .. j0+rows-1 of sequence b, kv head h, as fp32 rows, like rows_as_f32. Rows of one
+ * page (or of an unpaged k/v) are row_stride apart and read in place when they can be; a
+ * block that spans pages is gathered into buffer one page run at a time. */
+static const float *key_rows_as_f32(const attention_fwd_params *p, const key_source *t,
+                                    int64_t b, int64_t h, int64_t j0, int64_t rows,
+                                    int right_operand, float *buffer, int64_t *ld) {
+    const int64_t page = p->block_table ? p->page_size : INT64_MAX;
+    const int64_t d = p->head_dim;
+    if (rows <= page - j0 % page)
+        return rows_as_f32(t->base, attention_key_offset(p, t->batch_stride, t->row_stride,
+                                                         t->head_stride, b, j0, h),
+                           t->row_stride, rows, d, right_operand, p->dtype, buffer, ld);
+    *ld = padded_head_dim(d);
+    for (int64_t r = 0, run; r < rows; r += run) {
+        const int64_t j = j0 + r;
+        run = min_i64(rows - r, page - j % page);
+        load_tile(element_at(t->base, attention_key_offset(p, t->batch_stride, t->row_stride,
+                                                           t->head_stride, b, j, h),
+                             p->dtype),
+                  t->row_stride, run, d, p->dtype, buffer + r * *ld, *ld);
+    }
     return buffer;
 }
 
@@ -586,20 +627,16 @@ static void forward_query_block(const attention_fwd_params *p, const attention_k
     const float factor = transform ? 1.0f : p->softmax_scale * LOG2E;
     const float slope = alibi_slope(p, b, h);
     const uint32_t batch_head = (uint32_t)(b * p->heads_q + h);
+    const key_source keys = keys_of(p), values = values_of(p);
     int64_t band_first, band_last;
     lanes_key_range(s.first, s.last, nq, &band_first, &band_last);
 
     for (int64_t kb = band_first / BLOCK_K; band_first <= band_last && kb <= band_last / BLOCK_K;
          ++kb) {
         const int64_t j0 = kb * BLOCK_K, nk = min_i64(BLOCK_K, seq.seqlen_k - j0);
-        const int64_t key_row = seq.k_start + j0;
         int64_t ldk, ldv;
-        const float *k = rows_as_f32(p->k, b * p->k_batch_stride + key_row * p->k_row_stride +
-                                               kv_head * p->k_head_stride,
-                                     p->k_row_stride, nk, d, 0, type, s.k, &ldk);
-        const float *v = rows_as_f32(p->v, b * p->v_batch_stride + key_row * p->v_row_stride +
-                                               kv_head * p->v_head_stride,
-                                     p->v_row_stride, nk, d, 1, type, s.v, &ldv);
+        const float *k = key_rows_as_f32(p, &keys, b, kv_head, j0, nk, 0, s.k, &ldk);
+        const float *v = key_rows_as_f32(p, &values, b, kv_head, j0, nk, 1, s.v, &ldv);
         kern->matmul(nk, BLOCK_Q, d, k, ldk, 1, s.qt, BLOCK_Q, s.tile, BLOCK_Q, 0);
         if (transform) transform_scores(p, &seq, s.tile, NULL, nk, slope, i0, j0);
         kern->softmax_step(s.tile, nk, j0, factor, &lanes);
@@ -802,17 +839,12 @@ static void backward_scores(const attention_fwd_params *p, const attention_kerne
 }
 
 /* K (zero-padded, both a left and a right operand) and V rows of a key block. */
-static void load_key_block(const attention_fwd_params *p, const backward_scratch *s,
-                           const sequence_extent *seq, int64_t b, int64_t kv_head, int64_t j0,
-                           int64_t nk, const float **k, int64_t *ldk, const float **v,
-                           int64_t *ldv) {
-    const int64_t row = seq->k_start + j0;
-    *k = rows_as_f32(p->k, b * p->k_batch_stride + row * p->k_row_stride +
-                               kv_head * p->k_head_stride,
-                     p->k_row_stride, nk, p->head_dim, 1, p->dtype, s->k, ldk);
-    *v = rows_as_f32(p->v, b * p->v_batch_stride + row * p->v_row_stride +
-                               kv_head * p->v_head_stride,
-                     p->v_row_stride, nk, p->head_dim, 0, p->dtype, s->v, ldv);
+static void load_key_block(const attention_fwd_params *p, const backward_scratch *s, int64_t b,
+                           int64_t kv_head, int64_t j0, int64_t nk, const float **k,
+                           int64_t *ldk, const float **v, int64_t *ldv) {
+    const key_source keys = keys_of(p), values = values_of(p);
+    *k = key_rows_as_f32(p, &keys, b, kv_head, j0, nk, 1, s->k, ldk);
+    *v = key_rows_as_f32(p, &values, b, kv_head, j0, nk, 0, s->v, ldv);
 }
 
 /* dq for queries i0.. of (b, h): Σ over visible key blocks of dS·K. */
@@ -837,7 +869,7 @@ static void backward_dq_block(const attention_bwd_params *bp, const backward_sha
         const int64_t j0 = kb * BLOCK_K, nk = min_i64(BLOCK_K, seq.seqlen_k - j0);
         const float *k, *v;
         int64_t ldk, ldv;
-        load_key_block(p, &s, &seq, b, kv_head, j0, nk, &k, &ldk, &v, &ldv);
+        load_key_block(p, &s, b, kv_head, j0, nk, &k, &ldk, &v, &ldv);
         kern->matmul(nk, BLOCK_Q, d, k, ldk, 1, shared->qt + tile, BLOCK_Q, s.tile, BLOCK_Q, 0);
         kern->matmul(nk, BLOCK_Q, d, v, ldv, 1, shared->dout_t + tile, BLOCK_Q, s.dtile, BLOCK_Q,
                      0);
@@ -869,7 +901,7 @@ static void backward_dkdv_block(const attention_bwd_params *bp, const backward_s
     backward_scratch_layout(d, scratch, &s);
     const float *k, *v;
     int64_t ldk, ldv;
-    load_key_block(p, &s, &seq, b, kv_head, j0, nk, &k, &ldk, &v, &ldv);
+    load_key_block(p, &s, b, kv_head, j0, nk, &k, &ldk, &v, &ldv);
     memset(s.acc0, 0, (size_t)(BLOCK_K * dp) * sizeof(float));
     memset(s.acc1, 0, (size_t)(BLOCK_K * dp) * sizeof(float));
 

@@ -8,6 +8,7 @@ extern PyMethodDef lutgemm_methods[];      /* lutgemm.c */
 extern PyMethodDef bcq_quantize_methods[]; /* bcq_quantize.c */
 extern PyMethodDef runtime_methods[];      /* runtime.c */
 extern PyMethodDef attention_methods[];    /* attention.c */
+extern PyMethodDef attention_kvcache_methods[]; /* attention_kvcache.c */
 extern PyMethodDef decode_ops_methods[];   /* decode_ops.c */
 
 #endif

@@ -9,6 +9,7 @@ static PyMethodDef *const method_tables[] = {
     bcq_quantize_methods,
     runtime_methods,
     attention_methods,
+    attention_kvcache_methods,
     decode_ops_methods,
 };
 
