@@ -341,12 +341,20 @@ int lf_check_contiguous(const lf_tensor *t) {
 }
 
 int lf_check_rows_dense(const lf_tensor *t) {
-    /* Contiguous last dimension; the leading dimensions may be strided (a slice of a larger
-     * buffer) as long as no two rows overlap. */
+    /* Contiguous last dimension; the leading dimensions may be strided and in any order (a
+     * slice or a transpose of a larger buffer) as long as no two rows overlap: taken by
+     * increasing stride, each steps past everything the ones before it span. */
     int ok = t->ndim >= 1 && (t->shape[t->ndim - 1] <= 1 || t->strides[t->ndim - 1] == 1);
-    int64_t span = t->ndim >= 1 ? t->shape[t->ndim - 1] : 1; /* elements the inner dims cover */
-    for (int i = t->ndim - 2; ok && i >= 0; --i) {
+    int order[LF_MAX_DIMS], count = 0;
+    for (int i = 0; ok && i + 1 < t->ndim; ++i) {
         if (t->shape[i] <= 1) continue;
+        int at = count++;
+        for (; at > 0 && t->strides[order[at - 1]] > t->strides[i]; --at) order[at] = order[at - 1];
+        order[at] = i;
+    }
+    int64_t span = t->ndim >= 1 ? t->shape[t->ndim - 1] : 1; /* elements the inner dims cover */
+    for (int n = 0; ok && n < count; ++n) {
+        const int i = order[n];
         ok = span == 0 || t->strides[i] >= span;
         span = (t->shape[i] - 1) * t->strides[i] + span;
     }

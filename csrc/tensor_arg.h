@@ -71,7 +71,8 @@ int lf_check_ndim(const lf_tensor *t, int ndim);
 int lf_check_shape(const lf_tensor *t, int ndim, const int64_t *shape);
 /* Row-major contiguous (strides of size-1 dimensions are ignored). */
 int lf_check_contiguous(const lf_tensor *t);
-/* The last dimension has stride 1 and the rows (leading dimensions) do not overlap. */
+/* The last dimension has stride 1 and the rows (leading dimensions, in any order of strides)
+ * do not overlap. */
 int lf_check_rows_dense(const lf_tensor *t);
 int lf_check_aligned(const lf_tensor *t, uintptr_t bytes);
 /* Aligned to its element size, as C requires of every typed pointer. */
