@@ -809,3 +809,158 @@ def test_gpu_lutflash_rotary_equals_transformers_bits(family, cuda_device):
         got, want = function(q, k, cos, sin), function.__wrapped__(q, k, cos, sin)
         for g, w in zip(got, want, strict=True):
             assert g.shape == w.shape and torch.equal(g, w), (family, case, dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# KV caches: transformers' StaticCache against eager. lutflash attends a static cache's valid keys only: the
+# rows a cache has not written yet are NaN in these tests (eager, whose additive mask would turn
+# NaN keys into NaN rows, runs on the plain cache).
+
+
+@pytest.fixture
+def poison_unwritten_static_rows(monkeypatch):
+    """While set: before each StaticCache layer update, every row the layer has not written yet
+    (the unused tail of its max_cache_len or window) is NaN, so that attending one shows."""
+    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+
+    def poisoning(original):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            seen = int(self.get_seq_length())
+            self.keys[:, :, seen:] = float("nan")
+            self.values[:, :, seen:] = float("nan")
+            return original(self, key_states, value_states, *args, **kwargs)
+        return update
+
+    for cls in (StaticLayer, StaticSlidingWindowLayer):
+        monkeypatch.setattr(cls, "update", poisoning(cls.__dict__["update"]))
+
+
+def recording(monkeypatch, name):
+    """Replaces lutflash.integrations.transformers.<name> by a wrapper that appends the
+    arguments of each call to the returned list."""
+    integration = lutflash.integrations.transformers
+    calls, original = [], getattr(integration, name)
+
+    def record(*args, **kwargs):
+        calls.append((args, kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(integration, name, record)
+    return calls
+
+
+def generate_both(model, ids, poison, **settings):
+    """model.generate under eager and then lutflash (with the unwritten static-cache rows NaN,
+    through the `poison` fixture's patch, set up only for that run)."""
+    results = {}
+    for implementation in ("eager", "lutflash"):
+        model.set_attn_implementation(implementation)
+        if implementation == "lutflash":
+            poison()
+        with torch.no_grad():
+            results[implementation] = model.generate(ids, **settings, return_dict_in_generate=True)
+    return results["eager"], results["lutflash"]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
+def test_static_cache_generate_matches_eager(family, request):
+    """generate(cache_implementation="static") on left-padded prompts: the k/v of each layer are
+    max_cache_len long (or the window), the 2-D mask covers the keys written so far, and lutflash
+    gives eager's tokens and logits without reading the rest (NaN here)."""
+    model = build(family)
+    ids, mask = padded_batch("left", seq=10)
+    ref, out = generate_both(model, ids, lambda: request.getfixturevalue("poison_unwritten_static_rows"),
+                             attention_mask=mask, max_new_tokens=8, do_sample=False,
+                             pad_token_id=0, cache_implementation="static", output_logits=True)
+    assert out.sequences.shape == (3, 18)
+    assert torch.equal(out.sequences, ref.sequences)
+    logits, ref_logits = torch.stack(out.logits, 1), torch.stack(ref.logits, 1)
+    assert torch.isfinite(logits).all()
+    assert max_rel_diff(logits, ref_logits) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
+def test_static_cache_without_mask_is_one_kvcache_call_on_the_valid_keys(family, monkeypatch,
+                                                                        request):
+    """A decode loop over a StaticCache with no attention_mask (what lutflash.generation's
+    static loop runs): each layer makes one flash_attention_with_kvcache call on the cache as
+    it lies, stopping at the keys written so far (a device tensor for full layers, an int for
+    sliding ones, whose window is longer than the 2-token prompt here), and the logits are
+    eager's."""
+    from transformers import StaticCache
+
+    model = build(family)
+    layers = model.config.num_hidden_layers
+    prompt = torch.randint(3, VOCAB, (3, 2), generator=torch.Generator().manual_seed(6))
+    logits = {}
+    for implementation in ("eager", "lutflash"):
+        model.set_attn_implementation(implementation)
+        if implementation == "lutflash":
+            request.getfixturevalue("poison_unwritten_static_rows")
+            calls = recording(monkeypatch, "flash_attention_with_kvcache")
+        cache = StaticCache(config=model.config, max_cache_len=20)
+        with torch.no_grad():
+            steps = [model(input_ids=prompt, cache=cache, use_cache=True).logits]
+            for i in range(6):
+                token = steps[-1][:, -1:].argmax(-1)
+                steps.append(model(input_ids=token, position_ids=torch.full((3, 1), 2 + i),
+                                   cache=cache, use_cache=True).logits)
+        logits[implementation] = torch.cat(steps, dim=1)
+    assert torch.isfinite(logits["lutflash"]).all()
+    assert max_rel_diff(logits["lutflash"], logits["eager"]) < 1e-4
+
+    # What each layer's call covers: full layers, the 2 + step keys written so far of their 20;
+    # sliding ones (Mistral's every layer, Gemma2's even ones; window 4), the same while the
+    # window holds more than that (steps 0 and 1), and later no KV-cache call (the whole window
+    # is valid: dense attention).
+    window = getattr(model.config, "sliding_window", None)
+    layer_types = (getattr(model.config, "layer_types", None)
+                   or ["sliding_attention" if window else "full_attention"] * layers)
+    expected = [(4 if kind == "sliding_attention" else 20, 2 + step)
+                for step in range(7) for kind in layer_types
+                if kind == "full_attention" or 2 + step < 4]
+    seen = []
+    for args, kwargs in calls:
+        q, k_cache = args[:2]
+        assert len(args) == 3 and "k" not in kwargs  # nothing appended: transformers wrote it
+        lengths = kwargs["cache_seqlens"]
+        if isinstance(lengths, torch.Tensor):  # (B,) int32 on the device
+            assert lengths.dtype == torch.int32 and lengths.tolist() == [lengths[0].item()] * 3
+            lengths = lengths[0].item()
+        seen.append((k_cache.shape[1], lengths))
+    assert seen == expected
+
+
+def test_static_prefix_mask_in_training_takes_the_varlen_path():
+    """The KV-cache kernel has no backward and no dropout: with gradients to compute, the prefix
+    mask of a static cache is unpadded into a varlen call instead, with the same output and
+    eager's gradients."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    integration = lutflash.integrations.transformers
+    generator = torch.Generator().manual_seed(10)
+    query = torch.randn(2, 4, 3, 16, generator=generator)
+    key, value = torch.randn(2, 2, 2, 12, 16, generator=generator)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups, module.training = True, 2, False
+    mask = integration.lutflash_attention_mask(2, 3, 12, q_offset=torch.tensor(4))
+    assert mask[:, :7].all() and not mask[:, 7:].any()
+    with torch.no_grad():
+        plain, _ = integration.lutflash_attention_forward(module, query, key, value, mask,
+                                                          scaling=0.3)
+    leaves = [t.clone().requires_grad_() for t in (query, key, value)]
+    out, _ = integration.lutflash_attention_forward(module, *leaves, mask, scaling=0.3)
+    assert max_rel_diff(out, plain) < 1e-5
+
+    allowed = torch.ones(3, 12, dtype=torch.bool).tril(4) & mask[:, None, None, :]
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    ref_leaves = [t.clone().requires_grad_() for t in (query, key, value)]
+    ref, _ = eager_attention_forward(module, *ref_leaves, additive, scaling=0.3)
+    assert max_rel_diff(out, ref) < 1e-5
+    weights = torch.randn(ref.shape, generator=generator)
+    (out * weights).sum().backward()
+    (ref * weights).sum().backward()
+    for got, want in zip(leaves, ref_leaves, strict=True):
+        assert max_rel_diff(got.grad, want.grad) < 1e-5

@@ -40,6 +40,7 @@ from transformers.modeling_utils import AttentionInterface
 from transformers.utils import logging
 
 from ..attention import flash_attention, flash_attention_varlen
+from ..kvcache import flash_attention_with_kvcache
 
 __all__ = ["NAME", "lutflash_attention_forward", "lutflash_attention_mask", "register",
            "use_lutflash_rotary"]
@@ -124,7 +125,7 @@ def lutflash_attention_forward(
 
     prefix_lengths = _prefix_lengths(attention_mask, k.shape[1])
     if prefix_lengths is not None:
-        out = _attention_prefix(q, k, v, prefix_lengths, options)
+        out = _attention_prefix(q, k, v, prefix_lengths, attention_mask, options)
     elif attention_mask is not None:
         out = _attention_padded(q, k, v, attention_mask, options)
     else:
@@ -205,15 +206,19 @@ def _unpad_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]
     return indices, cu_seqlens, int(lengths.max())
 
 
-# Static caches (StaticCache: the k/v tensors are always max_cache_len long, and only the first
-# L = (tokens cached before) + Sq are real). When the model passes no 2-D attention mask, the mask
-# transformers asks "lutflash" for (lutflash_attention_mask) is exactly "the first L keys of every
-# sequence", with L known on the device only (a tensor, so that a step can be captured in a CUDA
-# graph or compiled). That mask is remembered here (a weak reference to the mask tensor and its
-# lengths) so that the attention function recognizes it by identity and attends to the first L
-# keys without reading L on the host: _attention_prefix. Every other mask takes the unpadding path,
-# which reads lengths on the host (a synchronization on a GPU).
-_prefix_mask: tuple | None = None
+# Static caches (StaticCache: the k/v tensors of a layer are max_cache_len long, or the window
+# for a sliding-window layer, and only the first L = (tokens cached before) + Sq are real until
+# they fill). When the model passes no 2-D attention mask, the mask transformers asks "lutflash"
+# for (lutflash_attention_mask) is exactly "the first L keys of every sequence", with L known on
+# the device only for full layers (a tensor, so that a step can be captured in a CUDA graph or
+# compiled) and as an int for sliding ones. Those masks are remembered here (weak references to
+# the mask tensors with their lengths; a model builds one per kind of layer, full and sliding,
+# for each forward) so that the attention function recognizes them by identity and attends to the
+# first L keys without reading L on the host: _attention_prefix, one flash_attention_with_kvcache
+# call on the cache as it lies. Every other mask takes the unpadding path, which reads lengths on
+# the host (a synchronization on a GPU).
+_prefix_masks: list[tuple] = []  # (weakref to the mask, lengths), most recent first
+_PREFIX_MASKS_KEPT = 4
 
 
 def lutflash_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
@@ -222,72 +227,71 @@ def lutflash_attention_mask(batch_size: int, q_length: int, kv_length: int, q_of
     """The mask builder registered for "lutflash" in transformers' AttentionMaskInterface.
 
     transformers' own flash-attention mask (a (B, kv_length) padding mask, or None when nothing is
-    padded), except for a causal layer of a static cache with no padding mask (attention_mask
-    None and keys beyond the ones seen so far: kv_length > q_offset + q_length, or a tensor
-    q_offset, which StaticCache's layers give): then a (B, kv_length) boolean mask whose first
-    q_offset + q_length columns are True, built on the device without reading q_offset, and
-    marked as a prefix mask for lutflash_attention_forward.
+    padded), except for a layer of a static cache with no padding mask (attention_mask None, keys
+    from the first on (kv_offset 0) and more of them than seen so far: kv_length > q_offset +
+    q_length, or a tensor q_offset, which StaticCache's full layers give): then a (B, kv_length)
+    boolean mask whose first q_offset + q_length columns are True, built on the device without
+    reading q_offset, and marked as a prefix mask for lutflash_attention_forward. The prefix mask
+    only says which keys exist; among them the pattern is the attention function's (causal and
+    sliding window from the module), as it is when transformers' own mask is None.
     """
     static = (isinstance(q_offset, torch.Tensor)
               or (isinstance(q_offset, int) and q_offset + q_length < kv_length))
-    if (attention_mask is None and static and mask_function is causal_mask_function
-            and isinstance(kv_offset, int) and kv_offset == 0):
-        global _prefix_mask
-        device = q_offset.device if isinstance(q_offset, torch.Tensor) else kwargs.get("device")
-        lengths = (torch.as_tensor(q_offset, device=device).to(torch.int32) + q_length)
-        lengths = lengths.reshape(-1).expand(batch_size)
-        mask = torch.arange(kv_length, device=lengths.device)[None, :] < lengths[:, None]
-        _prefix_mask = (weakref.ref(mask), lengths)
+    if attention_mask is None and static and isinstance(kv_offset, int) and kv_offset == 0:
+        global _prefix_masks
+        if isinstance(q_offset, torch.Tensor):  # (B,) int32 on the device: the kernel's cache_seqlens
+            lengths = (q_offset.to(torch.int32).reshape(-1) + q_length).expand(batch_size)
+            lengths = lengths.contiguous()
+            device = lengths.device
+        else:
+            lengths = q_offset + q_length
+            device = kwargs.get("device")
+        positions = torch.arange(kv_length, device=device)[None, :]
+        mask = positions < (lengths[:, None] if isinstance(lengths, torch.Tensor) else lengths)
+        mask = mask.expand(batch_size, kv_length)
+        alive = [entry for entry in _prefix_masks if entry[0]() is not None]
+        _prefix_masks = [(weakref.ref(mask), lengths)] + alive[:_PREFIX_MASKS_KEPT - 1]
         return mask
     return flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
                                 mask_function, attention_mask, **kwargs)
 
 
-def _prefix_lengths(mask, k_len: int) -> torch.Tensor | None:
-    """The per-sequence key lengths (B,) int32 when `mask` is the prefix mask
-    lutflash_attention_mask built last and covers all k_len keys; None otherwise."""
-    remembered = _prefix_mask
-    if (mask is None or remembered is None or remembered[0]() is not mask or mask.dim() != 2
-            or mask.shape[1] != k_len):
+def _prefix_lengths(mask, k_len: int) -> torch.Tensor | int | None:
+    """The per-sequence key lengths ((B,) int32, or one int for all) when `mask` is one of the
+    prefix masks lutflash_attention_mask built last and covers all k_len keys; None otherwise."""
+    if mask is None or mask.dim() != 2 or mask.shape[1] != k_len:
         return None
-    return remembered[1]
+    for reference, lengths in _prefix_masks:
+        if reference() is mask:
+            return lengths
+    return None
 
 
-def _attention_prefix(q, k, v, lengths, options):
+def _attention_prefix(q, k, v, lengths, mask, options):
     """Attention of q (B, Sq, Hq, D) to the first lengths[b] keys of k and v (B, Sk, Hkv, D),
-    the queries being the last Sq of those keys, with no host synchronization (CUDA-graph
-    capturable): one varlen call in which every (sequence, kv head) pair is a sequence of one kv
-    head and Hq / Hkv query heads, followed by a sequence without queries that holds the unused
-    end of the cache. The k/v cache tensors of transformers are (B, Hkv, Sk, D) and contiguous,
-    so the keys are taken as they lie (a view); only q (Sq rows) is copied."""
-    batch, q_len, q_heads, head_dim = q.shape
-    k_len, kv_heads = k.shape[1], k.shape[2]
-    group = q_heads // kv_heads
-    count = batch * kv_heads
-    device = q.device
-    keys = k.transpose(1, 2).reshape(count * k_len, 1, k.shape[-1])
-    values = v.transpose(1, 2).reshape(count * k_len, 1, v.shape[-1])
-    queries = q.reshape(batch, q_len, kv_heads, group, head_dim).transpose(1, 2)
-    queries = queries.reshape(count * q_len, group, head_dim)
-    ends = torch.arange(1, count + 1, dtype=torch.int32, device=device)
-    seq_lengths = lengths.to(device=device, dtype=torch.int32)[:, None].expand(batch, kv_heads)
-    zero = torch.zeros(1, dtype=torch.int32, device=device)
-    cu_q = torch.cat((zero, torch.stack((ends * q_len, ends * q_len), 1).reshape(-1)))
-    real_end = (ends - 1) * k_len + seq_lengths.reshape(-1)
-    cu_k = torch.cat((zero, torch.stack((real_end, ends * k_len), 1).reshape(-1)))
-    out = flash_attention_varlen(queries, keys, values, cu_q, cu_k, q_len, k_len, **options)
-    out = out.reshape(batch, kv_heads, q_len, group, out.shape[-1]).transpose(1, 2)
-    return out.reshape(batch, q_len, q_heads, out.shape[-1])
+    the queries being the last Sq of those keys: one flash_attention_with_kvcache call that reads
+    the keys where they lie (transformers' (B, Hkv, Sk, D) cache tensors, seen as (B, Sk, Hkv, D))
+    and stops at lengths[b], with no host synchronization (CUDA-graph capturable). That call has no
+    dropout and no backward pass: a training step (dropout, or gradients to compute) unpads with
+    the mask instead."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if options["dropout_p"] > 0 or needs_grad:
+        return _attention_padded(q, k, v, mask, options, queries_at_end=False)
+    return flash_attention_with_kvcache(
+        q, k, v, cache_seqlens=lengths, causal=options["causal"], window=options["window"],
+        softcap=options["softcap"], softmax_scale=options["softmax_scale"])
 
 
-def _attention_padded(q, k, v, mask, options):
+def _attention_padded(q, k, v, mask, options, queries_at_end=True):
     """Padded batch -> ragged varlen batch -> padded output (zeros where a query was padding).
 
     mask covers the keys (its last Sk columns are used; a static cache can hold more keys than
     the mask, and those are dropped). Self-attention queries are the last Sq keys, so for causal
     or windowed attention the queries are unpadded with mask[:, -Sq:]; that keeps the
     bottom-right alignment exact per sequence. Full bidirectional attention (BERT, cross-attention)
-    keeps every query and only removes padded keys, exactly like the eager additive mask.
+    keeps every query and only removes padded keys, exactly like the eager additive mask; so does
+    queries_at_end=False (a prefix mask: the queries are the last Sq of each sequence's real keys,
+    which the per-sequence bottom-right alignment of the kernel finds by itself).
     """
     batch, q_len, q_heads, head_dim = q.shape
     mask = mask.to(device=q.device, dtype=torch.bool)
@@ -300,7 +304,7 @@ def _attention_padded(q, k, v, mask, options):
     k = k.reshape(batch * k_len, *k.shape[2:]).index_select(0, k_indices)
     v = v.reshape(batch * k_len, *v.shape[2:]).index_select(0, k_indices)
 
-    if options["causal"] or options["window"] != (-1, -1):
+    if queries_at_end and (options["causal"] or options["window"] != (-1, -1)):
         q_indices, cu_seqlens_q, max_seqlen_q = _unpad_indices(mask[:, -q_len:])
         q = q.reshape(batch * q_len, q_heads, head_dim).index_select(0, q_indices)
         out = flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
