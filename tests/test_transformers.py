@@ -812,7 +812,8 @@ def test_gpu_lutflash_rotary_equals_transformers_bits(family, cuda_device):
 
 
 # ------------------------------------------------------------------------------------------
-# KV caches: transformers' StaticCache against eager. lutflash attends a static cache's valid keys only: the
+# KV caches: transformers' StaticCache and continuous batching (generate_batch over a paged
+# cache), each against eager. lutflash attends a static cache's valid keys only: the
 # rows a cache has not written yet are NaN in these tests (eager, whose additive mask would turn
 # NaN keys into NaN rows, runs on the plain cache).
 
@@ -964,3 +965,136 @@ def test_static_prefix_mask_in_training_takes_the_varlen_path():
     (ref * weights).sum().backward()
     for got, want in zip(leaves, ref_leaves, strict=True):
         assert max_rel_diff(got.grad, want.grad) < 1e-5
+
+
+CB_PROMPT_LENGTHS = [3, 7, 12, 21]
+
+
+def continuous_batching_config(**overrides):
+    """A small paged cache: 8-token pages (the longest request spans 4), 16 tokens per batch
+    (prompts are prefilled in chunks, beside other requests' decoding), log-probabilities of
+    the chosen tokens returned."""
+    settings = dict(page_size=8, num_blocks=32, max_batch_tokens=16, return_logprobs=True)
+    return transformers.ContinuousBatchingConfig(**(settings | overrides))
+
+
+def per_request_eager(model, prompts, config, device="cpu"):
+    """Each prompt generated alone by eager attention: its tokens and the log-probabilities of
+    the chosen tokens (from the raw logits)."""
+    model.set_attn_implementation("eager")
+    results = []
+    with torch.no_grad():
+        for prompt in prompts:
+            out = model.generate(torch.tensor([prompt], device=device), generation_config=config,
+                                 output_logits=True, return_dict_in_generate=True)
+            tokens = out.sequences[0, len(prompt):].tolist()
+            logprobs = [torch.log_softmax(step[0].float(), -1)[t].item()
+                        for step, t in zip(out.logits, tokens, strict=True)]
+            results.append((tokens, logprobs))
+    return results
+
+
+def test_generate_batch_runs_the_paged_kvcache_path_and_matches_eager(monkeypatch):
+    """generate_batch (transformers' continuous batching) with attn_implementation="lutflash" on
+    requests of different lengths: chunked prefills beside decoding requests run the varlen path
+    (keys gathered out of the pages), steps where every request decodes one token run the decode
+    fast path (one flash_attention_with_kvcache call per layer on the paged cache, appending the
+    new keys); each request's tokens and log-probabilities are those of eager generating it
+    alone."""
+    model = build("llama")
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=generator).tolist()
+               for n in CB_PROMPT_LENGTHS]
+    config = transformers.GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                           pad_token_id=0)
+    ref = per_request_eager(model, prompts, config)
+
+    kvcache_calls = recording(monkeypatch, "flash_attention_with_kvcache")
+    varlen_calls = recording(monkeypatch, "flash_attention_varlen")
+    model.set_attn_implementation("lutflash")
+    with torch.no_grad():
+        outputs = model.generate_batch(prompts, generation_config=config,
+                                       continuous_batching_config=continuous_batching_config())
+    assert model.config._attn_implementation == "lutflash"
+    assert len(outputs) == len(prompts)
+    for i, (tokens, logprobs) in enumerate(ref):
+        result = outputs[f"req_{i}"]
+        assert result.error is None and len(tokens) == 8
+        assert result.generated_tokens == tokens, i
+        assert max(abs(a - b) for a, b in zip(result.logprobs, logprobs, strict=True)) < 1e-4
+
+    paged = [kwargs for _, kwargs in kvcache_calls if kwargs.get("block_table") is not None]
+    assert paged and len(paged) == len(kvcache_calls)
+    lengths = torch.cat([kwargs["cache_seqlens"] for kwargs in paged])
+    assert lengths.dtype == torch.int32 and int(lengths.max()) >= 8 * 3  # beyond the 3rd page
+    reading = [args for args, _ in varlen_calls if int(args[4][-1]) > int(args[3][-1])]
+    assert reading  # a varlen step that read keys from the cache besides the new ones
+
+
+def test_continuous_batching_decode_fast_path_resolution():
+    """transformers keeps its block-table decode path for flash implementations named like
+    flash*2/3 on CUDA or XPU; lutflash's kernel reads pages on every device, so for "lutflash"
+    the path stays on wherever every attention type has a block-table cache: not for a model
+    of sliding-window layers, nor for the other implementations on the CPU."""
+    from transformers.generation.continuous_batching.initialization import (
+        resolve_continuous_batching_config)
+    from transformers.modeling_flash_attention_utils import lazy_import_flash_attention
+
+    assert lazy_import_flash_attention("lutflash")[0][2] is not None  # its flash_attn_with_kvcache
+    for family, implementation, available in (("llama", "lutflash", True),
+                                              ("mistral", "lutflash", False),
+                                              ("llama", "sdpa", False)):
+        config = CONFIGS[family]()
+        config._attn_implementation = implementation
+        for requested in (None, 6):
+            resolved = resolve_continuous_batching_config(
+                config, transformers.ContinuousBatchingConfig(max_blocks_per_request=requested),
+                None, False, torch.device("cpu"))
+            assert (resolved.max_blocks_per_request > 0) == available, (family, implementation)
+            if available and requested is not None:
+                assert resolved.max_blocks_per_request == requested
+
+
+def test_transformers_flash_wrapper_paged_path_runs_lutflash():
+    """transformers' generic flash wrapper with a block table calls the flash_attn_with_kvcache
+    that "lutflash"'s loader gives (flash-attn's signature: block_table, cache_seqlens) and gets
+    what lutflash_attention_forward computes, which is attention over each sequence's cached keys
+    and its new one, appended to the pages."""
+    from transformers.integrations.flash_attention import flash_attention_forward
+
+    model = build("llama", attn_implementation="lutflash")
+    attention = model.model.layers[0].self_attn
+    generator = torch.Generator().manual_seed(11)
+    page_size, pages, heads, kv_heads, dim = 4, 12, 4, 2, 16
+    cached = [5, 0, 9]  # keys each sequence holds before this step
+    block_table = torch.tensor([[7, 2, -1], [4, -1, -1], [0, 10, 5]], dtype=torch.int32)
+    # one buffer, K and V pages interleaved, as transformers' paged cache lays them out
+    buffer = torch.randn(2 * pages + 1, page_size, kv_heads, dim, generator=generator)
+    query = torch.randn(1, heads, 3, dim, generator=generator)
+    key, value = torch.randn(2, 1, kv_heads, 3, dim, generator=generator)
+    cu_k = torch.tensor([0, 6, 7, 17], dtype=torch.int32)
+    outputs = []
+    for forward in (flash_attention_forward,
+                    lutflash.integrations.transformers.lutflash_attention_forward):
+        pages_now = buffer.clone()
+        k_cache, v_cache = pages_now[0:2 * pages:2], pages_now[1:2 * pages + 1:2]
+        out, _ = forward(attention, query, key, value, None, scaling=0.3, block_table=block_table,
+                         k_cache=k_cache, v_cache=v_cache, cu_seq_lens_k=cu_k,
+                         cu_seq_lens_q=torch.arange(4, dtype=torch.int32), max_length_q=1,
+                         max_length_k=1)
+        outputs.append(out)
+        for b, n in enumerate(cached):  # the new key and value were appended in place
+            page, row = block_table[b, n // page_size], n % page_size
+            assert torch.equal(k_cache[page, row], key[0, :, b])
+            assert torch.equal(v_cache[page, row], value[0, :, b])
+    assert outputs[0].shape == outputs[1].shape == (1, 3, heads, dim)
+    assert max_rel_diff(outputs[0], outputs[1]) < 1e-6
+
+    for b, n in enumerate(cached):  # against attention over the gathered keys
+        rows = [(int(block_table[b, j // page_size]), j % page_size) for j in range(n)]
+        keys = torch.stack([buffer[2 * p, r] for p, r in rows] + [key[0, :, b]])
+        values = torch.stack([buffer[2 * p + 1, r] for p, r in rows] + [value[0, :, b]])
+        keys, values = (t.repeat_interleave(2, dim=1) for t in (keys, values))
+        scores = torch.einsum("hd,khd->hk", query[0, :, b], keys) * 0.3
+        ref = torch.einsum("hk,khd->hd", scores.softmax(-1), values)
+        assert max_rel_diff(outputs[1][0, b], ref) < 1e-5

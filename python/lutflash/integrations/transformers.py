@@ -75,7 +75,9 @@ def lutflash_attention_forward(
     softcap c > 0 caps scores as c·tanh(s/c); is_causal defaults to `module.is_causal`.
     Packed sequences (batch 1, several sequences side by side) are kept apart either from
     `cu_seq_lens_q/k` and `max_length_q/k` keyword arguments or, failing those, from position_ids
-    that restart.
+    that restart. With `block_table`, `k_cache` and `v_cache` keyword arguments (the decode fast
+    path of transformers' continuous batching) key and value are the new token of each sequence,
+    which the kernel appends to the paged cache before attending (_attention_paged).
     """
     if s_aux is not None:
         raise ValueError('attn_implementation="lutflash" does not support attention sinks (s_aux); '
@@ -116,6 +118,8 @@ def lutflash_attention_forward(
 
     # (B, H, S, D) -> (B, S, H, D): a view whose last dimension stays contiguous.
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    if kwargs.get("block_table") is not None:
+        return _attention_paged(q, k, v, kwargs, options), None
     head_dim, value_dim = q.shape[-1], v.shape[-1]
     if value_dim < head_dim:  # e.g. MLA: the kernel wants one head dim, so pad v and crop below
         v = F.pad(v, (0, head_dim - value_dim))
@@ -353,15 +357,50 @@ def _attention_packed(q, k, v, segments, options):
     return out.view(batch, q_len, *out.shape[1:])
 
 
+def _attention_paged(q, k, v, kwargs, options):
+    """transformers' continuous-batching decode step with a block table (its "decode fast path",
+    generation/continuous_batching): N sequences decode one token each, packed in a batch of one.
+    q (1, N, Hq, D) and k, v (1, N, Hkv, D) are the new tokens; kwargs hold k_cache and v_cache
+    (num_pages, page_size, Hkv, D), block_table (N, max_pages) int32 (-1 past a sequence's pages)
+    and cu_seq_lens_k (N + 1,) int32, whose steps count each sequence's keys with the new one.
+    One flash_attention_with_kvcache call appends the new keys and values to the pages at
+    cache_seqlens = those counts - 1 and attends over them, with no host synchronization."""
+    block_table, k_cache, v_cache = (kwargs.get(name) for name in ("block_table", "k_cache",
+                                                                     "v_cache"))
+    cu_seqlens_k = kwargs.get("cu_seq_lens_k")
+    if k_cache is None or v_cache is None or cu_seqlens_k is None:
+        raise ValueError("block_table: the paged-cache path also needs k_cache, v_cache and "
+                         "cu_seq_lens_k keyword arguments")
+    tokens = q.shape[1]
+    if q.shape[0] != 1 or block_table.dim() != 2 or block_table.shape[0] != tokens:
+        raise ValueError(
+            f"block_table: expected one decoded token per sequence, q (1, N, Hq, D) and a "
+            f"(N, max_pages) block table; got q {tuple(q.shape)}, block_table "
+            f"{tuple(block_table.shape)}")
+    if options["dropout_p"] > 0:
+        raise ValueError("dropout: the paged-cache (decode) path has no dropout")
+    cache_seqlens = (cu_seqlens_k[1:tokens + 1] - cu_seqlens_k[:tokens] - 1).to(torch.int32)
+    # one sequence per token: (1, N, H, D) -> (N, 1, H, D), views
+    q, k, v = (t.reshape(tokens, 1, *t.shape[2:]) for t in (q, k, v))
+    out = flash_attention_with_kvcache(
+        q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
+        causal=options["causal"], window=options["window"], softcap=options["softcap"],
+        softmax_scale=options["softmax_scale"])
+    return out.reshape(1, tokens, *out.shape[2:])
+
+
 # transformers 5 treats any attn_implementation whose name contains "flash" as a flash-attention
 # flavour and, when it is set, preloads the kernels for that name through
 # modeling_flash_attention_utils._lazy_imports, which only knows flash-attn packages and hub
 # kernels and raises for anything else. We answer that lookup for "lutflash" with flash-attn-style
-# entry points over our kernels, so the preload succeeds and transformers code that calls its
-# generic _flash_attention_forward with our name computes the right thing. transformers 4.x has
-# the same loader (4 functions instead of 5, without the paged-cache one) but never asks it for
-# "lutflash" by itself: its generic wrapper looks up whatever flash implementation was loaded
-# last (lazy_import_flash_attention(name, force_import=True) loads one by name).
+# entry points over our kernels (flash_attn_func, flash_attn_varlen_func and, in 5.x,
+# flash_attn_with_kvcache), so the preload succeeds and transformers code that calls its generic
+# _flash_attention_forward with our name computes the right thing. transformers reads the
+# keyword arguments these functions accept from their signatures (_lazy_define_process_function)
+# and passes only those. transformers 4.x has the same loader (4 functions instead of 5, without
+# the paged-cache one) but never asks it for "lutflash" by itself: its generic wrapper looks up
+# whatever flash implementation was loaded last (lazy_import_flash_attention(name,
+# force_import=True) loads one by name).
 
 
 def _flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -381,6 +420,27 @@ def _flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
                                   dropout_p=dropout_p, deterministic=deterministic)
 
 
+def _flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None,
+                             block_table=None, softmax_scale=None, causal=False,
+                             window_size=(-1, -1), softcap=0.0, rotary_interleaved=True,
+                             alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """flash-attn's flash_attn_with_kvcache, run by lutflash.flash_attention_with_kvcache.
+    cache_seqlens None means full caches; num_splits is a tuning hint lutflash does without; a
+    left-padded cache (cache_leftpad) is not supported."""
+    if cache_leftpad is not None:
+        raise ValueError("cache_leftpad: lutflash's KV-cache attention has no left padding")
+    if cache_seqlens is None:  # every cache full: S_cache keys, or max_pages pages of keys
+        cache_seqlens = k_cache.shape[1] * (1 if block_table is None else block_table.shape[1])
+        cache_seqlens -= 0 if k is None else k.shape[1]
+    return flash_attention_with_kvcache(
+        q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
+        block_table=block_table, causal=causal, window=tuple(window_size),
+        softcap=softcap or 0.0, alibi_slopes=alibi_slopes, softmax_scale=softmax_scale,
+        rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
+        return_lse=return_softmax_lse)
+
+
 def _hook_flash_lazy_imports() -> None:
     original = getattr(_hf_flash_utils, "_lazy_imports", None)
     if original is None or getattr(original, "_lutflash_hook", False):
@@ -392,13 +452,52 @@ def _hook_flash_lazy_imports() -> None:
     def _lazy_imports(implementation, *args, **kwargs):
         if implementation == NAME:
             pad, unpad = _hf_flash_utils._pad_input, _hf_flash_utils._unpad_input
-            if with_kvcache:  # None: lutflash has no paged-cache (block table) entry point
-                return _flash_attn_func, _flash_attn_varlen_func, None, pad, unpad
+            if with_kvcache:
+                return (_flash_attn_func, _flash_attn_varlen_func, _flash_attn_with_kvcache, pad,
+                        unpad)
             return _flash_attn_func, _flash_attn_varlen_func, pad, unpad
         return original(implementation, *args, **kwargs)
 
     _lazy_imports._lutflash_hook = True
     _hf_flash_utils._lazy_imports = _lazy_imports
+
+
+# transformers' continuous batching (generate_batch and its manager, 5.x) decodes with a block
+# table, handing the attention function its paged cache (the "decode fast path"), only for
+# implementation names matching ".*flash.*[23]" on CUDA or XPU whose loader gives a
+# flash_attn_with_kvcache (continuous_batching/initialization.py,
+# ensure_decode_fast_path_is_available); otherwise it sets max_blocks_per_request = 0 and every
+# step takes the varlen path, which first gathers each sequence's keys out of the pages. Our KV-cache
+# kernel reads the pages itself on every device, so for "lutflash" the one condition kept is
+# transformers' own first one: every attention type of the model has a block-table cache (full
+# attention; sliding-window and compressed-latent layers have none).
+
+
+def _hook_decode_fast_path() -> None:
+    try:
+        from transformers.generation.continuous_batching import initialization
+    except ImportError:  # transformers 4.x, or a 5.x before this module
+        return
+    original = getattr(initialization, "ensure_decode_fast_path_is_available", None)
+    allocators = getattr(initialization, "ATTN_TYPE_TO_ALLOCATOR", None)
+    layer_groups = getattr(initialization, "group_layers_by_attn_type", None)
+    if (original is None or allocators is None or layer_groups is None
+            or getattr(original, "_lutflash_hook", False)):
+        return
+
+    def ensure_decode_fast_path_is_available(config, cb_config, user_requested, *args, **kwargs):
+        if getattr(config, "_attn_implementation", None) != NAME:
+            return original(config, cb_config, user_requested, *args, **kwargs)
+        if cb_config.max_blocks_per_request != 0 and not all(
+                allocators[kind].supports_block_table for kind in layer_groups(config)):
+            if user_requested:
+                logger.warning(f"Although max_blocks_per_request={cb_config.max_blocks_per_request}"
+                               ", the decode fast path is not available: some of the model's "
+                               "attention types have no block-table cache")
+            cb_config.max_blocks_per_request = 0
+
+    ensure_decode_fast_path_is_available._lutflash_hook = True
+    initialization.ensure_decode_fast_path_is_available = ensure_decode_fast_path_is_available
 
 
 # Modeling modules whose apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1) is Llama's
@@ -453,6 +552,7 @@ def register() -> None:
     AttentionInterface.register(NAME, lutflash_attention_forward)
     AttentionMaskInterface.register(NAME, lutflash_attention_mask)
     _hook_flash_lazy_imports()
+    _hook_decode_fast_path()
     try:
         from . import hf_quantizer
     except ImportError:  # transformers 4.x: no weight-conversion API, no quantization_config
