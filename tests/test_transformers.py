@@ -812,8 +812,8 @@ def test_gpu_lutflash_rotary_equals_transformers_bits(family, cuda_device):
 
 
 # ------------------------------------------------------------------------------------------
-# KV caches: transformers' StaticCache and continuous batching (generate_batch over a paged
-# cache), each against eager. lutflash attends a static cache's valid keys only: the
+# KV caches: transformers' StaticCache, continuous batching (generate_batch over a paged cache)
+# and beam search, each against eager. lutflash attends a static cache's valid keys only: the
 # rows a cache has not written yet are NaN in these tests (eager, whose additive mask would turn
 # NaN keys into NaN rows, runs on the plain cache).
 
@@ -1098,3 +1098,23 @@ def test_transformers_flash_wrapper_paged_path_runs_lutflash():
         scores = torch.einsum("hd,khd->hk", query[0, :, b], keys) * 0.3
         ref = torch.einsum("hk,khd->hd", scores.softmax(-1), values)
         assert max_rel_diff(outputs[1][0, b], ref) < 1e-5
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"], ids=["dynamic", "static"])
+def test_beam_search_matches_eager(cache_implementation, request):
+    """Beam search (3 beams, 2 returned) on left-padded prompts, the cache reordered between
+    steps: eager's sequences, scores and per-step log-probabilities."""
+    model = build("llama")
+    ids, mask = padded_batch("left", seq=10)
+    ref, out = generate_both(model, ids, lambda: request.getfixturevalue("poison_unwritten_static_rows"),
+                             attention_mask=mask, max_new_tokens=6, num_beams=3,
+                             num_return_sequences=2, do_sample=False, pad_token_id=0,
+                             cache_implementation=cache_implementation, output_scores=True)
+    assert out.sequences.shape == (6, 16)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert torch.equal(out.beam_indices, ref.beam_indices)
+    assert max_rel_diff(out.sequences_scores, ref.sequences_scores) < 1e-5
+    scores, ref_scores = torch.stack(out.scores), torch.stack(ref.scores)
+    finite = torch.isfinite(ref_scores)
+    assert torch.equal(torch.isfinite(scores), finite)
+    assert max_rel_diff(scores[finite], ref_scores[finite]) < 1e-4
