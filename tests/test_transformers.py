@@ -1036,8 +1036,7 @@ def test_continuous_batching_decode_fast_path_resolution():
     flash*2/3 on CUDA or XPU; lutflash's kernel reads pages on every device, so for "lutflash"
     the path stays on wherever every attention type has a block-table cache: not for a model
     of sliding-window layers, nor for the other implementations on the CPU."""
-    from transformers.generation.continuous_batching.initialization import (
-        resolve_continuous_batching_config)
+    from transformers.generation.continuous_batching.initialization import resolve_continuous_batching_config
     from transformers.modeling_flash_attention_utils import lazy_import_flash_attention
 
     assert lazy_import_flash_attention("lutflash")[0][2] is not None  # its flash_attn_with_kvcache
