@@ -27,6 +27,7 @@
 #include <omp.h>
 #include <string.h>
 
+#include "attention_sinks.h"
 #include "philox.h"
 #include "scalar_convert.h"
 
@@ -653,14 +654,14 @@ static void forward_query_block(const attention_fwd_params *p, const attention_k
     const float dropout_scale = dropout_scale_of(p);
     for (int64_t r = 0; r < nq; ++r) {
         const int64_t i = i0 + r;
-        const float sum = s.row_sum[r];
-        const int empty = !(sum > 0.0f);
+        float lse2;
+        const float factor =
+            attention_row_factor(p->sinks, h, s.row_max[r], s.row_sum[r], &lse2);
         char *out_row = (char *)p->out + (b * p->out_batch_stride +
                                           (seq.q_start + i) * p->out_row_stride +
                                           h * p->out_head_stride) * element_size(type);
-        store_row(out_row, s.o + r * dp, d, empty ? 0.0f : dropout_scale / sum, type);
-        p->lse[lse_index(p, &seq, b, h, i)] =
-            empty ? -INFINITY : (s.row_max[r] + log2f(sum)) * LN2;
+        store_row(out_row, s.o + r * dp, d, dropout_scale * factor, type);
+        p->lse[lse_index(p, &seq, b, h, i)] = lse2 * LN2;
     }
 }
 

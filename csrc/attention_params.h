@@ -44,6 +44,9 @@ typedef struct {
     const float *alibi_slopes; /* (Hq,) or (B, Hq) float32, or NULL */
     int64_t alibi_batch_stride; /* 0 for (Hq,) */
 
+    /* (Hq,) float32 attention sinks (csrc/attention_sinks.h), or NULL */
+    const float *sinks;
+
     float dropout_p;
     uint32_t dropout_threshold; /* keep iff the Philox word >= this (philox.h) */
     uint64_t dropout_seed;

@@ -17,6 +17,7 @@
 #pragma once
 
 #include "attention_mask.cuh"
+#include "attention_sinks.h"
 #include "attention_tile.cuh"
 #include "device.cuh"
 
@@ -41,7 +42,7 @@ __host__ __device__ __forceinline__ int64_t decode_record_floats(int64_t d) {
     return (d + 3) / 4 * 4 + 4;
 }
 
-template <int kD, typename T>
+template <int kD, typename T, bool kPaged>
 __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
     attn_decode_kernel(const attention_fwd_params p, int num_splits) {
     using Cfg = DecodeConfig<kD>;
@@ -89,16 +90,15 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
     const int nb_end = n_lo + min(n_all, (split + 1) * per);
     const int blocks = nb_end - nb_begin;
 
-    const T *k = static_cast<const T *>(p.k) + b * p.k_batch_stride +
-                 seq.k_start * p.k_row_stride + kv_head * p.k_head_stride;
-    const T *v = static_cast<const T *>(p.v) + b * p.v_batch_stride +
-                 seq.k_start * p.v_row_stride + kv_head * p.v_head_stride;
+    const KvRows<T, kPaged> k(p, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, b,
+                              kv_head, seq.k_start);
+    const KvRows<T, kPaged> v(p, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, b,
+                              kv_head, seq.k_start);
     auto load_stage = [&](int it) {
         const int j0 = (nb_begin + it) * kDecodeBN, keys = min(kDecodeBN, seq.sk - j0);
         const uint32_t kt = kv_tiles + (it % kStages) * 2 * Cfg::kTileKV;
-        load_tile<kDecodeBN, kD, kThreads>(kt, k + j0 * p.k_row_stride, p.k_row_stride, keys, d);
-        load_tile<kDecodeBN, kD, kThreads>(kt + Cfg::kTileKV, v + j0 * p.v_row_stride,
-                                           p.v_row_stride, keys, d);
+        load_kv_tile<kDecodeBN, kD, kThreads>(kt, k, p, j0, keys, d);
+        load_kv_tile<kDecodeBN, kD, kThreads>(kt + Cfg::kTileKV, v, p, j0, keys, d);
     };
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
@@ -220,10 +220,12 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
             wgt[w] = mw == -INFINITY ? 0.0f : exp2f(mw - m);
             total += wgt[w] * red_sum[w * kDecodeRows + r];
         }
-        const bool empty = !(total > 0.0f);
-        const float inv = empty ? 0.0f : 1.0f / total;
-        const float lse2 = empty ? -INFINITY : m + log2f(total);
         const int ridx = r0 + r, h = kv_head * group + ridx / seq.sq, i = ridx % seq.sq;
+        /* one split: the row is done (with the head's sink); else a record without the sink,
+         * which the combine adds */
+        float lse2;
+        const float inv =
+            attention_row_factor(num_splits == 1 ? p.sinks : nullptr, h, m, total, &lse2);
         const int64_t lse_index =
             b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start + i;
         /* columns c..c+3 of row r: the warps' accumulators merged by their weights, normalized */
@@ -246,7 +248,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
                 *reinterpret_cast<uint32_t *>(out + c) = Pair<T>::pack(o.x, o.y);
                 *reinterpret_cast<uint32_t *>(out + c + 2) = Pair<T>::pack(o.z, o.w);
             }
-            if (threadIdx.x % 8 == 0) p.lse[lse_index] = empty ? -INFINITY : lse2 * kLn2;
+            if (threadIdx.x % 8 == 0) p.lse[lse_index] = lse2 * kLn2;
         } else {
             float *dst = ws + (lse_index * num_splits + split) * rec;
             for (int c = (threadIdx.x % 8) * 4; c < d; c += 32)
@@ -318,8 +320,8 @@ __global__ void __launch_bounds__(128) attn_decode_combine_kernel(const attentio
         *reinterpret_cast<float4 *>(&part[warp][c]) = make_float4(o[0], o[1], o[2], o[3]);
     }
     __syncthreads();
-    const bool empty = !(total > 0.0f);
-    const float inv = empty ? 0.0f : 1.0f / total;
+    float lse2;
+    const float inv = attention_row_factor(p.sinks, h, m, total, &lse2);
     T *out = static_cast<T *>(p.out) + b * p.out_batch_stride +
              ((int64_t)seq.q_start + i) * p.out_row_stride + h * p.out_head_stride;
     for (int c = threadIdx.x * 2; c < d; c += 2 * 128) {
@@ -328,7 +330,7 @@ __global__ void __launch_bounds__(128) attn_decode_combine_kernel(const attentio
         for (int w = 0; w < kWarps; ++w) o0 += part[w][c], o1 += part[w][c + 1];
         *reinterpret_cast<uint32_t *>(out + c) = Pair<T>::pack(o0 * inv, o1 * inv);
     }
-    if (threadIdx.x == 0) p.lse[lse_index] = empty ? -INFINITY : (m + log2f(total)) * kLn2;
+    if (threadIdx.x == 0) p.lse[lse_index] = lse2 * kLn2;
 }
 
 /* The CTAs of the decode grid without its splits: (row groups) x batch x kv heads, 0 where
@@ -378,17 +380,24 @@ inline int decode_splits(int64_t batch, int64_t heads_q, int64_t heads_kv, int64
 
 /* The decode kernel with `splits` key splits, then (splits > 1) the combine; on sm_90 the
  * combine is launched with programmatic dependent launch. */
-template <int kD, typename T> cudaError_t run_attn_decode(const attention_fwd_params &p,
-                                                          int splits, cudaStream_t stream) {
+template <int kD, typename T, bool kPaged>
+cudaError_t launch_attn_decode(const attention_fwd_params &p, int splits, cudaStream_t stream) {
     using Cfg = DecodeConfig<kD>;
-    constexpr auto kernel = attn_decode_kernel<kD, T>;
-    cudaError_t err = lf::setup_kernel<kernel>(Cfg::kThreads, Cfg::kSmemBytes, nullptr);
+    constexpr auto kernel = attn_decode_kernel<kD, T, kPaged>;
+    const cudaError_t err = lf::setup_kernel<kernel>(Cfg::kThreads, Cfg::kSmemBytes, nullptr);
     if (err != cudaSuccess) return err;
     const int64_t rows = p.heads_q / p.heads_kv * p.seqlen_q;
     const dim3 grid((unsigned)((rows + kDecodeRows - 1) / kDecodeRows * splits),
                     (unsigned)p.batch, (unsigned)p.heads_kv);
     kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, splits);
-    err = cudaGetLastError();
+    return cudaGetLastError();
+}
+
+/* The decode kernel (its paged instance for a call with a block table), then the combine. */
+template <int kD, typename T> cudaError_t run_attn_decode(const attention_fwd_params &p,
+                                                          int splits, cudaStream_t stream) {
+    cudaError_t err = p.block_table != nullptr ? launch_attn_decode<kD, T, true>(p, splits, stream)
+                                               : launch_attn_decode<kD, T, false>(p, splits, stream);
     if (err != cudaSuccess || splits == 1) return err;
     /* one CTA per (head, query row) of a batch */
     const dim3 cgrid((unsigned)(p.heads_q * p.seqlen_q), (unsigned)p.batch, 1);

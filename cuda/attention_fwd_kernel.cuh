@@ -14,6 +14,7 @@
 #pragma once
 
 #include "attention_mask.cuh"
+#include "attention_sinks.h"
 #include "attention_tile.cuh"
 #include "device.cuh"
 #include "philox.h"
@@ -61,10 +62,11 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     const int kv_head = h / (int)(p.heads_q / p.heads_kv);
     const T *q = static_cast<const T *>(p.q) + b * p.q_batch_stride +
                  (seq.q_start + i0) * p.q_row_stride + h * p.q_head_stride;
-    const T *k = static_cast<const T *>(p.k) + b * p.k_batch_stride +
-                 seq.k_start * p.k_row_stride + kv_head * p.k_head_stride;
-    const T *v = static_cast<const T *>(p.v) + b * p.v_batch_stride +
-                 seq.k_start * p.v_row_stride + kv_head * p.v_head_stride;
+    /* paged KV caches take the kExtras instances (attention_fwd_launch.cuh) */
+    const KvRows<T, kExtras> k(p, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, b,
+                               kv_head, seq.k_start);
+    const KvRows<T, kExtras> v(p, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, b,
+                               kv_head, seq.k_start);
 
     const int j_lo = seq.first(i0), j_hi = seq.last(i0 + rows - 1);
     const int n_lo = j_lo / kBN, n_hi = j_hi >= j_lo ? j_hi / kBN : n_lo - 1;
@@ -75,8 +77,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     load_tile<kBM, kD, kThreads>(q_tile, q, p.q_row_stride, rows, d);
     if (n_hi >= n_lo) {
         const int j0 = n_hi * kBN;
-        load_tile<kBN, kD, kThreads>(k_tile, k + j0 * p.k_row_stride, p.k_row_stride,
-                                     min(kBN, seq.sk - j0), d);
+        load_kv_tile<kBN, kD, kThreads>(k_tile, k, p, j0, min(kBN, seq.sk - j0), d);
     }
     cp_async_commit();
 
@@ -106,7 +107,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
         const int keys = min(kBN, seq.sk - j0);
         cp_async_wait<0>();
         __syncthreads(); /* K_n landed; every warp is done with V_{n+1} */
-        load_tile<kBN, kD, kThreads>(v_tile, v + j0 * p.v_row_stride, p.v_row_stride, keys, d);
+        load_kv_tile<kBN, kD, kThreads>(v_tile, v, p, j0, keys, d);
         cp_async_commit();
 
         float s[kSlabs][kNT][4];
@@ -155,7 +156,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
         __syncthreads(); /* V_n landed; every warp is done with K_n */
         if (n > n_lo) {
             const int jn = j0 - kBN;
-            load_tile<kBN, kD, kThreads>(k_tile, k + jn * p.k_row_stride, p.k_row_stride, kBN, d);
+            load_kv_tile<kBN, kD, kThreads>(k_tile, k, p, jn, kBN, d);
         }
         cp_async_commit();
 
@@ -241,19 +242,19 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     for (int sl = 0; sl < kSlabs; ++sl) {
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
-            const float sum = quad_sum(row_sum[sl][hr]);
-            const bool empty = !(sum > 0.0f);
-            const float inv = empty ? 0.0f : dropout_scale / sum;
+            const float m = row_max[sl][hr];
+            float lse2;
+            const float inv = dropout_scale *
+                              attention_row_factor(p.sinks, h, m == -INFINITY ? m : m * scale_log2,
+                                                   quad_sum(row_sum[sl][hr]), &lse2);
             const int r = warp_row0 + sl * 16 + g + hr * 8;
 #pragma unroll
             for (int dt = 0; dt < kDT; ++dt)
                 *reinterpret_cast<uint32_t *>(sQ + r * kPitch + dt * 8 + 2 * t) =
                     Pair<T>::pack(acc[sl][dt][2 * hr] * inv, acc[sl][dt][2 * hr + 1] * inv);
-            if (t == 0 && r < rows) {
-                const float m = row_max[sl][hr];
+            if (t == 0 && r < rows)
                 p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start + i0 + r] =
-                    empty ? -INFINITY : (m * scale_log2 + log2f(sum)) * kLn2;
-            }
+                    lse2 * kLn2;
         }
     }
     __syncthreads();

@@ -34,6 +34,12 @@ struct Sequence {
             sq = (int)max((int64_t)0, min(q1 - q0, (int64_t)sq));
             sk = (int)max((int64_t)0, min(k1 - k0, (int64_t)sk));
         }
+        if (p.cache_seqlens != nullptr) {
+            /* A KV cache: the valid keys are the first cache_seqlens[b] + seqlen_new (GPU
+             * values were never checked on the host: clamped into [0, seqlen_k]). */
+            const int64_t used = (int64_t)p.cache_seqlens[b] + p.seqlen_new;
+            sk = (int)max((int64_t)0, min(used, (int64_t)sk));
+        }
         wl = (int)p.window_left, wr = (int)p.window_right;
     }
     /* Keys query i sees: [first(i), last(i)] (empty when last < first). */
@@ -56,6 +62,45 @@ struct Sequence {
      * band, so the tile needs no mask. */
     __device__ __forceinline__ bool full(int i0, int m, int j0, int n) const {
         return i0 + m <= sq && j0 + n <= sk && first(i0 + m - 1) <= j0 && last(i0) >= j0 + n - 1;
+    }
+};
+
+/* Where the forward reads the K or V rows of one (sequence b, kv head): rows of the tensor
+ * (key j at base + j·stride; the batch row is b, or cache_batch_idx[b] for a KV cache), or,
+ * in kernels compiled with kPaged, the pages of a paged KV cache when the call has a block
+ * table (key j is row j % page_size of page block_table[b, j / page_size]). Paging is a
+ * template option so that the kernels that never see a block table keep no page state live
+ * across their main loops. Indices read on the GPU were never checked on the host: clamped
+ * into the tensor, so a bad one gives wrong rows, never an access outside it. */
+template <typename T, bool kPaged> struct KvRows {
+    static constexpr bool kMayPage = kPaged;
+    const T *base;
+    int64_t stride;
+    const int32_t *pages; /* this sequence's block-table row, or nullptr */
+    int64_t page_stride;
+
+    __device__ __forceinline__ KvRows(const attention_fwd_params &p, const void *data,
+                                      int64_t batch_stride, int64_t row_stride,
+                                      int64_t head_stride, int b, int kv_head, int k_start) {
+        const T *head = static_cast<const T *>(data) + kv_head * head_stride;
+        stride = row_stride, pages = nullptr, page_stride = batch_stride;
+        if (kPaged && p.block_table != nullptr) {
+            base = head;
+            pages = p.block_table + b * p.block_table_stride;
+            return;
+        }
+        int64_t row = b;
+        if (p.kv_batch_idx != nullptr)
+            row = min(max((int64_t)p.kv_batch_idx[b], (int64_t)0), p.kv_batch - 1);
+        base = head + row * batch_stride + (int64_t)k_start * row_stride;
+    }
+    __device__ __forceinline__ bool paged() const { return kPaged && pages != nullptr; }
+    /* Key j's row; page geometry from the call's params (read where used, not kept). */
+    __device__ __forceinline__ const T *row(const attention_fwd_params &p, int j) const {
+        if (!paged()) return base + (int64_t)j * stride;
+        const int ps = (int)p.page_size;
+        const int page = min(max(pages[j / ps], 0), (int)(p.num_pages - 1));
+        return base + page * page_stride + (int64_t)(j % ps) * stride;
     }
 };
 

@@ -47,6 +47,34 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const T *src, int64_t ro
     }
 }
 
+/* load_tile for the K/V rows j0 .. j0 + kRows - 1 of `rows` (attention_mask.cuh's KvRows):
+ * one running pointer for contiguous rows, each row's own address for paged ones. */
+template <int kRows, int kD, int kThreads, typename Rows, typename Params>
+__device__ __forceinline__ void load_kv_tile(uint32_t dst, const Rows &rows, const Params &p,
+                                             int j0, int valid, int d) {
+    if (!rows.paged()) {
+        load_tile<kRows, kD, kThreads>(dst, rows.base + (int64_t)j0 * rows.stride, rows.stride,
+                                       valid, d);
+        return;
+    }
+    if constexpr (Rows::kMayPage) {
+        constexpr int kChunks = Tile<kD>::kChunks, kStep = kThreads / kChunks;
+        const int r0 = (int)threadIdx.x / kChunks, c = (int)threadIdx.x % kChunks;
+        if (r0 >= kStep) return;
+        const bool col_ok = c * 8 < d;
+        const uint32_t to = dst + (uint32_t)(r0 * Tile<kD>::kPitch + c * 8) * 2;
+#pragma unroll
+        for (int it = 0; it < (kRows + kStep - 1) / kStep; ++it) {
+            const int r = r0 + it * kStep;
+            if (kRows % kStep == 0 || r < kRows) {
+                const bool ok = col_ok && r < valid;
+                const auto *src = ok ? rows.row(p, j0 + r) + c * 8 : rows.base;
+                cp_async16(to + it * kStep * Tile<kD>::kPitch * 2, src, ok);
+            }
+        }
+    }
+}
+
 /* Copies rows x kCols elements of a shared tile (kPitch elements per row) to global (rows <
  * valid, columns < d). */
 template <int kRows, int kCols, int kPitch, int kThreads, typename T>
