@@ -14,6 +14,13 @@ Padding never reaches the kernel: padded keys are removed (and, for causal or wi
 padded queries too) and the ragged batch goes through flash_attention_varlen, which keeps every
 sequence to itself. Causal attention is bottom-right aligned, which is what a KV cache needs.
 
+KV caches (transformers 5.x): the unused rows of a static cache are never attended (with no mask,
+one flash_attention_with_kvcache call per layer on the cache as it lies: lutflash_attention_mask,
+_attention_prefix); continuous batching (generate_batch) keeps "lutflash", and its decode steps
+over the paged cache are one paged flash_attention_with_kvcache call per layer (_attention_paged),
+a path transformers offers only to flash-attn 2/3 on CUDA/XPU and that importing lutflash opens to
+"lutflash" on every device (_hook_decode_fast_path).
+
 Supported transformers versions are 4.57 and 5.x. What differs between them is handled by looking
 at what arrives (or at what transformers defines), never at its version string:
 
@@ -29,6 +36,7 @@ at what arrives (or at what transformers defines), never at its version string:
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -470,7 +478,25 @@ def _hook_flash_lazy_imports() -> None:
 # step takes the varlen path, which first gathers each sequence's keys out of the pages. Our KV-cache
 # kernel reads the pages itself on every device, so for "lutflash" the one condition kept is
 # transformers' own first one: every attention type of the model has a block-table cache (full
-# attention; sliding-window and compressed-latent layers have none).
+# attention; sliding-window and compressed-latent layers have none). transformers hands the kernel
+# a layer's K and V pages as two views of one buffer in which they alternate (v_cache[p] is
+# k_cache[p + 1]; generation/continuous_batching/cache_allocators/full_attention.py), so the path
+# also needs a flash_attention_with_kvcache that takes such views (it reads and writes only the
+# pages the block table names): _kvcache_takes_aliased_pages.
+
+
+@functools.cache
+def _kvcache_takes_aliased_pages() -> bool:
+    """Whether flash_attention_with_kvcache accepts paged k_cache and v_cache that overlap in
+    memory but for the pages a block table addresses (one tiny CPU call, made once)."""
+    buffer = torch.zeros(3, 4, 1, 8)
+    try:
+        flash_attention_with_kvcache(torch.zeros(1, 1, 1, 8), buffer[:2], buffer[1:],
+                                     cache_seqlens=0,
+                                     block_table=torch.zeros(1, 1, dtype=torch.int32))
+    except ValueError:
+        return False
+    return True
 
 
 def _hook_decode_fast_path() -> None:
@@ -488,13 +514,19 @@ def _hook_decode_fast_path() -> None:
     def ensure_decode_fast_path_is_available(config, cb_config, user_requested, *args, **kwargs):
         if getattr(config, "_attn_implementation", None) != NAME:
             return original(config, cb_config, user_requested, *args, **kwargs)
-        if cb_config.max_blocks_per_request != 0 and not all(
-                allocators[kind].supports_block_table for kind in layer_groups(config)):
-            if user_requested:
-                logger.warning(f"Although max_blocks_per_request={cb_config.max_blocks_per_request}"
-                               ", the decode fast path is not available: some of the model's "
-                               "attention types have no block-table cache")
-            cb_config.max_blocks_per_request = 0
+        if cb_config.max_blocks_per_request == 0:
+            return
+        if not all(allocators[kind].supports_block_table for kind in layer_groups(config)):
+            why = "some of the model's attention types have no block-table cache"
+        elif not _kvcache_takes_aliased_pages():
+            why = ("this lutflash's flash_attention_with_kvcache refuses the k/v page views "
+                   "transformers passes")
+        else:
+            return
+        if user_requested:
+            logger.warning(f"Although max_blocks_per_request={cb_config.max_blocks_per_request}, "
+                           f"the decode fast path is not available: {why}")
+        cb_config.max_blocks_per_request = 0
 
     ensure_decode_fast_path_is_available._lutflash_hook = True
     initialization.ensure_decode_fast_path_is_available = ensure_decode_fast_path_is_available
