@@ -809,3 +809,449 @@ def test_gpu_lutflash_rotary_equals_transformers_bits(family, cuda_device):
         got, want = function(q, k, cos, sin), function.__wrapped__(q, k, cos, sin)
         for g, w in zip(got, want, strict=True):
             assert g.shape == w.shape and torch.equal(g, w), (family, case, dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# KV caches: transformers' StaticCache, continuous batching (generate_batch over a paged cache)
+# and beam search, each against eager. lutflash attends a static cache's valid keys only: the
+# rows a cache has not written yet are NaN in these tests (eager, whose additive mask would turn
+# NaN keys into NaN rows, runs on the plain cache).
+
+
+@pytest.fixture
+def poison_unwritten_static_rows(monkeypatch):
+    """While set: before each StaticCache layer update, every row the layer has not written yet
+    (the unused tail of its max_cache_len or window) is NaN, so that attending one shows."""
+    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+
+    def poisoning(original):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            seen = int(self.get_seq_length())
+            self.keys[:, :, seen:] = float("nan")
+            self.values[:, :, seen:] = float("nan")
+            return original(self, key_states, value_states, *args, **kwargs)
+        return update
+
+    for cls in (StaticLayer, StaticSlidingWindowLayer):
+        monkeypatch.setattr(cls, "update", poisoning(cls.__dict__["update"]))
+
+
+def recording(monkeypatch, name):
+    """Replaces lutflash.integrations.transformers.<name> by a wrapper that appends the
+    arguments of each call to the returned list."""
+    integration = lutflash.integrations.transformers
+    calls, original = [], getattr(integration, name)
+
+    def record(*args, **kwargs):
+        calls.append((args, kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(integration, name, record)
+    return calls
+
+
+def generate_both(model, ids, poison, **settings):
+    """model.generate under eager and then lutflash (with the unwritten static-cache rows NaN,
+    through the `poison` fixture's patch, set up only for that run)."""
+    results = {}
+    for implementation in ("eager", "lutflash"):
+        model.set_attn_implementation(implementation)
+        if implementation == "lutflash":
+            poison()
+        with torch.no_grad():
+            results[implementation] = model.generate(ids, **settings, return_dict_in_generate=True)
+    return results["eager"], results["lutflash"]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
+def test_static_cache_generate_matches_eager(family, request):
+    """generate(cache_implementation="static") on left-padded prompts: the k/v of each layer are
+    max_cache_len long (or the window), the 2-D mask covers the keys written so far, and lutflash
+    gives eager's tokens and logits without reading the rest (NaN here)."""
+    model = build(family)
+    ids, mask = padded_batch("left", seq=10)
+    ref, out = generate_both(model, ids, lambda: request.getfixturevalue("poison_unwritten_static_rows"),
+                             attention_mask=mask, max_new_tokens=8, do_sample=False,
+                             pad_token_id=0, cache_implementation="static", output_logits=True)
+    assert out.sequences.shape == (3, 18)
+    assert torch.equal(out.sequences, ref.sequences)
+    logits, ref_logits = torch.stack(out.logits, 1), torch.stack(ref.logits, 1)
+    assert torch.isfinite(logits).all()
+    assert max_rel_diff(logits, ref_logits) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
+def test_static_cache_without_mask_is_one_kvcache_call_on_the_valid_keys(family, monkeypatch,
+                                                                        request):
+    """A decode loop over a StaticCache with no attention_mask (what lutflash.generation's
+    static loop runs): each layer makes one flash_attention_with_kvcache call on the cache as
+    it lies, stopping at the keys written so far (a device tensor for full layers, an int for
+    sliding ones, whose window is longer than the 2-token prompt here), and the logits are
+    eager's."""
+    from transformers import StaticCache
+
+    model = build(family)
+    layers = model.config.num_hidden_layers
+    prompt = torch.randint(3, VOCAB, (3, 2), generator=torch.Generator().manual_seed(6))
+    logits = {}
+    for implementation in ("eager", "lutflash"):
+        model.set_attn_implementation(implementation)
+        if implementation == "lutflash":
+            request.getfixturevalue("poison_unwritten_static_rows")
+            calls = recording(monkeypatch, "flash_attention_with_kvcache")
+        cache = StaticCache(config=model.config, max_cache_len=20)
+        with torch.no_grad():
+            steps = [model(input_ids=prompt, cache=cache, use_cache=True).logits]
+            for i in range(6):
+                token = steps[-1][:, -1:].argmax(-1)
+                steps.append(model(input_ids=token, position_ids=torch.full((3, 1), 2 + i),
+                                   cache=cache, use_cache=True).logits)
+        logits[implementation] = torch.cat(steps, dim=1)
+    assert torch.isfinite(logits["lutflash"]).all()
+    assert max_rel_diff(logits["lutflash"], logits["eager"]) < 1e-4
+
+    # What each layer's call covers: full layers, the 2 + step keys written so far of their 20;
+    # sliding ones (Mistral's every layer, Gemma2's even ones; window 4), the same while the
+    # window holds more than that (steps 0 and 1), and later no KV-cache call (the whole window
+    # is valid: dense attention).
+    window = getattr(model.config, "sliding_window", None)
+    layer_types = (getattr(model.config, "layer_types", None)
+                   or ["sliding_attention" if window else "full_attention"] * layers)
+    expected = [(4 if kind == "sliding_attention" else 20, 2 + step)
+                for step in range(7) for kind in layer_types
+                if kind == "full_attention" or 2 + step < 4]
+    seen = []
+    for args, kwargs in calls:
+        q, k_cache = args[:2]
+        assert len(args) == 3 and "k" not in kwargs  # nothing appended: transformers wrote it
+        lengths = kwargs["cache_seqlens"]
+        if isinstance(lengths, torch.Tensor):  # (B,) int32 on the device
+            assert lengths.dtype == torch.int32 and lengths.tolist() == [lengths[0].item()] * 3
+            lengths = lengths[0].item()
+        seen.append((k_cache.shape[1], lengths))
+    assert seen == expected
+
+
+def test_static_prefix_mask_in_training_takes_the_varlen_path():
+    """The KV-cache kernel has no backward and no dropout: with gradients to compute, the prefix
+    mask of a static cache is unpadded into a varlen call instead, with the same output and
+    eager's gradients."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    integration = lutflash.integrations.transformers
+    generator = torch.Generator().manual_seed(10)
+    query = torch.randn(2, 4, 3, 16, generator=generator)
+    key, value = torch.randn(2, 2, 2, 12, 16, generator=generator)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups, module.training = True, 2, False
+    mask = integration.lutflash_attention_mask(2, 3, 12, q_offset=torch.tensor(4))
+    assert mask[:, :7].all() and not mask[:, 7:].any()
+    with torch.no_grad():
+        plain, _ = integration.lutflash_attention_forward(module, query, key, value, mask,
+                                                          scaling=0.3)
+    leaves = [t.clone().requires_grad_() for t in (query, key, value)]
+    out, _ = integration.lutflash_attention_forward(module, *leaves, mask, scaling=0.3)
+    assert max_rel_diff(out, plain) < 1e-5
+
+    allowed = torch.ones(3, 12, dtype=torch.bool).tril(4) & mask[:, None, None, :]
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    ref_leaves = [t.clone().requires_grad_() for t in (query, key, value)]
+    ref, _ = eager_attention_forward(module, *ref_leaves, additive, scaling=0.3)
+    assert max_rel_diff(out, ref) < 1e-5
+    weights = torch.randn(ref.shape, generator=generator)
+    (out * weights).sum().backward()
+    (ref * weights).sum().backward()
+    for got, want in zip(leaves, ref_leaves, strict=True):
+        assert max_rel_diff(got.grad, want.grad) < 1e-5
+
+
+# transformers hands the kernel a layer's K and V pages as two views of one buffer in which they
+# alternate. Until flash_attention_with_kvcache takes such views, the paged path is off and its
+# tests are expected to fail (strictly: they must pass once it does).
+from lutflash.integrations.transformers import _kvcache_takes_aliased_pages  # noqa: E402
+
+needs_aliased_pages = pytest.mark.xfail(
+    not _kvcache_takes_aliased_pages(), strict=True,
+    reason="flash_attention_with_kvcache refuses paged k_cache/v_cache views that share one "
+           "buffer, which is how transformers' paged cache hands them over")
+
+
+CB_PROMPT_LENGTHS = [3, 7, 12, 21]
+
+
+def continuous_batching_config(**overrides):
+    """A small paged cache: 8-token pages (the longest request spans 4), 16 tokens per batch
+    (prompts are prefilled in chunks, beside other requests' decoding), log-probabilities of
+    the chosen tokens returned."""
+    settings = dict(page_size=8, num_blocks=32, max_batch_tokens=16, return_logprobs=True)
+    return transformers.ContinuousBatchingConfig(**(settings | overrides))
+
+
+def per_request_eager(model, prompts, config, device="cpu"):
+    """Each prompt generated alone by eager attention: its tokens and the log-probabilities of
+    the chosen tokens (from the raw logits)."""
+    model.set_attn_implementation("eager")
+    results = []
+    with torch.no_grad():
+        for prompt in prompts:
+            out = model.generate(torch.tensor([prompt], device=device), generation_config=config,
+                                 output_logits=True, return_dict_in_generate=True)
+            tokens = out.sequences[0, len(prompt):].tolist()
+            logprobs = [torch.log_softmax(step[0].float(), -1)[t].item()
+                        for step, t in zip(out.logits, tokens, strict=True)]
+            results.append((tokens, logprobs))
+    return results
+
+
+@pytest.mark.parametrize("fast_path", [pytest.param(True, marks=needs_aliased_pages), False],
+                         ids=["decode_fast_path", "varlen_only"])
+def test_generate_batch_runs_the_paged_kvcache_path_and_matches_eager(fast_path, monkeypatch):
+    """generate_batch (transformers' continuous batching) with attn_implementation="lutflash" on
+    requests of different lengths: chunked prefills beside decoding requests run the varlen path
+    (keys gathered out of the pages), steps where every request decodes one token run the decode
+    fast path (one flash_attention_with_kvcache call per layer on the paged cache, appending the
+    new keys), or the varlen path too with max_blocks_per_request=0; each request's tokens and
+    log-probabilities are those of eager generating it alone."""
+    model = build("llama")
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=generator).tolist()
+               for n in CB_PROMPT_LENGTHS]
+    config = transformers.GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                           pad_token_id=0)
+    ref = per_request_eager(model, prompts, config)
+
+    kvcache_calls = recording(monkeypatch, "flash_attention_with_kvcache")
+    varlen_calls = recording(monkeypatch, "flash_attention_varlen")
+    model.set_attn_implementation("lutflash")
+    with torch.no_grad():
+        outputs = model.generate_batch(prompts, generation_config=config,
+                                       continuous_batching_config=continuous_batching_config(
+                                           **({} if fast_path else {"max_blocks_per_request": 0})))
+    assert model.config._attn_implementation == "lutflash"
+    assert len(outputs) == len(prompts)
+    for i, (tokens, logprobs) in enumerate(ref):
+        result = outputs[f"req_{i}"]
+        assert result.error is None and len(tokens) == 8
+        assert result.generated_tokens == tokens, i
+        assert max(abs(a - b) for a, b in zip(result.logprobs, logprobs, strict=True)) < 1e-4
+
+    paged = [kwargs for _, kwargs in kvcache_calls if kwargs.get("block_table") is not None]
+    assert len(paged) == len(kvcache_calls) and bool(paged) == fast_path
+    if fast_path:
+        lengths = torch.cat([kwargs["cache_seqlens"] for kwargs in paged])
+        assert lengths.dtype == torch.int32 and int(lengths.max()) >= 8 * 3  # beyond 3 pages
+    reading = [args for args, _ in varlen_calls if int(args[4][-1]) > int(args[3][-1])]
+    assert reading  # a varlen step that read keys from the cache besides the new ones
+
+
+@pytest.mark.parametrize("takes_pages", [True, False])
+def test_continuous_batching_decode_fast_path_resolution(takes_pages, monkeypatch):
+    """transformers keeps its block-table decode path for flash implementations named like
+    flash*2/3 on CUDA or XPU; lutflash's kernel reads pages on every device, so for "lutflash"
+    the path stays on wherever every attention type has a block-table cache (not for a model
+    of sliding-window layers; never for the other implementations on the CPU) and the kernel
+    takes transformers' page views."""
+    from transformers.generation.continuous_batching.initialization import resolve_continuous_batching_config
+    from transformers.modeling_flash_attention_utils import lazy_import_flash_attention
+
+    assert lazy_import_flash_attention("lutflash")[0][2] is not None  # its flash_attn_with_kvcache
+    monkeypatch.setattr(lutflash.integrations.transformers, "_kvcache_takes_aliased_pages",
+                        lambda: takes_pages)
+    for family, implementation, available in (("llama", "lutflash", takes_pages),
+                                              ("mistral", "lutflash", False),
+                                              ("llama", "sdpa", False)):
+        config = CONFIGS[family]()
+        config._attn_implementation = implementation
+        for requested in (None, 6, 0):
+            resolved = resolve_continuous_batching_config(
+                config, transformers.ContinuousBatchingConfig(max_blocks_per_request=requested),
+                None, False, torch.device("cpu"))
+            assert (resolved.max_blocks_per_request > 0) == (available and requested != 0), (
+                family, implementation, requested)
+            if available and requested is not None:
+                assert resolved.max_blocks_per_request == requested
+
+
+@needs_aliased_pages
+def test_transformers_flash_wrapper_paged_path_runs_lutflash():
+    """transformers' generic flash wrapper with a block table calls the flash_attn_with_kvcache
+    that "lutflash"'s loader gives (flash-attn's signature: block_table, cache_seqlens) and gets
+    what lutflash_attention_forward computes, which is attention over each sequence's cached keys
+    and its new one, appended to the pages."""
+    from transformers.integrations.flash_attention import flash_attention_forward
+
+    model = build("llama", attn_implementation="lutflash")
+    attention = model.model.layers[0].self_attn
+    generator = torch.Generator().manual_seed(11)
+    page_size, pages, heads, kv_heads, dim = 4, 12, 4, 2, 16
+    cached = [5, 0, 9]  # keys each sequence holds before this step
+    block_table = torch.tensor([[7, 2, -1], [4, -1, -1], [0, 10, 5]], dtype=torch.int32)
+    # one buffer, K and V pages interleaved, as transformers' paged cache lays them out
+    buffer = torch.randn(2 * pages + 1, page_size, kv_heads, dim, generator=generator)
+    query = torch.randn(1, heads, 3, dim, generator=generator)
+    key, value = torch.randn(2, 1, kv_heads, 3, dim, generator=generator)
+    cu_k = torch.tensor([0, 6, 7, 17], dtype=torch.int32)
+    outputs = []
+    for forward in (flash_attention_forward,
+                    lutflash.integrations.transformers.lutflash_attention_forward):
+        pages_now = buffer.clone()
+        k_cache, v_cache = pages_now[0:2 * pages:2], pages_now[1:2 * pages + 1:2]
+        out, _ = forward(attention, query, key, value, None, scaling=0.3, block_table=block_table,
+                         k_cache=k_cache, v_cache=v_cache, cu_seq_lens_k=cu_k,
+                         cu_seq_lens_q=torch.arange(4, dtype=torch.int32), max_length_q=1,
+                         max_length_k=1)
+        outputs.append(out)
+        for b, n in enumerate(cached):  # the new key and value were appended in place
+            page, row = block_table[b, n // page_size], n % page_size
+            assert torch.equal(k_cache[page, row], key[0, :, b])
+            assert torch.equal(v_cache[page, row], value[0, :, b])
+    assert outputs[0].shape == outputs[1].shape == (1, 3, heads, dim)
+    assert max_rel_diff(outputs[0], outputs[1]) < 1e-6
+
+    for b, n in enumerate(cached):  # against attention over the gathered keys
+        rows = [(int(block_table[b, j // page_size]), j % page_size) for j in range(n)]
+        keys = torch.stack([buffer[2 * p, r] for p, r in rows] + [key[0, :, b]])
+        values = torch.stack([buffer[2 * p + 1, r] for p, r in rows] + [value[0, :, b]])
+        keys, values = (t.repeat_interleave(2, dim=1) for t in (keys, values))
+        scores = torch.einsum("hd,khd->hk", query[0, :, b], keys) * 0.3
+        ref = torch.einsum("hk,khd->hd", scores.softmax(-1), values)
+        assert max_rel_diff(outputs[1][0, b], ref) < 1e-5
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"], ids=["dynamic", "static"])
+def test_beam_search_matches_eager(cache_implementation, request):
+    """Beam search (3 beams, 2 returned) on left-padded prompts, the cache reordered between
+    steps: eager's sequences, scores and per-step log-probabilities."""
+    model = build("llama")
+    ids, mask = padded_batch("left", seq=10)
+    ref, out = generate_both(model, ids, lambda: request.getfixturevalue("poison_unwritten_static_rows"),
+                             attention_mask=mask, max_new_tokens=6, num_beams=3,
+                             num_return_sequences=2, do_sample=False, pad_token_id=0,
+                             cache_implementation=cache_implementation, output_scores=True)
+    assert out.sequences.shape == (6, 16)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert torch.equal(out.beam_indices, ref.beam_indices)
+    assert max_rel_diff(out.sequences_scores, ref.sequences_scores) < 1e-5
+    scores, ref_scores = torch.stack(out.scores), torch.stack(ref.scores)
+    finite = torch.isfinite(ref_scores)
+    assert torch.equal(torch.isfinite(scores), finite)
+    assert max_rel_diff(scores[finite], ref_scores[finite]) < 1e-4
+
+
+# The same three on the GPU (fp16 and bf16; the yardstick of the GPU tests above: against eager in
+# float32 over the same tokens, at most twice eager's own error in the dtype, plus a floor).
+
+
+def teacher_forced_logprobs(model, implementation, sequences, prompt_length, tokens=None):
+    """log_softmax of the logits that predicted sequences[:, prompt_length:] (or `tokens`, the
+    same positions' tokens), one forward pass over the whole sequences."""
+    logits = logits_under(model, implementation, input_ids=sequences).float()
+    logprobs = torch.log_softmax(logits[:, prompt_length - 1:-1], dim=-1)
+    chosen = sequences[:, prompt_length:] if tokens is None else tokens
+    return logprobs.gather(-1, chosen[..., None])[..., 0]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_gpu_static_cache_logits(family, dtype, cuda_device, request):
+    """A StaticCache decode loop without a mask (the KV-cache kernel on the cache as it lies,
+    unwritten rows NaN) and generate(cache_implementation="static") (the 2-D mask path; not
+    compiled here): each step's logits against float32 eager over the same tokens."""
+    from transformers import StaticCache
+
+    model32, model = gpu_pair(family, cuda_device, dtype)
+    request.getfixturevalue("poison_unwritten_static_rows")
+    tokens = torch.randint(3, VOCAB, (3, 10), generator=torch.Generator().manual_seed(12))
+    tokens = tokens.to(cuda_device)
+    model.set_attn_implementation("lutflash")
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    with torch.no_grad():
+        steps = [model(input_ids=tokens[:, :2], cache=cache, use_cache=True).logits]
+        for i in range(2, 10):
+            steps.append(model(input_ids=tokens[:, i:i + 1], cache=cache, use_cache=True,
+                               position_ids=torch.full((3, 1), i, device=cuda_device)).logits)
+    out = torch.cat(steps, dim=1)
+    ref = logits_under(model32, "eager", input_ids=tokens)
+    naive = logits_under(model, "eager", input_ids=tokens)
+    assert torch.isfinite(out).all()
+    assert_within_naive(out, naive, ref, "static cache loop logits")
+
+    ids, mask = (t.to(cuda_device) for t in padded_batch("left", seq=10))
+    model.set_attn_implementation("lutflash")
+    with torch.no_grad():
+        generated = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                   pad_token_id=0, cache_implementation="static",
+                                   disable_compile=True, output_logits=True,
+                                   return_dict_in_generate=True)
+    sequences = generated.sequences
+    assert sequences.shape == (3, 18)
+    full_mask = torch.cat([mask, torch.ones_like(mask[:, :8])], dim=1)
+    steps = torch.stack(generated.logits, dim=1)
+    ref = logits_under(model32, "eager", input_ids=sequences, attention_mask=full_mask)[:, 9:17]
+    naive = logits_under(model, "eager", input_ids=sequences, attention_mask=full_mask)[:, 9:17]
+    assert torch.isfinite(steps).all()
+    assert_within_naive(steps, naive, ref, "static generate logits")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fast_path", [pytest.param(True, marks=needs_aliased_pages), False],
+                         ids=["decode_fast_path", "varlen_only"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_gpu_generate_batch_logprobs(dtype, fast_path, cuda_device, monkeypatch):
+    """generate_batch on the GPU with transformers' defaults for a flash implementation (CUDA
+    graphs on both paths, batches padded to graph sizes, the paged decode fast path, or the
+    varlen path alone): the log-probability of each generated token against float32 eager over
+    the same tokens."""
+    model32, model = gpu_pair("llama", cuda_device, dtype)
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=generator).tolist()
+               for n in CB_PROMPT_LENGTHS]
+    config = transformers.GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                           pad_token_id=0)
+    kvcache_calls = recording(monkeypatch, "flash_attention_with_kvcache")
+    model.set_attn_implementation("lutflash")
+    with torch.no_grad():
+        outputs = model.generate_batch(prompts, generation_config=config,
+                                       continuous_batching_config=continuous_batching_config(
+                                           **({} if fast_path else {"max_blocks_per_request": 0})))
+    assert any(kwargs.get("block_table") is not None for _, kwargs in kvcache_calls) == fast_path
+    for i, prompt in enumerate(prompts):
+        result = outputs[f"req_{i}"]
+        assert result.error is None and len(result.generated_tokens) == 8
+        sequence = torch.tensor([prompt + result.generated_tokens], device=cuda_device)
+        out = torch.tensor(result.logprobs, device=cuda_device)[None]
+        ref = teacher_forced_logprobs(model32, "eager", sequence, len(prompt))
+        naive = teacher_forced_logprobs(model, "eager", sequence, len(prompt))
+        assert torch.isfinite(out).all()
+        assert_within_naive(out, naive, ref, f"request {i} log-probabilities", floor=2e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_gpu_beam_search_transition_scores(dtype, cuda_device):
+    """Beam search on the GPU (3 beams, 2 returned, left padding): the log-probability of each
+    token of the returned beams, as beam search scored it, against float32 eager over the same
+    sequences."""
+    model32, model = gpu_pair("llama", cuda_device, dtype)
+    ids, mask = (t.to(cuda_device) for t in padded_batch("left", seq=10))
+    model.set_attn_implementation("lutflash")
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, num_beams=3,
+                             num_return_sequences=2, do_sample=False, pad_token_id=0,
+                             output_scores=True, return_dict_in_generate=True)
+        scores = model.compute_transition_scores(out.sequences, out.scores, out.beam_indices)
+    sequences = out.sequences
+    assert sequences.shape == (6, 16)
+    full_mask = torch.cat([mask, torch.ones_like(mask[:, :6])], dim=1).repeat_interleave(2, 0)
+    results = {}
+    for name, reference in (("ref", model32), ("naive", model)):
+        reference.set_attn_implementation("eager")
+        with torch.no_grad():
+            logits = reference(input_ids=sequences, attention_mask=full_mask).logits.float()
+        logprobs = torch.log_softmax(logits[:, 9:15], dim=-1)
+        results[name] = logprobs.gather(-1, sequences[:, 10:, None])[..., 0]
+    assert torch.isfinite(scores).all()
+    assert_within_naive(scores.float(), results["naive"], results["ref"], "beam transition scores")

@@ -14,6 +14,13 @@ Padding never reaches the kernel: padded keys are removed (and, for causal or wi
 padded queries too) and the ragged batch goes through flash_attention_varlen, which keeps every
 sequence to itself. Causal attention is bottom-right aligned, which is what a KV cache needs.
 
+KV caches (transformers 5.x): the unused rows of a static cache are never attended (with no mask,
+one flash_attention_with_kvcache call per layer on the cache as it lies: lutflash_attention_mask,
+_attention_prefix); continuous batching (generate_batch) keeps "lutflash", and its decode steps
+over the paged cache are one paged flash_attention_with_kvcache call per layer (_attention_paged),
+a path transformers offers only to flash-attn 2/3 on CUDA/XPU and that importing lutflash opens to
+"lutflash" on every device (_hook_decode_fast_path).
+
 Supported transformers versions are 4.57 and 5.x. What differs between them is handled by looking
 at what arrives (or at what transformers defines), never at its version string:
 
@@ -29,6 +36,7 @@ at what arrives (or at what transformers defines), never at its version string:
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -40,6 +48,7 @@ from transformers.modeling_utils import AttentionInterface
 from transformers.utils import logging
 
 from ..attention import flash_attention, flash_attention_varlen
+from ..kvcache import flash_attention_with_kvcache
 
 __all__ = ["NAME", "lutflash_attention_forward", "lutflash_attention_mask", "register",
            "use_lutflash_rotary"]
@@ -74,7 +83,9 @@ def lutflash_attention_forward(
     softcap c > 0 caps scores as c·tanh(s/c); is_causal defaults to `module.is_causal`.
     Packed sequences (batch 1, several sequences side by side) are kept apart either from
     `cu_seq_lens_q/k` and `max_length_q/k` keyword arguments or, failing those, from position_ids
-    that restart.
+    that restart. With `block_table`, `k_cache` and `v_cache` keyword arguments (the decode fast
+    path of transformers' continuous batching) key and value are the new token of each sequence,
+    which the kernel appends to the paged cache before attending (_attention_paged).
     """
     if s_aux is not None:
         raise ValueError('attn_implementation="lutflash" does not support attention sinks (s_aux); '
@@ -115,6 +126,8 @@ def lutflash_attention_forward(
 
     # (B, H, S, D) -> (B, S, H, D): a view whose last dimension stays contiguous.
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    if kwargs.get("block_table") is not None:
+        return _attention_paged(q, k, v, kwargs, options), None
     head_dim, value_dim = q.shape[-1], v.shape[-1]
     if value_dim < head_dim:  # e.g. MLA: the kernel wants one head dim, so pad v and crop below
         v = F.pad(v, (0, head_dim - value_dim))
@@ -124,7 +137,7 @@ def lutflash_attention_forward(
 
     prefix_lengths = _prefix_lengths(attention_mask, k.shape[1])
     if prefix_lengths is not None:
-        out = _attention_prefix(q, k, v, prefix_lengths, options)
+        out = _attention_prefix(q, k, v, prefix_lengths, attention_mask, options)
     elif attention_mask is not None:
         out = _attention_padded(q, k, v, attention_mask, options)
     else:
@@ -205,15 +218,19 @@ def _unpad_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]
     return indices, cu_seqlens, int(lengths.max())
 
 
-# Static caches (StaticCache: the k/v tensors are always max_cache_len long, and only the first
-# L = (tokens cached before) + Sq are real). When the model passes no 2-D attention mask, the mask
-# transformers asks "lutflash" for (lutflash_attention_mask) is exactly "the first L keys of every
-# sequence", with L known on the device only (a tensor, so that a step can be captured in a CUDA
-# graph or compiled). That mask is remembered here (a weak reference to the mask tensor and its
-# lengths) so that the attention function recognizes it by identity and attends to the first L
-# keys without reading L on the host: _attention_prefix. Every other mask takes the unpadding path,
-# which reads lengths on the host (a synchronization on a GPU).
-_prefix_mask: tuple | None = None
+# Static caches (StaticCache: the k/v tensors of a layer are max_cache_len long, or the window
+# for a sliding-window layer, and only the first L = (tokens cached before) + Sq are real until
+# they fill). When the model passes no 2-D attention mask, the mask transformers asks "lutflash"
+# for (lutflash_attention_mask) is exactly "the first L keys of every sequence", with L known on
+# the device only for full layers (a tensor, so that a step can be captured in a CUDA graph or
+# compiled) and as an int for sliding ones. Those masks are remembered here (weak references to
+# the mask tensors with their lengths; a model builds one per kind of layer, full and sliding,
+# for each forward) so that the attention function recognizes them by identity and attends to the
+# first L keys without reading L on the host: _attention_prefix, one flash_attention_with_kvcache
+# call on the cache as it lies. Every other mask takes the unpadding path, which reads lengths on
+# the host (a synchronization on a GPU).
+_prefix_masks: list[tuple] = []  # (weakref to the mask, lengths), most recent first
+_PREFIX_MASKS_KEPT = 4
 
 
 def lutflash_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
@@ -222,72 +239,71 @@ def lutflash_attention_mask(batch_size: int, q_length: int, kv_length: int, q_of
     """The mask builder registered for "lutflash" in transformers' AttentionMaskInterface.
 
     transformers' own flash-attention mask (a (B, kv_length) padding mask, or None when nothing is
-    padded), except for a causal layer of a static cache with no padding mask (attention_mask
-    None and keys beyond the ones seen so far: kv_length > q_offset + q_length, or a tensor
-    q_offset, which StaticCache's layers give): then a (B, kv_length) boolean mask whose first
-    q_offset + q_length columns are True, built on the device without reading q_offset, and
-    marked as a prefix mask for lutflash_attention_forward.
+    padded), except for a layer of a static cache with no padding mask (attention_mask None, keys
+    from the first on (kv_offset 0) and more of them than seen so far: kv_length > q_offset +
+    q_length, or a tensor q_offset, which StaticCache's full layers give): then a (B, kv_length)
+    boolean mask whose first q_offset + q_length columns are True, built on the device without
+    reading q_offset, and marked as a prefix mask for lutflash_attention_forward. The prefix mask
+    only says which keys exist; among them the pattern is the attention function's (causal and
+    sliding window from the module), as it is when transformers' own mask is None.
     """
     static = (isinstance(q_offset, torch.Tensor)
               or (isinstance(q_offset, int) and q_offset + q_length < kv_length))
-    if (attention_mask is None and static and mask_function is causal_mask_function
-            and isinstance(kv_offset, int) and kv_offset == 0):
-        global _prefix_mask
-        device = q_offset.device if isinstance(q_offset, torch.Tensor) else kwargs.get("device")
-        lengths = (torch.as_tensor(q_offset, device=device).to(torch.int32) + q_length)
-        lengths = lengths.reshape(-1).expand(batch_size)
-        mask = torch.arange(kv_length, device=lengths.device)[None, :] < lengths[:, None]
-        _prefix_mask = (weakref.ref(mask), lengths)
+    if attention_mask is None and static and isinstance(kv_offset, int) and kv_offset == 0:
+        global _prefix_masks
+        if isinstance(q_offset, torch.Tensor):  # (B,) int32 on the device: the kernel's cache_seqlens
+            lengths = (q_offset.to(torch.int32).reshape(-1) + q_length).expand(batch_size)
+            lengths = lengths.contiguous()
+            device = lengths.device
+        else:
+            lengths = q_offset + q_length
+            device = kwargs.get("device")
+        positions = torch.arange(kv_length, device=device)[None, :]
+        mask = positions < (lengths[:, None] if isinstance(lengths, torch.Tensor) else lengths)
+        mask = mask.expand(batch_size, kv_length)
+        alive = [entry for entry in _prefix_masks if entry[0]() is not None]
+        _prefix_masks = [(weakref.ref(mask), lengths)] + alive[:_PREFIX_MASKS_KEPT - 1]
         return mask
     return flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
                                 mask_function, attention_mask, **kwargs)
 
 
-def _prefix_lengths(mask, k_len: int) -> torch.Tensor | None:
-    """The per-sequence key lengths (B,) int32 when `mask` is the prefix mask
-    lutflash_attention_mask built last and covers all k_len keys; None otherwise."""
-    remembered = _prefix_mask
-    if (mask is None or remembered is None or remembered[0]() is not mask or mask.dim() != 2
-            or mask.shape[1] != k_len):
+def _prefix_lengths(mask, k_len: int) -> torch.Tensor | int | None:
+    """The per-sequence key lengths ((B,) int32, or one int for all) when `mask` is one of the
+    prefix masks lutflash_attention_mask built last and covers all k_len keys; None otherwise."""
+    if mask is None or mask.dim() != 2 or mask.shape[1] != k_len:
         return None
-    return remembered[1]
+    for reference, lengths in _prefix_masks:
+        if reference() is mask:
+            return lengths
+    return None
 
 
-def _attention_prefix(q, k, v, lengths, options):
+def _attention_prefix(q, k, v, lengths, mask, options):
     """Attention of q (B, Sq, Hq, D) to the first lengths[b] keys of k and v (B, Sk, Hkv, D),
-    the queries being the last Sq of those keys, with no host synchronization (CUDA-graph
-    capturable): one varlen call in which every (sequence, kv head) pair is a sequence of one kv
-    head and Hq / Hkv query heads, followed by a sequence without queries that holds the unused
-    end of the cache. The k/v cache tensors of transformers are (B, Hkv, Sk, D) and contiguous,
-    so the keys are taken as they lie (a view); only q (Sq rows) is copied."""
-    batch, q_len, q_heads, head_dim = q.shape
-    k_len, kv_heads = k.shape[1], k.shape[2]
-    group = q_heads // kv_heads
-    count = batch * kv_heads
-    device = q.device
-    keys = k.transpose(1, 2).reshape(count * k_len, 1, k.shape[-1])
-    values = v.transpose(1, 2).reshape(count * k_len, 1, v.shape[-1])
-    queries = q.reshape(batch, q_len, kv_heads, group, head_dim).transpose(1, 2)
-    queries = queries.reshape(count * q_len, group, head_dim)
-    ends = torch.arange(1, count + 1, dtype=torch.int32, device=device)
-    seq_lengths = lengths.to(device=device, dtype=torch.int32)[:, None].expand(batch, kv_heads)
-    zero = torch.zeros(1, dtype=torch.int32, device=device)
-    cu_q = torch.cat((zero, torch.stack((ends * q_len, ends * q_len), 1).reshape(-1)))
-    real_end = (ends - 1) * k_len + seq_lengths.reshape(-1)
-    cu_k = torch.cat((zero, torch.stack((real_end, ends * k_len), 1).reshape(-1)))
-    out = flash_attention_varlen(queries, keys, values, cu_q, cu_k, q_len, k_len, **options)
-    out = out.reshape(batch, kv_heads, q_len, group, out.shape[-1]).transpose(1, 2)
-    return out.reshape(batch, q_len, q_heads, out.shape[-1])
+    the queries being the last Sq of those keys: one flash_attention_with_kvcache call that reads
+    the keys where they lie (transformers' (B, Hkv, Sk, D) cache tensors, seen as (B, Sk, Hkv, D))
+    and stops at lengths[b], with no host synchronization (CUDA-graph capturable). That call has no
+    dropout and no backward pass: a training step (dropout, or gradients to compute) unpads with
+    the mask instead."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if options["dropout_p"] > 0 or needs_grad:
+        return _attention_padded(q, k, v, mask, options, queries_at_end=False)
+    return flash_attention_with_kvcache(
+        q, k, v, cache_seqlens=lengths, causal=options["causal"], window=options["window"],
+        softcap=options["softcap"], softmax_scale=options["softmax_scale"])
 
 
-def _attention_padded(q, k, v, mask, options):
+def _attention_padded(q, k, v, mask, options, queries_at_end=True):
     """Padded batch -> ragged varlen batch -> padded output (zeros where a query was padding).
 
     mask covers the keys (its last Sk columns are used; a static cache can hold more keys than
     the mask, and those are dropped). Self-attention queries are the last Sq keys, so for causal
     or windowed attention the queries are unpadded with mask[:, -Sq:]; that keeps the
     bottom-right alignment exact per sequence. Full bidirectional attention (BERT, cross-attention)
-    keeps every query and only removes padded keys, exactly like the eager additive mask.
+    keeps every query and only removes padded keys, exactly like the eager additive mask; so does
+    queries_at_end=False (a prefix mask: the queries are the last Sq of each sequence's real keys,
+    which the per-sequence bottom-right alignment of the kernel finds by itself).
     """
     batch, q_len, q_heads, head_dim = q.shape
     mask = mask.to(device=q.device, dtype=torch.bool)
@@ -300,7 +316,7 @@ def _attention_padded(q, k, v, mask, options):
     k = k.reshape(batch * k_len, *k.shape[2:]).index_select(0, k_indices)
     v = v.reshape(batch * k_len, *v.shape[2:]).index_select(0, k_indices)
 
-    if options["causal"] or options["window"] != (-1, -1):
+    if queries_at_end and (options["causal"] or options["window"] != (-1, -1)):
         q_indices, cu_seqlens_q, max_seqlen_q = _unpad_indices(mask[:, -q_len:])
         q = q.reshape(batch * q_len, q_heads, head_dim).index_select(0, q_indices)
         out = flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -349,15 +365,50 @@ def _attention_packed(q, k, v, segments, options):
     return out.view(batch, q_len, *out.shape[1:])
 
 
+def _attention_paged(q, k, v, kwargs, options):
+    """transformers' continuous-batching decode step with a block table (its "decode fast path",
+    generation/continuous_batching): N sequences decode one token each, packed in a batch of one.
+    q (1, N, Hq, D) and k, v (1, N, Hkv, D) are the new tokens; kwargs hold k_cache and v_cache
+    (num_pages, page_size, Hkv, D), block_table (N, max_pages) int32 (-1 past a sequence's pages)
+    and cu_seq_lens_k (N + 1,) int32, whose steps count each sequence's keys with the new one.
+    One flash_attention_with_kvcache call appends the new keys and values to the pages at
+    cache_seqlens = those counts - 1 and attends over them, with no host synchronization."""
+    block_table, k_cache, v_cache = (kwargs.get(name) for name in ("block_table", "k_cache",
+                                                                     "v_cache"))
+    cu_seqlens_k = kwargs.get("cu_seq_lens_k")
+    if k_cache is None or v_cache is None or cu_seqlens_k is None:
+        raise ValueError("block_table: the paged-cache path also needs k_cache, v_cache and "
+                         "cu_seq_lens_k keyword arguments")
+    tokens = q.shape[1]
+    if q.shape[0] != 1 or block_table.dim() != 2 or block_table.shape[0] != tokens:
+        raise ValueError(
+            f"block_table: expected one decoded token per sequence, q (1, N, Hq, D) and a "
+            f"(N, max_pages) block table; got q {tuple(q.shape)}, block_table "
+            f"{tuple(block_table.shape)}")
+    if options["dropout_p"] > 0:
+        raise ValueError("dropout: the paged-cache (decode) path has no dropout")
+    cache_seqlens = (cu_seqlens_k[1:tokens + 1] - cu_seqlens_k[:tokens] - 1).to(torch.int32)
+    # one sequence per token: (1, N, H, D) -> (N, 1, H, D), views
+    q, k, v = (t.reshape(tokens, 1, *t.shape[2:]) for t in (q, k, v))
+    out = flash_attention_with_kvcache(
+        q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
+        causal=options["causal"], window=options["window"], softcap=options["softcap"],
+        softmax_scale=options["softmax_scale"])
+    return out.reshape(1, tokens, *out.shape[2:])
+
+
 # transformers 5 treats any attn_implementation whose name contains "flash" as a flash-attention
 # flavour and, when it is set, preloads the kernels for that name through
 # modeling_flash_attention_utils._lazy_imports, which only knows flash-attn packages and hub
 # kernels and raises for anything else. We answer that lookup for "lutflash" with flash-attn-style
-# entry points over our kernels, so the preload succeeds and transformers code that calls its
-# generic _flash_attention_forward with our name computes the right thing. transformers 4.x has
-# the same loader (4 functions instead of 5, without the paged-cache one) but never asks it for
-# "lutflash" by itself: its generic wrapper looks up whatever flash implementation was loaded
-# last (lazy_import_flash_attention(name, force_import=True) loads one by name).
+# entry points over our kernels (flash_attn_func, flash_attn_varlen_func and, in 5.x,
+# flash_attn_with_kvcache), so the preload succeeds and transformers code that calls its generic
+# _flash_attention_forward with our name computes the right thing. transformers reads the
+# keyword arguments these functions accept from their signatures (_lazy_define_process_function)
+# and passes only those. transformers 4.x has the same loader (4 functions instead of 5, without
+# the paged-cache one) but never asks it for "lutflash" by itself: its generic wrapper looks up
+# whatever flash implementation was loaded last (lazy_import_flash_attention(name,
+# force_import=True) loads one by name).
 
 
 def _flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -377,6 +428,27 @@ def _flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
                                   dropout_p=dropout_p, deterministic=deterministic)
 
 
+def _flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None,
+                             block_table=None, softmax_scale=None, causal=False,
+                             window_size=(-1, -1), softcap=0.0, rotary_interleaved=True,
+                             alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """flash-attn's flash_attn_with_kvcache, run by lutflash.flash_attention_with_kvcache.
+    cache_seqlens None means full caches; num_splits is a tuning hint lutflash does without; a
+    left-padded cache (cache_leftpad) is not supported."""
+    if cache_leftpad is not None:
+        raise ValueError("cache_leftpad: lutflash's KV-cache attention has no left padding")
+    if cache_seqlens is None:  # every cache full: S_cache keys, or max_pages pages of keys
+        cache_seqlens = k_cache.shape[1] * (1 if block_table is None else block_table.shape[1])
+        cache_seqlens -= 0 if k is None else k.shape[1]
+    return flash_attention_with_kvcache(
+        q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
+        block_table=block_table, causal=causal, window=tuple(window_size),
+        softcap=softcap or 0.0, alibi_slopes=alibi_slopes, softmax_scale=softmax_scale,
+        rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
+        return_lse=return_softmax_lse)
+
+
 def _hook_flash_lazy_imports() -> None:
     original = getattr(_hf_flash_utils, "_lazy_imports", None)
     if original is None or getattr(original, "_lutflash_hook", False):
@@ -388,13 +460,76 @@ def _hook_flash_lazy_imports() -> None:
     def _lazy_imports(implementation, *args, **kwargs):
         if implementation == NAME:
             pad, unpad = _hf_flash_utils._pad_input, _hf_flash_utils._unpad_input
-            if with_kvcache:  # None: lutflash has no paged-cache (block table) entry point
-                return _flash_attn_func, _flash_attn_varlen_func, None, pad, unpad
+            if with_kvcache:
+                return (_flash_attn_func, _flash_attn_varlen_func, _flash_attn_with_kvcache, pad,
+                        unpad)
             return _flash_attn_func, _flash_attn_varlen_func, pad, unpad
         return original(implementation, *args, **kwargs)
 
     _lazy_imports._lutflash_hook = True
     _hf_flash_utils._lazy_imports = _lazy_imports
+
+
+# transformers' continuous batching (generate_batch and its manager, 5.x) decodes with a block
+# table, handing the attention function its paged cache (the "decode fast path"), only for
+# implementation names matching ".*flash.*[23]" on CUDA or XPU whose loader gives a
+# flash_attn_with_kvcache (continuous_batching/initialization.py,
+# ensure_decode_fast_path_is_available); otherwise it sets max_blocks_per_request = 0 and every
+# step takes the varlen path, which first gathers each sequence's keys out of the pages. Our KV-cache
+# kernel reads the pages itself on every device, so for "lutflash" the one condition kept is
+# transformers' own first one: every attention type of the model has a block-table cache (full
+# attention; sliding-window and compressed-latent layers have none). transformers hands the kernel
+# a layer's K and V pages as two views of one buffer in which they alternate (v_cache[p] is
+# k_cache[p + 1]; generation/continuous_batching/cache_allocators/full_attention.py), so the path
+# also needs a flash_attention_with_kvcache that takes such views (it reads and writes only the
+# pages the block table names): _kvcache_takes_aliased_pages.
+
+
+@functools.cache
+def _kvcache_takes_aliased_pages() -> bool:
+    """Whether flash_attention_with_kvcache accepts paged k_cache and v_cache that overlap in
+    memory but for the pages a block table addresses (one tiny CPU call, made once)."""
+    buffer = torch.zeros(3, 4, 1, 8)
+    try:
+        flash_attention_with_kvcache(torch.zeros(1, 1, 1, 8), buffer[:2], buffer[1:],
+                                     cache_seqlens=0,
+                                     block_table=torch.zeros(1, 1, dtype=torch.int32))
+    except ValueError:
+        return False
+    return True
+
+
+def _hook_decode_fast_path() -> None:
+    try:
+        from transformers.generation.continuous_batching import initialization
+    except ImportError:  # transformers 4.x, or a 5.x before this module
+        return
+    original = getattr(initialization, "ensure_decode_fast_path_is_available", None)
+    allocators = getattr(initialization, "ATTN_TYPE_TO_ALLOCATOR", None)
+    layer_groups = getattr(initialization, "group_layers_by_attn_type", None)
+    if (original is None or allocators is None or layer_groups is None
+            or getattr(original, "_lutflash_hook", False)):
+        return
+
+    def ensure_decode_fast_path_is_available(config, cb_config, user_requested, *args, **kwargs):
+        if getattr(config, "_attn_implementation", None) != NAME:
+            return original(config, cb_config, user_requested, *args, **kwargs)
+        if cb_config.max_blocks_per_request == 0:
+            return
+        if not all(allocators[kind].supports_block_table for kind in layer_groups(config)):
+            why = "some of the model's attention types have no block-table cache"
+        elif not _kvcache_takes_aliased_pages():
+            why = ("this lutflash's flash_attention_with_kvcache refuses the k/v page views "
+                   "transformers passes")
+        else:
+            return
+        if user_requested:
+            logger.warning(f"Although max_blocks_per_request={cb_config.max_blocks_per_request}, "
+                           f"the decode fast path is not available: {why}")
+        cb_config.max_blocks_per_request = 0
+
+    ensure_decode_fast_path_is_available._lutflash_hook = True
+    initialization.ensure_decode_fast_path_is_available = ensure_decode_fast_path_is_available
 
 
 # Modeling modules whose apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1) is Llama's
@@ -449,6 +584,7 @@ def register() -> None:
     AttentionInterface.register(NAME, lutflash_attention_forward)
     AttentionMaskInterface.register(NAME, lutflash_attention_mask)
     _hook_flash_lazy_imports()
+    _hook_decode_fast_path()
     try:
         from . import hf_quantizer
     except ImportError:  # transformers 4.x: no weight-conversion API, no quantization_config
