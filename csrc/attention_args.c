@@ -153,14 +153,21 @@ int attention_check_workspace(const lf_tensor *ws, const lf_tensor *q, int64_t n
     return 0;
 }
 
-int attention_check_disjoint(const lf_tensor *t, int count, const int *outputs,
-                             int output_count) {
+int attention_check_disjoint_except(const lf_tensor *t, int count, const int *outputs,
+                                    int output_count, int pair_a, int pair_b) {
     for (int a = 0; a < output_count; ++a) {
+        const int o = outputs[a];
         for (int b = 0; b < count; ++b) {
-            if (b != outputs[a] && lf_check_no_overlap(&t[outputs[a]], &t[b]) < 0) return -1;
+            const int allowed = (o == pair_a && b == pair_b) || (o == pair_b && b == pair_a);
+            if (b != o && !allowed && lf_check_no_overlap(&t[o], &t[b]) < 0) return -1;
         }
     }
     return 0;
+}
+
+int attention_check_disjoint(const lf_tensor *t, int count, const int *outputs,
+                             int output_count) {
+    return attention_check_disjoint_except(t, count, outputs, output_count, -1, -1);
 }
 
 /* Every 16-byte chunk of a row is one cp.async in the CUDA kernels. python/lutflash/attention.py

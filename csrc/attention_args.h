@@ -38,6 +38,9 @@ int attention_check_workspace(const lf_tensor *ws, const lf_tensor *q, int64_t n
 /* The outputs t[outputs[i]] share no memory with any other tensor of t[0 .. count). */
 int attention_check_disjoint(const lf_tensor *t, int count, const int *outputs,
                              int output_count);
+/* The same, except that t[pair_a] and t[pair_b] may overlap each other (-1: no such pair). */
+int attention_check_disjoint_except(const lf_tensor *t, int count, const int *outputs,
+                                    int output_count, int pair_a, int pair_b);
 /* What the CUDA kernels need beyond the common checks: t[0] (q) float16 or bfloat16 with a
  * head dim that is a multiple of 8, and every present tensor of t with 16-byte aligned rows.
  * `op` names the call in the messages. */

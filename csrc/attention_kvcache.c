@@ -343,9 +343,15 @@ static PyObject *py_attention_kvcache_forward(PyObject *self, PyObject *const *a
                                                       p.seqlen_k, p.head_dim,
                                                       p.batch * p.seqlen_q);
 #endif
+    /* Paged caches may be two views of one buffer: transformers' paged cache alternates a
+     * layer's K and V pages in one tensor and passes v_cache[p] = k_cache[p + 1]. The kernels
+     * read and write only the pages the block table names, so that pair may overlap (the
+     * caller keeps the named K and V pages apart); everything else is disjoint. */
     const int outputs[6] = {KV_K_CACHE, KV_V_CACHE, KV_Q_ROTATED, KV_OUT, KV_LSE, KV_WORKSPACE};
+    const int paged = lf_tensor_present(&t[KV_BLOCK_TABLE]);
     if (attention_check_workspace(&t[KV_WORKSPACE], q, need) < 0 ||
-        attention_check_disjoint(t, KV_COUNT, outputs, 6) < 0)
+        attention_check_disjoint_except(t, KV_COUNT, outputs, 6, paged ? KV_K_CACHE : -1,
+                                        paged ? KV_V_CACHE : -1) < 0)
         goto done;
     if (on_cuda) {
         const lf_tensor layout[7] = {*q, *k_cache, *v_cache, *k, *v, t[KV_Q_ROTATED], *out};

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from lutflash import _C, flash_attention, flash_attention_with_kvcache
 from lutflash import kvcache as kvcache_module
+from lutflash import testing as lutflash_testing
 from lutflash.testing import attention_reference
 
 CPU_DTYPES = (torch.float32, torch.float32, torch.float16, torch.bfloat16)
@@ -961,3 +962,35 @@ def test_cuda_graph_capture(cuda_device):
                                             cache_seqlens=lens + 1, causal=True)
     assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
     assert torch.allclose(out.float(), want.float(), atol=1e-3)
+
+
+def test_paged_caches_may_share_one_buffer():
+    """transformers' paged cache: a layer's K and V pages alternate in one buffer and come as
+    the views buffer[:-1] and buffer[1:] (v_cache[p] is k_cache[p + 1]); the block table names
+    only even pages, so the call touches K and V pages that never coincide. Dense caches that
+    overlap are still refused."""
+    gen = torch.Generator().manual_seed(5)
+    page, heads_kv, d = 4, 2, 8
+    buffer = torch.randn(9, page, heads_kv, d, generator=gen)
+    k_cache, v_cache = buffer[:-1], buffer[1:]
+    table = torch.tensor([[4, 0], [2, 6]], dtype=torch.int32)
+    q = torch.randn(2, 1, 4, d, generator=gen)
+    k, v = torch.randn(2, 1, heads_kv, d, generator=gen), torch.randn(2, 1, heads_kv, d, generator=gen)
+    lengths = torch.tensor([5, 2], dtype=torch.int32)
+    expected_k = [torch.cat((k_cache[table[b, 0]], k_cache[table[b, 1]]))[:int(lengths[b])]
+                  for b in range(2)]
+    expected_v = [torch.cat((v_cache[table[b, 0]], v_cache[table[b, 1]]))[:int(lengths[b])]
+                  for b in range(2)]
+    out = flash_attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths,
+                                       block_table=table, causal=True)
+    for b in range(2):
+        keys = torch.cat((expected_k[b], k[b])).unsqueeze(0)
+        values = torch.cat((expected_v[b], v[b])).unsqueeze(0)
+        ref, _ = lutflash_testing.attention_reference(q[b:b + 1].double(), keys.double(),
+                                                      values.double(), causal=True)
+        torch.testing.assert_close(out[b:b + 1].double(), ref, atol=1e-5, rtol=1e-5)
+        pages = torch.cat((k_cache[table[b, 0]], k_cache[table[b, 1]]))
+        assert torch.equal(pages[int(lengths[b])], k[b, 0])
+    with pytest.raises(ValueError, match="k_cache: must not share memory with v_cache"):
+        flash_attention_with_kvcache(torch.randn(4, 1, 4, d), buffer[:4], buffer[1:5],
+                                     cache_seqlens=1)
