@@ -81,15 +81,14 @@ def lutflash_attention_forward(
     scaling defaults to 1/sqrt(D); dropout is what the model passes (0 outside training);
     sliding_window w lets a query see the w keys ending at its own position (w - 1 back);
     softcap c > 0 caps scores as c·tanh(s/c); is_causal defaults to `module.is_causal`.
+    s_aux (Hq,): attention sinks (gpt-oss), one logit per query head in every row's softmax
+    denominator, differentiable (lutflash.flash_attention's sinks).
     Packed sequences (batch 1, several sequences side by side) are kept apart either from
     `cu_seq_lens_q/k` and `max_length_q/k` keyword arguments or, failing those, from position_ids
     that restart. With `block_table`, `k_cache` and `v_cache` keyword arguments (the decode fast
     path of transformers' continuous batching) key and value are the new token of each sequence,
     which the kernel appends to the paged cache before attending (_attention_paged).
     """
-    if s_aux is not None:
-        raise ValueError('attn_implementation="lutflash" does not support attention sinks (s_aux); '
-                         'use "eager" for this model')
     if kwargs.get("output_attentions", False):
         logger.warning_once('attn_implementation="lutflash" does not return attention weights '
                             '(output_attentions=True); use "eager" to get them')
@@ -122,6 +121,9 @@ def lutflash_attention_forward(
         "window": _window(sliding_window, causal),
         "softcap": float(softcap) if softcap else 0.0,
         "dropout_p": float(dropout),
+        # attention sinks (gpt-oss): one logit per query head, in float32 for the kernels (the
+        # cast keeps the parameter's gradient)
+        "sinks": None if s_aux is None else s_aux.float(),
     }
 
     # (B, H, S, D) -> (B, S, H, D): a view whose last dimension stays contiguous.
@@ -291,7 +293,8 @@ def _attention_prefix(q, k, v, lengths, mask, options):
         return _attention_padded(q, k, v, mask, options, queries_at_end=False)
     return flash_attention_with_kvcache(
         q, k, v, cache_seqlens=lengths, causal=options["causal"], window=options["window"],
-        softcap=options["softcap"], softmax_scale=options["softmax_scale"])
+        softcap=options["softcap"], softmax_scale=options["softmax_scale"],
+        sinks=options["sinks"])
 
 
 def _attention_padded(q, k, v, mask, options, queries_at_end=True):
@@ -393,7 +396,7 @@ def _attention_paged(q, k, v, kwargs, options):
     out = flash_attention_with_kvcache(
         q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
         causal=options["causal"], window=options["window"], softcap=options["softcap"],
-        softmax_scale=options["softmax_scale"])
+        softmax_scale=options["softmax_scale"], sinks=options["sinks"])
     return out.reshape(1, tokens, *out.shape[2:])
 
 
@@ -578,6 +581,29 @@ def use_lutflash_rotary(model: torch.nn.Module) -> list[str]:
     return names
 
 
+# transformers treats every name with "flash" in it as a flash-attention request, and a model that
+# lists its own `_compatible_flash_implementations` (gpt-oss: hub kernels with attention sinks)
+# swaps any other flash name for the first of those. lutflash covers what those models need
+# (sinks, windows, softcap), so a request for it is kept: the model instance's list gains NAME
+# before transformers checks it.
+def _hook_compatible_flash_implementations() -> None:
+    from transformers.modeling_utils import PreTrainedModel
+
+    original = getattr(PreTrainedModel, "_check_and_adjust_attn_implementation", None)
+    if original is None or getattr(original, "_lutflash_hook", False):
+        return
+
+    @functools.wraps(original)
+    def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
+        compatible = getattr(self, "_compatible_flash_implementations", None)
+        if attn_implementation == NAME and compatible is not None and NAME not in compatible:
+            self._compatible_flash_implementations = [*compatible, NAME]
+        return original(self, attn_implementation, *args, **kwargs)
+
+    _check_and_adjust_attn_implementation._lutflash_hook = True
+    PreTrainedModel._check_and_adjust_attn_implementation = _check_and_adjust_attn_implementation
+
+
 def register() -> None:
     """Registers attn_implementation="lutflash" and quant_method "lutflash" (hf_quantizer.py)
     with transformers. Idempotent."""
@@ -585,6 +611,7 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, lutflash_attention_mask)
     _hook_flash_lazy_imports()
     _hook_decode_fast_path()
+    _hook_compatible_flash_implementations()
     try:
         from . import hf_quantizer
     except ImportError:  # transformers 4.x: no weight-conversion API, no quantization_config
