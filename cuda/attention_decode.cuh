@@ -90,10 +90,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
     const int nb_end = n_lo + min(n_all, (split + 1) * per);
     const int blocks = nb_end - nb_begin;
 
-    const KvRows<T, kPaged> k(p, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, b,
-                              kv_head, seq.k_start);
-    const KvRows<T, kPaged> v(p, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, b,
-                              kv_head, seq.k_start);
+    const KvRows<T, kPaged, false> k(p, b, kv_head, seq.k_start);
+    const KvRows<T, kPaged, true> v(p, b, kv_head, seq.k_start);
     auto load_stage = [&](int it) {
         const int j0 = (nb_begin + it) * kDecodeBN, keys = min(kDecodeBN, seq.sk - j0);
         const uint32_t kt = kv_tiles + (it % kStages) * 2 * Cfg::kTileKV;

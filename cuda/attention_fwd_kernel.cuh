@@ -63,10 +63,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     const T *q = static_cast<const T *>(p.q) + b * p.q_batch_stride +
                  (seq.q_start + i0) * p.q_row_stride + h * p.q_head_stride;
     /* paged KV caches take the kExtras instances (attention_fwd_launch.cuh) */
-    const KvRows<T, kExtras> k(p, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, b,
-                               kv_head, seq.k_start);
-    const KvRows<T, kExtras> v(p, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, b,
-                               kv_head, seq.k_start);
+    const KvRows<T, kExtras, false> k(p, b, kv_head, seq.k_start);
+    const KvRows<T, kExtras, true> v(p, b, kv_head, seq.k_start);
 
     const int j_lo = seq.first(i0), j_hi = seq.last(i0 + rows - 1);
     const int n_lo = j_lo / kBN, n_hi = j_hi >= j_lo ? j_hi / kBN : n_lo - 1;

@@ -6,6 +6,7 @@ logits with left and right padding (compared on real tokens only), greedy genera
 cache, and the gradients of one training step.
 """
 
+import inspect
 import random
 import subprocess
 import sys
@@ -911,11 +912,11 @@ def test_static_cache_without_mask_is_one_kvcache_call_on_the_valid_keys(family,
             calls = recording(monkeypatch, "flash_attention_with_kvcache")
         cache = StaticCache(config=model.config, max_cache_len=20)
         with torch.no_grad():
-            steps = [model(input_ids=prompt, cache=cache, use_cache=True).logits]
+            steps = [model(input_ids=prompt, past_key_values=cache, use_cache=True).logits]
             for i in range(6):
                 token = steps[-1][:, -1:].argmax(-1)
                 steps.append(model(input_ids=token, position_ids=torch.full((3, 1), 2 + i),
-                                   cache=cache, use_cache=True).logits)
+                                   past_key_values=cache, use_cache=True).logits)
         logits[implementation] = torch.cat(steps, dim=1)
     assert torch.isfinite(logits["lutflash"]).all()
     assert max_rel_diff(logits["lutflash"], logits["eager"]) < 1e-4
@@ -994,7 +995,12 @@ def continuous_batching_config(**overrides):
     (prompts are prefilled in chunks, beside other requests' decoding), log-probabilities of
     the chosen tokens returned."""
     settings = dict(page_size=8, num_blocks=32, max_batch_tokens=16, return_logprobs=True)
-    return transformers.ContinuousBatchingConfig(**(settings | overrides))
+    config_class = getattr(transformers, "ContinuousBatchingConfig", None)
+    if config_class is None or "page_size" not in inspect.signature(config_class).parameters:
+        pytest.skip(f"transformers {transformers.__version__} has no "
+                    "ContinuousBatchingConfig(page_size=...) (the continuous-batching API these "
+                    "tests are written against, 5.25)")
+    return config_class(**(settings | overrides))
 
 
 def per_request_eager(model, prompts, config, device="cpu"):
@@ -1177,9 +1183,9 @@ def test_gpu_static_cache_logits(family, dtype, cuda_device, request):
     model.set_attn_implementation("lutflash")
     cache = StaticCache(config=model.config, max_cache_len=32)
     with torch.no_grad():
-        steps = [model(input_ids=tokens[:, :2], cache=cache, use_cache=True).logits]
+        steps = [model(input_ids=tokens[:, :2], past_key_values=cache, use_cache=True).logits]
         for i in range(2, 10):
-            steps.append(model(input_ids=tokens[:, i:i + 1], cache=cache, use_cache=True,
+            steps.append(model(input_ids=tokens[:, i:i + 1], past_key_values=cache, use_cache=True,
                                position_ids=torch.full((3, 1), i, device=cuda_device)).logits)
     out = torch.cat(steps, dim=1)
     ref = logits_under(model32, "eager", input_ids=tokens)
