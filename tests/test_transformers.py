@@ -976,17 +976,6 @@ def test_static_prefix_mask_in_training_takes_the_varlen_path():
         assert max_rel_diff(got.grad, want.grad) < 1e-5
 
 
-# transformers hands the kernel a layer's K and V pages as two views of one buffer in which they
-# alternate. Until flash_attention_with_kvcache takes such views, the paged path is off and its
-# tests are expected to fail (strictly: they must pass once it does).
-from lutflash.integrations.transformers import _kvcache_takes_aliased_pages  # noqa: E402
-
-needs_aliased_pages = pytest.mark.xfail(
-    not _kvcache_takes_aliased_pages(), strict=True,
-    reason="flash_attention_with_kvcache refuses paged k_cache/v_cache views that share one "
-           "buffer, which is how transformers' paged cache hands them over")
-
-
 CB_PROMPT_LENGTHS = [3, 7, 12, 21]
 
 
@@ -1019,8 +1008,7 @@ def per_request_eager(model, prompts, config, device="cpu"):
     return results
 
 
-@pytest.mark.parametrize("fast_path", [pytest.param(True, marks=needs_aliased_pages), False],
-                         ids=["decode_fast_path", "varlen_only"])
+@pytest.mark.parametrize("fast_path", [True, False], ids=["decode_fast_path", "varlen_only"])
 def test_generate_batch_runs_the_paged_kvcache_path_and_matches_eager(fast_path, monkeypatch):
     """generate_batch (transformers' continuous batching) with attn_implementation="lutflash" on
     requests of different lengths: chunked prefills beside decoding requests run the varlen path
@@ -1060,20 +1048,16 @@ def test_generate_batch_runs_the_paged_kvcache_path_and_matches_eager(fast_path,
     assert reading  # a varlen step that read keys from the cache besides the new ones
 
 
-@pytest.mark.parametrize("takes_pages", [True, False])
-def test_continuous_batching_decode_fast_path_resolution(takes_pages, monkeypatch):
+def test_continuous_batching_decode_fast_path_resolution():
     """transformers keeps its block-table decode path for flash implementations named like
     flash*2/3 on CUDA or XPU; lutflash's kernel reads pages on every device, so for "lutflash"
     the path stays on wherever every attention type has a block-table cache (not for a model
-    of sliding-window layers; never for the other implementations on the CPU) and the kernel
-    takes transformers' page views."""
+    of sliding-window layers; never for the other implementations on the CPU)."""
     from transformers.generation.continuous_batching.initialization import resolve_continuous_batching_config
     from transformers.modeling_flash_attention_utils import lazy_import_flash_attention
 
     assert lazy_import_flash_attention("lutflash")[0][2] is not None  # its flash_attn_with_kvcache
-    monkeypatch.setattr(lutflash.integrations.transformers, "_kvcache_takes_aliased_pages",
-                        lambda: takes_pages)
-    for family, implementation, available in (("llama", "lutflash", takes_pages),
+    for family, implementation, available in (("llama", "lutflash", True),
                                               ("mistral", "lutflash", False),
                                               ("llama", "sdpa", False)):
         config = CONFIGS[family]()
@@ -1088,7 +1072,6 @@ def test_continuous_batching_decode_fast_path_resolution(takes_pages, monkeypatc
                 assert resolved.max_blocks_per_request == requested
 
 
-@needs_aliased_pages
 def test_transformers_flash_wrapper_paged_path_runs_lutflash():
     """transformers' generic flash wrapper with a block table calls the flash_attn_with_kvcache
     that "lutflash"'s loader gives (flash-attn's signature: block_table, cache_seqlens) and gets
@@ -1211,8 +1194,7 @@ def test_gpu_static_cache_logits(family, dtype, cuda_device, request):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("fast_path", [pytest.param(True, marks=needs_aliased_pages), False],
-                         ids=["decode_fast_path", "varlen_only"])
+@pytest.mark.parametrize("fast_path", [True, False], ids=["decode_fast_path", "varlen_only"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 def test_gpu_generate_batch_logprobs(dtype, fast_path, cuda_device, monkeypatch):
     """generate_batch on the GPU with transformers' defaults for a flash implementation (CUDA

@@ -483,23 +483,8 @@ def _hook_flash_lazy_imports() -> None:
 # transformers' own first one: every attention type of the model has a block-table cache (full
 # attention; sliding-window and compressed-latent layers have none). transformers hands the kernel
 # a layer's K and V pages as two views of one buffer in which they alternate (v_cache[p] is
-# k_cache[p + 1]; generation/continuous_batching/cache_allocators/full_attention.py), so the path
-# also needs a flash_attention_with_kvcache that takes such views (it reads and writes only the
-# pages the block table names): _kvcache_takes_aliased_pages.
-
-
-@functools.cache
-def _kvcache_takes_aliased_pages() -> bool:
-    """Whether flash_attention_with_kvcache accepts paged k_cache and v_cache that overlap in
-    memory but for the pages a block table addresses (one tiny CPU call, made once)."""
-    buffer = torch.zeros(3, 4, 1, 8)
-    try:
-        flash_attention_with_kvcache(torch.zeros(1, 1, 1, 8), buffer[:2], buffer[1:],
-                                     cache_seqlens=0,
-                                     block_table=torch.zeros(1, 1, dtype=torch.int32))
-    except ValueError:
-        return False
-    return True
+# k_cache[p + 1]; generation/continuous_batching/cache_allocators/full_attention.py), which
+# flash_attention_with_kvcache takes with a block table.
 
 
 def _hook_decode_fast_path() -> None:
@@ -517,19 +502,13 @@ def _hook_decode_fast_path() -> None:
     def ensure_decode_fast_path_is_available(config, cb_config, user_requested, *args, **kwargs):
         if getattr(config, "_attn_implementation", None) != NAME:
             return original(config, cb_config, user_requested, *args, **kwargs)
-        if cb_config.max_blocks_per_request == 0:
-            return
-        if not all(allocators[kind].supports_block_table for kind in layer_groups(config)):
-            why = "some of the model's attention types have no block-table cache"
-        elif not _kvcache_takes_aliased_pages():
-            why = ("this lutflash's flash_attention_with_kvcache refuses the k/v page views "
-                   "transformers passes")
-        else:
-            return
-        if user_requested:
-            logger.warning(f"Although max_blocks_per_request={cb_config.max_blocks_per_request}, "
-                           f"the decode fast path is not available: {why}")
-        cb_config.max_blocks_per_request = 0
+        if cb_config.max_blocks_per_request != 0 and not all(
+                allocators[kind].supports_block_table for kind in layer_groups(config)):
+            if user_requested:
+                logger.warning(f"Although max_blocks_per_request={cb_config.max_blocks_per_request}"
+                               ", the decode fast path is not available: some of the model's "
+                               "attention types have no block-table cache")
+            cb_config.max_blocks_per_request = 0
 
     ensure_decode_fast_path_is_available._lutflash_hook = True
     initialization.ensure_decode_fast_path_is_available = ensure_decode_fast_path_is_available
