@@ -654,14 +654,13 @@ static void forward_query_block(const attention_fwd_params *p, const attention_k
     const float dropout_scale = dropout_scale_of(p);
     for (int64_t r = 0; r < nq; ++r) {
         const int64_t i = i0 + r;
-        float lse2;
-        const float factor =
-            attention_row_factor(p->sinks, h, s.row_max[r], s.row_sum[r], &lse2);
+        const float m2 = s.row_max[r], sum = s.row_sum[r];
+        const float factor = attention_row_factor(p->sinks, h, m2, sum);
         char *out_row = (char *)p->out + (b * p->out_batch_stride +
                                           (seq.q_start + i) * p->out_row_stride +
                                           h * p->out_head_stride) * element_size(type);
         store_row(out_row, s.o + r * dp, d, dropout_scale * factor, type);
-        p->lse[lse_index(p, &seq, b, h, i)] = lse2 * LN2;
+        p->lse[lse_index(p, &seq, b, h, i)] = attention_row_lse2(p->sinks, h, m2, sum) * LN2;
     }
 }
 

@@ -317,7 +317,8 @@ static PyObject *py_attention_kvcache_forward(PyObject *self, PyObject *const *a
             goto done;
         p.seqlen_new = k->shape[1];
         if (p.seqlen_new > INT32_MAX) {
-            PyErr_SetString(PyExc_ValueError, "k: sequence lengths above 2^31 - 1 are not supported");
+            PyErr_SetString(PyExc_ValueError,
+                            "k: sequence lengths above 2^31 - 1 are not supported");
             goto done;
         }
         a.k_new = k->data, a.v_new = v->data;

@@ -7,7 +7,6 @@
 #define LUTFLASH_ATTENTION_SINKS_H
 
 #include <math.h>
-
 #include <stdint.h>
 
 #ifdef __CUDACC__
@@ -16,24 +15,36 @@
 #define LF_HOST_DEVICE static inline
 #endif
 
-/* sinks: the call's (attention_fwd_params.sinks), h the row's query head. m2: the row's largest score in log2 units (-inf when the row saw no key); sum: the sum of
- * exp2(score - m2) over its keys. Returns the factor that turns the row's accumulator (the
- * keys' exp2(score - m2)-weighted values) into the output, 0 for a row without keys, and sets
- * *lse2 to the logsumexp in log2 units: -inf for a row without keys and without a sink; with
- * a sink s (natural units, finite) lse = log(Σ exp(score) + exp(s)) and a row without keys
- * gives output 0 and lse = s. */
-LF_HOST_DEVICE float attention_row_factor(const float *sinks, int64_t h, float m2, float sum,
-                                          float *lse2) {
-    float top = m2, denom = sum, keep = 1.0f;
-    if (sinks != NULL) {
-        const float s2 = sinks[h] * 1.4426950408889634f;
-        top = fmaxf(m2, s2);
-        keep = m2 == -INFINITY ? 0.0f : exp2f(m2 - top);
-        denom = sum * keep + exp2f(s2 - top);
-    }
-    const int empty = !(denom > 0.0f);
-    *lse2 = empty ? -INFINITY : top + log2f(denom);
-    return empty ? 0.0f : keep / denom;
+/* sinks: the call's (attention_fwd_params.sinks), h the row's query head; m2: the row's
+ * largest score in log2 units (-inf when the row saw no key); sum: the sum of exp2(score - m2)
+ * over its keys. With a sink s (natural units, finite) the denominator of the row's softmax
+ * is sum·2^m2 + e^s: computed relative to top = max(m2, s·log2 e), so that neither term
+ * overflows. */
+LF_HOST_DEVICE float attention_row_top(const float *sinks, int64_t h, float m2) {
+    return sinks != NULL ? fmaxf(m2, sinks[h] * 1.4426950408889634f) : m2;
+}
+LF_HOST_DEVICE float attention_row_denominator(const float *sinks, int64_t h, float m2,
+                                               float sum, float top) {
+    if (sinks == NULL) return sum;
+    const float keep = m2 == -INFINITY ? 0.0f : exp2f(m2 - top);
+    return sum * keep + exp2f(sinks[h] * 1.4426950408889634f - top);
+}
+
+/* The factor that turns the row's accumulator (the keys' exp2(score - m2)-weighted values)
+ * into the output: 0 for a row without keys. */
+LF_HOST_DEVICE float attention_row_factor(const float *sinks, int64_t h, float m2, float sum) {
+    if (sinks == NULL) return sum > 0.0f ? 1.0f / sum : 0.0f;
+    const float top = attention_row_top(sinks, h, m2);
+    const float keep = m2 == -INFINITY ? 0.0f : exp2f(m2 - top);
+    return keep / attention_row_denominator(sinks, h, m2, sum, top);
+}
+
+/* The row's logsumexp in log2 units: -inf for a row without keys and without a sink; with a
+ * sink s, log2(Σ 2^score + 2^(s·log2 e)), so a row without keys gives s (natural units). */
+LF_HOST_DEVICE float attention_row_lse2(const float *sinks, int64_t h, float m2, float sum) {
+    const float top = attention_row_top(sinks, h, m2);
+    const float denom = attention_row_denominator(sinks, h, m2, sum, top);
+    return denom > 0.0f ? top + log2f(denom) : -INFINITY;
 }
 
 #endif

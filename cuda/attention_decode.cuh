@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
 
     const int split = blockIdx.x % num_splits, rg = blockIdx.x / num_splits;
     const int b = blockIdx.y, kv_head = blockIdx.z;
-    const Sequence seq(p, b);
+    const Sequence seq(p, b, true);
     const int group = (int)(p.heads_q / p.heads_kv);
     const int rows_total = group * seq.sq;
     const int r0 = rg * kDecodeRows;
@@ -90,8 +90,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
     const int nb_end = n_lo + min(n_all, (split + 1) * per);
     const int blocks = nb_end - nb_begin;
 
-    const KvRows<T, kPaged, false> k(p, b, kv_head, seq.k_start);
-    const KvRows<T, kPaged, true> v(p, b, kv_head, seq.k_start);
+    const KvRows<T, true, kPaged, false> k(p, b, kv_head, seq.k_start);
+    const KvRows<T, true, kPaged, true> v(p, b, kv_head, seq.k_start);
     auto load_stage = [&](int it) {
         const int j0 = (nb_begin + it) * kDecodeBN, keys = min(kDecodeBN, seq.sk - j0);
         const uint32_t kt = kv_tiles + (it % kStages) * 2 * Cfg::kTileKV;
@@ -221,9 +221,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
         const int ridx = r0 + r, h = kv_head * group + ridx / seq.sq, i = ridx % seq.sq;
         /* one split: the row is done (with the head's sink); else a record without the sink,
          * which the combine adds */
-        float lse2;
-        const float inv =
-            attention_row_factor(num_splits == 1 ? p.sinks : nullptr, h, m, total, &lse2);
+        const float *sinks = num_splits == 1 ? p.sinks : nullptr;
+        const float inv = attention_row_factor(sinks, h, m, total);
+        const float lse2 = attention_row_lse2(sinks, h, m, total);
         const int64_t lse_index =
             b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start + i;
         /* columns c..c+3 of row r: the warps' accumulators merged by their weights, normalized */
@@ -275,7 +275,7 @@ __global__ void __launch_bounds__(128) attn_decode_combine_kernel(const attentio
     __shared__ __align__(16) float part[kWarps][kDecodeMaxD];
     const int b = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int h = blockIdx.x / (int)p.seqlen_q, i = blockIdx.x % (int)p.seqlen_q;
-    const Sequence seq(p, b);
+    const Sequence seq(p, b, true);
     if (i >= seq.sq) return; /* the whole CTA */
     const int d = (int)p.head_dim;
     const int64_t rec = decode_record_floats(d);
@@ -318,8 +318,7 @@ __global__ void __launch_bounds__(128) attn_decode_combine_kernel(const attentio
         *reinterpret_cast<float4 *>(&part[warp][c]) = make_float4(o[0], o[1], o[2], o[3]);
     }
     __syncthreads();
-    float lse2;
-    const float inv = attention_row_factor(p.sinks, h, m, total, &lse2);
+    const float inv = attention_row_factor(p.sinks, h, m, total);
     T *out = static_cast<T *>(p.out) + b * p.out_batch_stride +
              ((int64_t)seq.q_start + i) * p.out_row_stride + h * p.out_head_stride;
     for (int c = threadIdx.x * 2; c < d; c += 2 * 128) {
@@ -328,7 +327,7 @@ __global__ void __launch_bounds__(128) attn_decode_combine_kernel(const attentio
         for (int w = 0; w < kWarps; ++w) o0 += part[w][c], o1 += part[w][c + 1];
         *reinterpret_cast<uint32_t *>(out + c) = Pair<T>::pack(o0 * inv, o1 * inv);
     }
-    if (threadIdx.x == 0) p.lse[lse_index] = lse2 * kLn2;
+    if (threadIdx.x == 0) p.lse[lse_index] = attention_row_lse2(p.sinks, h, m, total) * kLn2;
 }
 
 /* The CTAs of the decode grid without its splits: (row groups) x batch x kv heads, 0 where
@@ -394,8 +393,9 @@ cudaError_t launch_attn_decode(const attention_fwd_params &p, int splits, cudaSt
 /* The decode kernel (its paged instance for a call with a block table), then the combine. */
 template <int kD, typename T> cudaError_t run_attn_decode(const attention_fwd_params &p,
                                                           int splits, cudaStream_t stream) {
-    cudaError_t err = p.block_table != nullptr ? launch_attn_decode<kD, T, true>(p, splits, stream)
-                                               : launch_attn_decode<kD, T, false>(p, splits, stream);
+    cudaError_t err = p.block_table != nullptr
+                          ? launch_attn_decode<kD, T, true>(p, splits, stream)
+                          : launch_attn_decode<kD, T, false>(p, splits, stream);
     if (err != cudaSuccess || splits == 1) return err;
     /* one CTA per (head, query row) of a batch */
     const dim3 cgrid((unsigned)(p.heads_q * p.seqlen_q), (unsigned)p.batch, 1);

@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     const uint32_t k_tile = q_tile + kBM * kPitch * 2, v_tile = k_tile + kBN * kPitch * 2;
 
     const int b = blockIdx.y, h = blockIdx.z;
-    const Sequence seq(p, b);
+    const Sequence seq(p, b, kExtras);
     const int qblock = (kOpt & kFwdReverse) ? (int)(gridDim.x - 1 - blockIdx.x) : (int)blockIdx.x;
     const int i0 = qblock * kBM;
     if (i0 >= seq.sq) return;
@@ -62,9 +62,25 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     const int kv_head = h / (int)(p.heads_q / p.heads_kv);
     const T *q = static_cast<const T *>(p.q) + b * p.q_batch_stride +
                  (seq.q_start + i0) * p.q_row_stride + h * p.q_head_stride;
-    /* paged KV caches take the kExtras instances (attention_fwd_launch.cuh) */
-    const KvRows<T, kExtras, false> k(p, b, kv_head, seq.k_start);
-    const KvRows<T, kExtras, true> v(p, b, kv_head, seq.k_start);
+    /* KV-cache calls and sinks take the kExtras instances (attention_fwd_launch.cuh). The
+     * plain instances keep plain K/V pointers: with the row addresser (KvRows) ptxas spilled
+     * more in their main loop and the D = 128 forward ran 10-20% slower (H200/H100 A/B). */
+    const T *k = static_cast<const T *>(p.k) + b * p.k_batch_stride +
+                 seq.k_start * p.k_row_stride + kv_head * p.k_head_stride;
+    const T *v = static_cast<const T *>(p.v) + b * p.v_batch_stride +
+                 seq.k_start * p.v_row_stride + kv_head * p.v_head_stride;
+    const KvRows<T, true, true, false> k_rows(p, b, kv_head, seq.k_start);
+    const KvRows<T, true, true, true> v_rows(p, b, kv_head, seq.k_start);
+    auto load_k = [&](int j0, int keys) {
+        if constexpr (kExtras) load_kv_tile<kBN, kD, kThreads>(k_tile, k_rows, p, j0, keys, d);
+        else load_tile<kBN, kD, kThreads>(k_tile, k + j0 * p.k_row_stride, p.k_row_stride, keys,
+                                          d);
+    };
+    auto load_v = [&](int j0, int keys) {
+        if constexpr (kExtras) load_kv_tile<kBN, kD, kThreads>(v_tile, v_rows, p, j0, keys, d);
+        else load_tile<kBN, kD, kThreads>(v_tile, v + j0 * p.v_row_stride, p.v_row_stride, keys,
+                                          d);
+    };
 
     const int j_lo = seq.first(i0), j_hi = seq.last(i0 + rows - 1);
     const int n_lo = j_lo / kBN, n_hi = j_hi >= j_lo ? j_hi / kBN : n_lo - 1;
@@ -75,7 +91,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     load_tile<kBM, kD, kThreads>(q_tile, q, p.q_row_stride, rows, d);
     if (n_hi >= n_lo) {
         const int j0 = n_hi * kBN;
-        load_kv_tile<kBN, kD, kThreads>(k_tile, k, p, j0, min(kBN, seq.sk - j0), d);
+        load_k(j0, min(kBN, seq.sk - j0));
     }
     cp_async_commit();
 
@@ -105,7 +121,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
         const int keys = min(kBN, seq.sk - j0);
         cp_async_wait<0>();
         __syncthreads(); /* K_n landed; every warp is done with V_{n+1} */
-        load_kv_tile<kBN, kD, kThreads>(v_tile, v, p, j0, keys, d);
+        load_v(j0, keys);
         cp_async_commit();
 
         float s[kSlabs][kNT][4];
@@ -154,7 +170,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
         __syncthreads(); /* V_n landed; every warp is done with K_n */
         if (n > n_lo) {
             const int jn = j0 - kBN;
-            load_kv_tile<kBN, kD, kThreads>(k_tile, k, p, jn, kBN, d);
+            load_k(jn, kBN);
         }
         cp_async_commit();
 
@@ -240,11 +256,11 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     for (int sl = 0; sl < kSlabs; ++sl) {
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
-            const float m = row_max[sl][hr];
-            float lse2;
-            const float inv = dropout_scale *
-                              attention_row_factor(p.sinks, h, m == -INFINITY ? m : m * scale_log2,
-                                                   quad_sum(row_sum[sl][hr]), &lse2);
+            const float sum = quad_sum(row_sum[sl][hr]);
+            const float *sinks = kExtras ? p.sinks : nullptr;  /* sinks take the extras */
+            const float m2 = row_max[sl][hr] == -INFINITY ? -INFINITY
+                                                          : row_max[sl][hr] * scale_log2;
+            const float inv = dropout_scale * attention_row_factor(sinks, h, m2, sum);
             const int r = warp_row0 + sl * 16 + g + hr * 8;
 #pragma unroll
             for (int dt = 0; dt < kDT; ++dt)
@@ -252,7 +268,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
                     Pair<T>::pack(acc[sl][dt][2 * hr] * inv, acc[sl][dt][2 * hr + 1] * inv);
             if (t == 0 && r < rows)
                 p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start + i0 + r] =
-                    lse2 * kLn2;
+                    attention_row_lse2(sinks, h, m2, sum) * kLn2;
         }
     }
     __syncthreads();

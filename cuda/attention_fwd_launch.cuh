@@ -13,16 +13,18 @@ namespace attn {
  * 10-17% at kD = 64/128, 0-3% at kD = 96, nothing at kD = 256, and costs 3-5% at kD = 32).
  * Plain scores at kD = 64: FA2's 128 x 128 x 4 warps (32 rows a warp, ptxas spills a few
  * row-sum/pointer slots, 2 CTAs per SM); at kD = 128 FA2's 128 x 64 x 4 warps.
- * Softcap/ALiBi/dropout (and a paged KV cache's page lookups) add live state: 8 warps at one
- * CTA per SM at kD = 128, 128 x 64 x 4 warps at kD <= 64. `variant` (attention_fwd_params.variant, the op's variant argument;
- * nonzero also skips the decode path) picks the alternatives for plain scores at kD = 64 and
+ * Softcap/ALiBi/dropout (and KV-cache addressing, sinks) add live state: 8 warps at one CTA
+ * per SM at kD = 128, 128 x 64 x 4 warps at kD <= 64. `variant` (attention_fwd_params.variant,
+ * the op's variant argument; nonzero also skips the decode path) picks the alternatives for plain scores at kD = 64 and
  * 128: 1 = 128 x 64 x 4 warps, 2 = 8 warps (128 x 128 at kD = 64, 128 x 64 at kD = 128, two
  * CTAs per SM), 3 = the third shape in the switch. */
 template <int kD, typename T> cudaError_t run_attn_fwd_tiles(const attention_fwd_params &p,
                                                              cudaStream_t stream) {
-    /* a paged KV cache (block_table) is an extra too: only those instances can page */
+    /* KV-cache calls (cache_seqlens, cache rows, pages) and sinks are extras too: only those
+     * instances read them (the plain ones measured 10-20% slower at D = 128 with them) */
     const bool extras = p.softcap > 0.0f || p.alibi_slopes != nullptr || p.dropout_p > 0.0f ||
-                        p.block_table != nullptr;
+                        p.cache_seqlens != nullptr || p.kv_batch_idx != nullptr ||
+                        p.block_table != nullptr || p.sinks != nullptr;
     if constexpr (kD == 128) {
         if (extras) return launch_attn_fwd<kD, 128, 64, 8, T, true, 1>(p, stream);
         switch (p.variant) {

@@ -21,7 +21,10 @@ constexpr float kLn2 = 0.6931471805599453f;
 struct Sequence {
     int q_start, k_start, sq, sk, wl, wr;
 
-    __device__ __forceinline__ Sequence(const attention_fwd_params &p, int b) {
+    /* kv_cache: whether the kernel honours a KV cache's cache_seqlens (the forward kernels
+     * that take cache calls; the backward and the plain tiled forward never see one). */
+    __device__ __forceinline__ Sequence(const attention_fwd_params &p, int b,
+                                        bool kv_cache = false) {
         q_start = 0, k_start = 0, sq = (int)p.seqlen_q, sk = (int)p.seqlen_k;
         if (p.cu_seqlens_q != nullptr) {
             /* GPU offsets were never checked on the host: clamp them into the packed tensors
@@ -34,7 +37,7 @@ struct Sequence {
             sq = (int)max((int64_t)0, min(q1 - q0, (int64_t)sq));
             sk = (int)max((int64_t)0, min(k1 - k0, (int64_t)sk));
         }
-        if (p.cache_seqlens != nullptr) {
+        if (kv_cache && p.cache_seqlens != nullptr) {
             /* A KV cache: the valid keys are the first cache_seqlens[b] + seqlen_new (GPU
              * values were never checked on the host: clamped into [0, seqlen_k]). */
             const int64_t used = (int64_t)p.cache_seqlens[b] + p.seqlen_new;
@@ -66,34 +69,34 @@ struct Sequence {
 };
 
 /* Where the forward reads the K or V rows of one (sequence b, kv head): rows of the tensor
- * (key j at base + j·stride; the batch row is b, or cache_batch_idx[b] for a KV cache), or,
+ * (key j at base + j·stride; the batch row is b, or with kCacheRows cache_batch_idx[b]), or,
  * in kernels compiled with kPaged, the pages of a paged KV cache when the call has a block
- * table (key j is row j % page_size of page block_table[b, j / page_size]). Paging is a
- * template option so that the kernels that never see a block table keep no page state live
- * across their main loops. Indices read on the GPU were never checked on the host: clamped
- * into the tensor, so a bad one gives wrong rows, never an access outside it. */
-template <typename T, bool kPaged, bool kValues> struct KvRows {
+ * table (key j is row j % page_size of page block_table[b, j / page_size]). Both are template
+ * options so that kernels that never see a KV cache keep their plain code. Indices read on
+ * the GPU were never checked on the host: clamped into the tensor, so a bad one gives wrong
+ * rows, never an access outside it. */
+template <typename T, bool kCacheRows, bool kPaged, bool kValues> struct KvRows {
     static constexpr bool kMayPage = kPaged;
     /* Only the base (and, paged, the block-table row) is kept: strides are read from the
      * params where used, so that a kernel's main loop holds no more live registers than with
-     * a plain pointer (the tiled forward at D = 128 lost 10% to two cached strides). */
+     * a plain pointer. */
     const T *base;
     const int32_t *pages; /* this sequence's block-table row, or nullptr */
 
     __device__ __forceinline__ KvRows(const attention_fwd_params &p, int b, int kv_head,
                                       int k_start) {
-        const T *head = static_cast<const T *>(kValues ? p.v : p.k) +
-                        kv_head * (kValues ? p.v_head_stride : p.k_head_stride);
+        const T *data = static_cast<const T *>(kValues ? p.v : p.k);
+        const int64_t head_stride = kValues ? p.v_head_stride : p.k_head_stride;
         pages = nullptr;
         if (kPaged && p.block_table != nullptr) {
-            base = head;
+            base = data + kv_head * head_stride;
             pages = p.block_table + b * p.block_table_stride;
             return;
         }
-        int64_t row = b;
-        if (p.kv_batch_idx != nullptr)
-            row = min(max((int64_t)p.kv_batch_idx[b], (int64_t)0), p.kv_batch - 1);
-        base = head + row * batch_stride(p) + (int64_t)k_start * stride(p);
+        int row = b;
+        if (kCacheRows && p.kv_batch_idx != nullptr)
+            row = (int)min(max((int64_t)p.kv_batch_idx[b], (int64_t)0), p.kv_batch - 1);
+        base = data + row * batch_stride(p) + k_start * stride(p) + kv_head * head_stride;
     }
     static __device__ __forceinline__ int64_t stride(const attention_fwd_params &p) {
         return kValues ? p.v_row_stride : p.k_row_stride;

@@ -53,8 +53,8 @@ template <int kRows, int kD, int kThreads, typename Rows, typename Params>
 __device__ __forceinline__ void load_kv_tile(uint32_t dst, const Rows &rows, const Params &p,
                                              int j0, int valid, int d) {
     if (!rows.paged()) {
-        load_tile<kRows, kD, kThreads>(dst, rows.base + (int64_t)j0 * rows.stride(p),
-                                       rows.stride(p), valid, d);
+        load_tile<kRows, kD, kThreads>(dst, rows.base + j0 * rows.stride(p), rows.stride(p),
+                                       valid, d);
         return;
     }
     if constexpr (Rows::kMayPage) {
