@@ -266,6 +266,22 @@ def gpu_grid(args, device: str, timer) -> list[dict]:
     return rows
 
 
+def time_call(row: dict, name: str, fn, timer, reps: int, cuda: bool) -> None:
+    """row[name_us] (eager) and, on CUDA, row[name_graph_us] (one captured call replayed);
+    None where the call failed, with the eager failure in row[name_error]."""
+    try:
+        row[name + "_us"] = timer(fn, reps)
+    except RuntimeError as e:
+        row[name + "_us"], row[name + "_error"] = None, str(e)[:200]
+    if cuda:
+        try:
+            graph = cuda_graph(fn)
+            row[name + "_graph_us"] = timer(graph.replay, reps)
+            del graph
+        except RuntimeError:
+            row[name + "_graph_us"] = None
+
+
 def decode(args, device: str, timer, bandwidth: float) -> list[dict]:
     """Sq = 1 attention over a KV cache: eager calls, CUDA-graph replays (CUDA) and SDPA."""
     cuda = device == "cuda"
@@ -297,17 +313,7 @@ def decode(args, device: str, timer, bandwidth: float) -> list[dict]:
                     row = {"dtype": dtype, "batch": batch, "heads_kv": heads_kv, "seqlen_k": sk,
                            "bytes": moved}
                     for name, fn in (("lutflash", ours), (peer, sdpa)):
-                        try:
-                            row[name + "_us"] = timer(fn, args.decode_reps)
-                        except RuntimeError:
-                            row[name + "_us"] = None
-                        if cuda:
-                            try:
-                                graph = cuda_graph(fn)
-                                row[name + "_graph_us"] = timer(graph.replay, args.decode_reps)
-                                del graph
-                            except RuntimeError:
-                                row[name + "_graph_us"] = None
+                        time_call(row, name, fn, timer, args.decode_reps, cuda)
                     rows.append(row)
 
                     def cell(us, moved=moved):
@@ -368,17 +374,7 @@ def kvcache(args, device: str, timer, bandwidth: float) -> list[dict]:
                 for name, fn in fns.items():
                     with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if cuda and name == "sdpa" \
                             else nullcontext():
-                        try:
-                            row[name + "_us"] = timer(fn, args.decode_reps)
-                        except RuntimeError as e:
-                            row[name + "_us"], row[name + "_error"] = None, str(e)[:200]
-                        if cuda:
-                            try:
-                                graph = cuda_graph(fn)
-                                row[name + "_graph_us"] = timer(graph.replay, args.decode_reps)
-                                del graph
-                            except RuntimeError:
-                                row[name + "_graph_us"] = None
+                        time_call(row, name, fn, timer, args.decode_reps, cuda)
                 rows.append(row)
                 cells = []
                 for name in fns:
