@@ -204,6 +204,9 @@ def flash_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     (num_pages, page_size, Hkv, D) with ``block_table`` given; Hq % Hkv == 0 (query head h reads
     kv head h // (Hq / Hkv)). Their last dimension must be contiguous and their rows must not
     overlap (any other strides: a slice of a bigger buffer works); they are never copied.
+    Paged k_cache and v_cache may be two views of one buffer (transformers' paged cache passes
+    a layer's alternating K and V pages as v_cache[p] = k_cache[p + 1]): only the pages the
+    block table names are read or written, and those must not coincide between K and V.
 
     cache_seqlens: int32 (B,), or an int for every sequence: how many keys the cache of
     sequence b holds before this call. k, v (optional, both or neither): (B, Sn, Hkv, D), the
