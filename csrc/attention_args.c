@@ -93,6 +93,22 @@ int attention_check_lse(const lf_tensor *t, const lf_tensor *q, int ndim, const 
     return 0;
 }
 
+/* A contiguous float32 tensor's values are finite, where they can be read: on the CPU (on a
+ * GPU reading would synchronize; the kernels take what they get there). */
+static int check_finite(const lf_tensor *t) {
+    if (t->device_type != LF_DEVICE_CPU) return 0;
+    const int64_t count = lf_tensor_numel(t);
+    for (int64_t i = 0; i < count; ++i) {
+        if (!isfinite(((const float *)t->data)[i])) {
+            PyErr_Format(PyExc_ValueError,
+                         "%s: expected finite values, got NaN or infinity at index %lld", t->name,
+                         (long long)i);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 int attention_check_alibi(const lf_tensor *alibi, const lf_tensor *q, int64_t batch,
                           int64_t heads_q, attention_fwd_params *p) {
     if (!lf_tensor_present(alibi)) return 0;
@@ -103,17 +119,7 @@ int attention_check_alibi(const lf_tensor *alibi, const lf_tensor *q, int64_t ba
     if (alibi->ndim == 2 ? lf_check_shape(alibi, 2, per_batch) < 0
                          : lf_check_shape(alibi, 1, per_head) < 0)
         return -1;
-    if (alibi->device_type == LF_DEVICE_CPU) { /* on a GPU, reading would synchronize */
-        const int64_t count = lf_tensor_numel(alibi);
-        for (int64_t i = 0; i < count; ++i) {
-            if (!isfinite(((const float *)alibi->data)[i])) {
-                PyErr_Format(PyExc_ValueError,
-                             "%s: expected finite values, got NaN or infinity at index %lld",
-                             alibi->name, (long long)i);
-                return -1;
-            }
-        }
-    }
+    if (check_finite(alibi) < 0) return -1;
     p->alibi_slopes = (const float *)alibi->data;
     p->alibi_batch_stride = alibi->ndim == 2 ? heads_q : 0;
     return 0;
@@ -126,16 +132,7 @@ int attention_check_sinks(const lf_tensor *sinks, const lf_tensor *q, int64_t he
     if (lf_check_same_device(sinks, q) < 0 || lf_check_dtype(sinks, LF_DTYPE_F32) < 0 ||
         lf_check_shape(sinks, 1, shape) < 0 || lf_check_contiguous(sinks) < 0)
         return -1;
-    if (sinks->device_type == LF_DEVICE_CPU) { /* on a GPU, reading would synchronize */
-        for (int64_t h = 0; h < heads_q; ++h) {
-            if (!isfinite(((const float *)sinks->data)[h])) {
-                PyErr_Format(PyExc_ValueError,
-                             "%s: expected finite values, got NaN or infinity at index %lld",
-                             sinks->name, (long long)h);
-                return -1;
-            }
-        }
-    }
+    if (check_finite(sinks) < 0) return -1;
     p->sinks = (const float *)sinks->data;
     return 0;
 }

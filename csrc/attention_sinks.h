@@ -23,27 +23,29 @@
 LF_HOST_DEVICE float attention_row_top(const float *sinks, int64_t h, float m2) {
     return sinks != NULL ? fmaxf(m2, sinks[h] * 1.4426950408889634f) : m2;
 }
-LF_HOST_DEVICE float attention_row_denominator(const float *sinks, int64_t h, float m2,
-                                               float sum, float top) {
-    if (sinks == NULL) return sum;
-    const float keep = m2 == -INFINITY ? 0.0f : exp2f(m2 - top);
-    return sum * keep + exp2f(sinks[h] * 1.4426950408889634f - top);
+/* 2^(m2 - top): the scale of the keys' sum relative to top (0 for a row without keys). */
+LF_HOST_DEVICE float attention_row_keep(float m2, float top) {
+    return m2 == -INFINITY ? 0.0f : exp2f(m2 - top);
+}
+LF_HOST_DEVICE float attention_row_denominator(const float *sinks, int64_t h, float sum,
+                                               float keep, float top) {
+    return sinks != NULL ? sum * keep + exp2f(sinks[h] * 1.4426950408889634f - top) : sum;
 }
 
 /* The factor that turns the row's accumulator (the keys' exp2(score - m2)-weighted values)
  * into the output: 0 for a row without keys. */
 LF_HOST_DEVICE float attention_row_factor(const float *sinks, int64_t h, float m2, float sum) {
     if (sinks == NULL) return sum > 0.0f ? 1.0f / sum : 0.0f;
-    const float top = attention_row_top(sinks, h, m2);
-    const float keep = m2 == -INFINITY ? 0.0f : exp2f(m2 - top);
-    return keep / attention_row_denominator(sinks, h, m2, sum, top);
+    const float top = attention_row_top(sinks, h, m2), keep = attention_row_keep(m2, top);
+    return keep / attention_row_denominator(sinks, h, sum, keep, top);
 }
 
 /* The row's logsumexp in log2 units: -inf for a row without keys and without a sink; with a
  * sink s, log2(Σ 2^score + 2^(s·log2 e)), so a row without keys gives s (natural units). */
 LF_HOST_DEVICE float attention_row_lse2(const float *sinks, int64_t h, float m2, float sum) {
     const float top = attention_row_top(sinks, h, m2);
-    const float denom = attention_row_denominator(sinks, h, m2, sum, top);
+    const float denom =
+        attention_row_denominator(sinks, h, sum, attention_row_keep(m2, top), top);
     return denom > 0.0f ? top + log2f(denom) : -INFINITY;
 }
 

@@ -326,25 +326,10 @@ def _check_options(q, batch: int, causal, softmax_scale, window, softcap, alibi_
         raise ValueError(f"window: expected values >= -1 (-1 means unbounded), got {tuple(window)}")
     if causal:
         right = 0  # causal is the window's right edge on the diagonal
-    if alibi_slopes is not None:
-        if not isinstance(alibi_slopes, torch.Tensor):
-            raise TypeError(f"alibi_slopes: expected a torch.Tensor or None, got "
-                            f"{type(alibi_slopes).__name__}")
-        heads_q = q.shape[-2]
-        if alibi_slopes.dtype != torch.float32:
-            raise TypeError(f"alibi_slopes: expected dtype float32, got {alibi_slopes.dtype}")
-        if tuple(alibi_slopes.shape) not in ((heads_q,), (batch, heads_q)):
-            raise ValueError(f"alibi_slopes: expected shape ({heads_q},) or ({batch}, {heads_q}), "
-                             f"got {tuple(alibi_slopes.shape)}")
-        if alibi_slopes.device != q.device:
-            raise ValueError(f"alibi_slopes: expected a tensor on {q.device}, got "
-                             f"{alibi_slopes.device}")
-        # a NaN or infinite slope gives NaN scores (inf * 0 on the diagonal); the values are
-        # read only on the CPU (on a GPU that would synchronize; the C layer checks there too)
-        if (alibi_slopes.device.type == "cpu" and not torch.compiler.is_compiling()
-                and not torch.isfinite(alibi_slopes).all()):
-            raise ValueError("alibi_slopes: expected finite values, got NaN or infinity")
-        alibi_slopes = alibi_slopes.contiguous()
+    # a NaN or infinite slope gives NaN scores (inf * 0 on the diagonal)
+    alibi_slopes = _check_head_floats("alibi_slopes", alibi_slopes, q,
+                                      ((q.shape[-2],), (batch, q.shape[-2])),
+                                      f"({q.shape[-2]},) or ({batch}, {q.shape[-2]})")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__}")
     if not 0 <= dropout_p < 1:
@@ -356,25 +341,31 @@ def _check_options(q, batch: int, causal, softmax_scale, window, softcap, alibi_
             rng_state, deterministic)
 
 
-def check_sinks(sinks, q: torch.Tensor) -> torch.Tensor | None:
-    """sinks as the kernels take it: None, or a float32 (Hq,) tensor on q's device with
-    finite values (read only on the CPU; the C layer checks there too)."""
-    if sinks is None:
+def _check_head_floats(name: str, t, q: torch.Tensor, shapes, shape_text: str):
+    """None, or t as the kernels take it: a contiguous float32 tensor of one of `shapes` on q's
+    device with finite values (read only on the CPU: on a GPU that would synchronize; the C
+    layer checks there too)."""
+    if t is None:
         return None
-    if not isinstance(sinks, torch.Tensor):
-        raise TypeError(f"sinks: expected a torch.Tensor or None, got {type(sinks).__name__}")
-    if sinks.dtype != torch.float32:
-        raise TypeError(f"sinks: expected dtype float32, got {sinks.dtype}")
-    if tuple(sinks.shape) != (q.shape[-2],):
-        raise ValueError(f"sinks: expected shape ({q.shape[-2]},) (one logit per query head), "
-                         f"got {tuple(sinks.shape)}")
-    if sinks.device != q.device:
-        raise ValueError(f"sinks: expected a tensor on {q.device} (the device of q), got "
-                         f"{sinks.device}")
-    if (sinks.device.type == "cpu" and not torch.compiler.is_compiling()
-            and not torch.isfinite(sinks).all()):
-        raise ValueError("sinks: expected finite values, got NaN or infinity")
-    return sinks.contiguous()
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name}: expected dtype float32, got {t.dtype}")
+    if tuple(t.shape) not in shapes:
+        raise ValueError(f"{name}: expected shape {shape_text}, got {tuple(t.shape)}")
+    if t.device != q.device:
+        raise ValueError(f"{name}: expected a tensor on {q.device} (the device of q), got "
+                         f"{t.device}")
+    if (t.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch.isfinite(t).all()):
+        raise ValueError(f"{name}: expected finite values, got NaN or infinity")
+    return t.contiguous()
+
+
+def check_sinks(sinks, q: torch.Tensor) -> torch.Tensor | None:
+    """sinks as the kernels take it: None or a finite float32 (Hq,) tensor on q's device."""
+    return _check_head_floats("sinks", sinks, q, ((q.shape[-2],),),
+                              f"({q.shape[-2]},) (one logit per query head)")
 
 
 def _rng_state(seed, generator) -> torch.Tensor:
