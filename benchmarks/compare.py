@@ -53,6 +53,11 @@ def measurements(data: dict) -> dict[tuple[str, str, str], tuple[float, bool]]:
         for key, value in r.items():
             if key.endswith("_us") and value:
                 out[("decode", row, key[:-3])] = (value, False)
+    for r in data.get("kvcache", []):
+        row = f"{r.get('dtype', 'float16')} B={r['batch']} Sk={r['seqlen_k']}"
+        for key, value in r.items():
+            if key.endswith("_us") and value:
+                out[("kvcache", row, key[:-3])] = (value, False)
     return out
 
 

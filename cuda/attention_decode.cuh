@@ -35,6 +35,11 @@ template <int kD> struct DecodeConfig {
     static constexpr int kLoopBytes = kTileQ + kStages * 2 * kTileKV;
     static constexpr int kSmemBytes = kLoopBytes > kTileQ + kRedBytes ? kLoopBytes
                                                                       : kTileQ + kRedBytes;
+    /* paged instance: (page, row in the page) of every key of kStages blocks, past the rest */
+    static constexpr int kPageBytes = kStages * kDecodeBN * 8;
+    template <bool kPaged> static constexpr int smem_bytes() {
+        return kSmemBytes + (kPaged ? kPageBytes : 0);
+    }
 };
 
 /* Floats of one workspace record: o (d, padded to 4) and lse (log2 units), 16-byte aligned. */
@@ -92,12 +97,39 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
 
     const KvRows<T, true, kPaged, false> k(p, b, kv_head, seq.k_start);
     const KvRows<T, true, kPaged, true> v(p, b, kv_head, seq.k_start);
+    /* Paged: the (page, row in the page) of block n's keys sit in slot n % kStages, written
+     * kStages blocks ahead of the copies that read them (the prologue fills the first
+     * kStages; then each iteration reads the table entries of a block while it computes and
+     * stores them at its end), so no copy waits on a block-table read. */
+    int2 *const page_slots = reinterpret_cast<int2 *>(smem + Cfg::kSmemBytes);
+    const bool paged = kPaged && k.paged();
+    auto block_pages = [&](int n) { /* the page of this thread's key of block n */
+        const int j = (nb_begin + n) * kDecodeBN + (int)threadIdx.x;
+        return j < seq.sk ? k.page_of(p, j) : make_int2(0, 0);
+    };
     auto load_stage = [&](int it) {
         const int j0 = (nb_begin + it) * kDecodeBN, keys = min(kDecodeBN, seq.sk - j0);
         const uint32_t kt = kv_tiles + (it % kStages) * 2 * Cfg::kTileKV;
+        if constexpr (kPaged) {
+            if (paged) {
+                const int2 *at = page_slots + (it % kStages) * kDecodeBN;
+                load_paged_tile<kDecodeBN, kD, kThreads>(kt, k, p, at, keys, d);
+                load_paged_tile<kDecodeBN, kD, kThreads>(kt + Cfg::kTileKV, v, p, at, keys, d);
+                return;
+            }
+        }
         load_kv_tile<kDecodeBN, kD, kThreads>(kt, k, p, j0, keys, d);
         load_kv_tile<kDecodeBN, kD, kThreads>(kt + Cfg::kTileKV, v, p, j0, keys, d);
     };
+    if constexpr (kPaged) {
+        if (paged) {
+            if (threadIdx.x < kDecodeBN)
+#pragma unroll
+                for (int n = 0; n < kStages; ++n)
+                    if (n < blocks) page_slots[n * kDecodeBN + threadIdx.x] = block_pages(n);
+            __syncthreads();
+        }
+    }
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
         if (s < blocks) load_stage(s);
@@ -129,6 +161,11 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
         __syncthreads(); /* block it landed; every warp is done with block it - 1 */
         if (it + kStages - 1 < blocks) load_stage(it + kStages - 1);
         cp_async_commit();
+        /* paged: block it + kStages's table entries, read now, stored after the compute into
+         * the slot of block it (whose copies were issued iterations ago) */
+        const bool stage_pages = paged && threadIdx.x < kDecodeBN && it + kStages < blocks;
+        int2 pages_ahead = make_int2(0, 0);
+        if (stage_pages) pages_ahead = block_pages(it + kStages);
 
         const int j0 = (nb_begin + it) * kDecodeBN;
         const uint32_t kt = kv_tiles + (it % kStages) * 2 * Cfg::kTileKV;
@@ -177,6 +214,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
             }
         }
         gemm_pb<kD, 1, 2, kDT, T>(acc, s, kt + Cfg::kTileKV + warp * 16 * kPitch * 2, 0, lane);
+        if (stage_pages) page_slots[(it % kStages) * kDecodeBN + threadIdx.x] = pages_ahead;
     }
 
     /* Merge the warps: each writes its accumulators, max (log2 units) and sum to shared
@@ -381,12 +419,13 @@ template <int kD, typename T, bool kPaged>
 cudaError_t launch_attn_decode(const attention_fwd_params &p, int splits, cudaStream_t stream) {
     using Cfg = DecodeConfig<kD>;
     constexpr auto kernel = attn_decode_kernel<kD, T, kPaged>;
-    const cudaError_t err = lf::setup_kernel<kernel>(Cfg::kThreads, Cfg::kSmemBytes, nullptr);
+    constexpr int kSmem = Cfg::template smem_bytes<kPaged>();
+    const cudaError_t err = lf::setup_kernel<kernel>(Cfg::kThreads, kSmem, nullptr);
     if (err != cudaSuccess) return err;
     const int64_t rows = p.heads_q / p.heads_kv * p.seqlen_q;
     const dim3 grid((unsigned)((rows + kDecodeRows - 1) / kDecodeRows * splits),
                     (unsigned)p.batch, (unsigned)p.heads_kv);
-    kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, splits);
+    kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(p, splits);
     return cudaGetLastError();
 }
 

@@ -106,12 +106,20 @@ template <typename T, bool kCacheRows, bool kPaged, bool kValues> struct KvRows 
         return kValues ? p.v_batch_stride : p.k_batch_stride;
     }
     __device__ __forceinline__ bool paged() const { return kPaged && pages != nullptr; }
+    /* Paged: key j's (page, row in the page), the page clamped; what a loader that stages
+     * page numbers ahead of its copies keeps (load_paged_tile). */
+    __device__ __forceinline__ int2 page_of(const attention_fwd_params &p, int j) const {
+        const int ps = (int)p.page_size;
+        return make_int2(min(max(pages[j / ps], 0), (int)(p.num_pages - 1)), j % ps);
+    }
+    /* The row at (page, row in the page). */
+    __device__ __forceinline__ const T *row_at(const attention_fwd_params &p, int2 at) const {
+        return base + at.x * batch_stride(p) + (int64_t)at.y * stride(p);
+    }
     /* Key j's row; page geometry from the call's params (read where used, not kept). */
     __device__ __forceinline__ const T *row(const attention_fwd_params &p, int j) const {
         if (!paged()) return base + (int64_t)j * stride(p);
-        const int ps = (int)p.page_size;
-        const int page = min(max(pages[j / ps], 0), (int)(p.num_pages - 1));
-        return base + page * batch_stride(p) + (int64_t)(j % ps) * stride(p);
+        return row_at(p, page_of(p, j));
     }
 };
 

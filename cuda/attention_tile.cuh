@@ -75,6 +75,28 @@ __device__ __forceinline__ void load_kv_tile(uint32_t dst, const Rows &rows, con
     }
 }
 
+/* load_kv_tile for paged rows whose (page, row in the page) were staged in shared memory
+ * ahead of time (at[r] for row j0 + r, KvRows::page_of): the copies wait on no block-table
+ * read and do no division. */
+template <int kRows, int kD, int kThreads, typename Rows, typename Params>
+__device__ __forceinline__ void load_paged_tile(uint32_t dst, const Rows &rows, const Params &p,
+                                                const int2 *at, int valid, int d) {
+    constexpr int kChunks = Tile<kD>::kChunks, kStep = kThreads / kChunks;
+    const int r0 = (int)threadIdx.x / kChunks, c = (int)threadIdx.x % kChunks;
+    if (r0 >= kStep) return;
+    const bool col_ok = c * 8 < d;
+    const uint32_t to = dst + (uint32_t)(r0 * Tile<kD>::kPitch + c * 8) * 2;
+#pragma unroll
+    for (int it = 0; it < (kRows + kStep - 1) / kStep; ++it) {
+        const int r = r0 + it * kStep;
+        if (kRows % kStep == 0 || r < kRows) {
+            const bool ok = col_ok && r < valid;
+            const auto *src = ok ? rows.row_at(p, at[r]) + c * 8 : rows.base;
+            cp_async16(to + it * kStep * Tile<kD>::kPitch * 2, src, ok);
+        }
+    }
+}
+
 /* Copies rows x kCols elements of a shared tile (kPitch elements per row) to global (rows <
  * valid, columns < d). */
 template <int kRows, int kCols, int kPitch, int kThreads, typename T>
