@@ -59,8 +59,12 @@ template <int kD, typename T> cudaError_t run_attn_fwd(const attention_fwd_param
                                                        cudaStream_t stream) {
     const bool extras = p.softcap > 0.0f || p.alibi_slopes != nullptr || p.dropout_p > 0.0f;
     if (!extras && p.variant == 0 && p.seqlen_k > 0) {
+        /* paged caches scatter a sequence's keys over the cache (a TLB miss or DRAM row
+         * switch per page): two CTAs per SM (where two fit, kD <= 128) keep twice the bytes in
+         * flight */
+        const int64_t ctas_per_sm = kD <= 128 && p.block_table != nullptr ? 2 : 1;
         const int splits = decode_splits(p.batch, p.heads_q, p.heads_kv, p.seqlen_q, p.seqlen_k,
-                                         lf::current_device_info().sm_count);
+                                         ctas_per_sm * lf::current_device_info().sm_count);
         if (splits > 0) return run_attn_decode<kD, T>(p, splits, stream);
     }
     return run_attn_fwd_tiles<kD, T>(p, stream);
